@@ -1,0 +1,1 @@
+"""istiod_lite: the control plane (sources, translation, CA, discovery server)."""

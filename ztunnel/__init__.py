@@ -1,0 +1,1 @@
+"""ztunnel: the per-node L4 proxy (HBONE, identity, L4 policy, TCP telemetry)."""

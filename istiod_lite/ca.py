@@ -1,0 +1,653 @@
+"""The mesh certificate authority: signs workload CSRs with SPIFFE identities.
+
+Shaped after istiod's CA: a self-signed root (persisted so that restarts keep the trust
+bundle) or Istio's plug-in certificate layout (``ca-cert.pem``, ``ca-key.pem``,
+``root-cert.pem``, ``cert-chain.pem``). Everything here is synchronous and free of network
+IO; only loading and saving the CA's own files touches the disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from istiod_lite.api.identity import InvalidSpiffeId, SpiffeId
+from istiod_lite.api.model import Workload
+
+DEFAULT_TTL = timedelta(hours=24)
+# Istio's MAX_WORKLOAD_CERT_TTL default.
+DEFAULT_MAX_TTL = timedelta(days=90)
+# Leaves start a little in the past so that a peer whose clock lags still accepts them.
+CLOCK_SKEW = timedelta(seconds=60)
+ROOT_LIFETIME = timedelta(days=3650)
+ROOT_COMMON_NAME = "ambient-lite root CA"
+
+CA_CERT_FILE = "ca-cert.pem"
+CA_KEY_FILE = "ca-key.pem"
+ROOT_CERT_FILE = "root-cert.pem"
+CERT_CHAIN_FILE = "cert-chain.pem"
+
+KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-4096"]
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+Clock = Callable[[], datetime]
+
+
+class CaError(Exception):
+    """Base class of everything the CA raises on purpose."""
+
+
+class CaConfigError(CaError):
+    """The CA's own certificates or key are missing, unreadable or inconsistent."""
+
+
+class CsrRejected(CaError):
+    """A certificate signing request was refused; ``reason`` says why (sent to the caller)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NodeAuthorizationError(CaError):
+    """A node asked for an identity that has no workload on that node."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------- CSR checks
+
+
+@dataclass(frozen=True)
+class _ValidatedCsr:
+    csr: x509.CertificateSigningRequest
+    identity: SpiffeId
+    public_key: ec.EllipticCurvePublicKey
+
+
+def _load_csr(csr_pem: str | bytes) -> x509.CertificateSigningRequest:
+    data = csr_pem.encode("ascii", "replace") if isinstance(csr_pem, str) else csr_pem
+    try:
+        return x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise CsrRejected(f"not a PEM certificate signing request: {exc}") from None
+
+
+def _validate_csr(csr_pem: str | bytes) -> _ValidatedCsr:
+    """All checks that do not depend on which CA signs (see ``csr_identity``)."""
+    csr = _load_csr(csr_pem)
+    try:
+        signature_ok = csr.is_signature_valid
+    except Exception as exc:  # unsupported algorithms surface here
+        raise CsrRejected(f"CSR signature cannot be checked: {exc}") from None
+    if not signature_ok:
+        raise CsrRejected("CSR signature is invalid")
+
+    try:
+        public_key = csr.public_key()
+    except Exception as exc:
+        raise CsrRejected(f"CSR public key cannot be read: {exc}") from None
+    if isinstance(public_key, rsa.RSAPublicKey):
+        raise CsrRejected(f"CSR key is RSA-{public_key.key_size}; ECDSA P-256 is required")
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CsrRejected(f"CSR key is {type(public_key).__name__}; ECDSA P-256 is required")
+    if not isinstance(public_key.curve, ec.SECP256R1):
+        raise CsrRejected(
+            f"CSR key is ECDSA on curve {public_key.curve.name}; ECDSA P-256 is required"
+        )
+
+    if csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        raise CsrRejected("CSR subject has a common name (CN); the identity goes in a URI SAN only")
+
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CsrRejected("CSR has no subjectAltName; one SPIFFE URI SAN is required") from None
+    except ValueError as exc:  # duplicate or malformed extensions
+        raise CsrRejected(f"CSR extensions cannot be parsed: {exc}") from None
+
+    for name in san:
+        if isinstance(name, x509.DNSName):
+            raise CsrRejected(f"CSR has a DNS SAN {name.value!r}; only a SPIFFE URI SAN is allowed")
+        if isinstance(name, x509.IPAddress):
+            raise CsrRejected(f"CSR has an IP SAN {name.value}; only a SPIFFE URI SAN is allowed")
+        if isinstance(name, x509.RFC822Name):
+            raise CsrRejected(
+                f"CSR has an email SAN {name.value!r}; only a SPIFFE URI SAN is allowed"
+            )
+        if not isinstance(name, x509.UniformResourceIdentifier):
+            raise CsrRejected(
+                f"CSR has a {type(name).__name__} SAN; only a SPIFFE URI SAN is allowed"
+            )
+    if len(san) != 1:
+        raise CsrRejected(f"CSR has {len(san)} SANs; exactly one SPIFFE URI SAN is required")
+    uri = san[0].value
+    try:
+        identity = SpiffeId.parse(uri)
+    except InvalidSpiffeId as exc:
+        raise CsrRejected(f"CSR URI SAN is not a SPIFFE id: {exc}") from None
+    return _ValidatedCsr(csr, identity, public_key)
+
+
+def csr_identity(csr_pem: str | bytes) -> SpiffeId:
+    """The SPIFFE id a CSR asks for, after checking it the way istiod does: valid signature,
+    ECDSA P-256 key, no CN, exactly one SAN which is a SPIFFE URI. Raises CsrRejected."""
+    return _validate_csr(csr_pem).identity
+
+
+# --------------------------------------------------------------------------- node authorization
+
+
+def authorize_node(node: str, identity: SpiffeId, workloads: Iterable[Workload]) -> None:
+    """Let a node's ztunnel obtain ``identity`` only if a workload running as it is scheduled
+    on that node, so one compromised node cannot impersonate the whole mesh."""
+    if node:
+        for workload in workloads:
+            if (
+                workload.node == node
+                and workload.namespace == identity.namespace
+                and workload.service_account == identity.service_account
+                and workload.trust_domain == identity.trust_domain
+            ):
+                return
+    raise NodeAuthorizationError(
+        f"no instances of {identity.namespace}/{identity.service_account} on node {node}"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer``'s subject and key signed ``cert``."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    if not constraints.ca:
+        return False
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage.key_cert_sign
+
+
+def _new_private_key(key_type: KeyType) -> SigningKey:
+    if key_type == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ecdsa-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "rsa-2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if key_type == "rsa-4096":
+        return rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    raise CaConfigError(f"unknown CA key type {key_type!r}")
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+
+
+def _random_serial() -> int:
+    """A random, non-zero, positive 128-bit serial (RFC 5280 allows up to 20 octets)."""
+    serial = 0
+    while serial == 0:
+        serial = secrets.randbits(128)
+    return serial
+
+
+def _read_certs(path: Path, *, required: bool) -> list[x509.Certificate]:
+    if not path.exists():
+        if required:
+            raise CaConfigError(f"{path}: missing")
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CaConfigError(f"{path}: cannot be read: {exc}") from None
+    if not data.strip():
+        if required:
+            raise CaConfigError(f"{path}: empty, a PEM certificate is required")
+        return []
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CaConfigError(f"{path}: not PEM certificates: {exc}") from None
+
+
+def _read_key(path: Path) -> SigningKey:
+    if not path.exists():
+        raise CaConfigError(f"{path}: missing")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CaConfigError(f"{path}: cannot be read: {exc}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise CaConfigError(
+            f"{path}: the key is encrypted; an unencrypted key is required"
+        ) from None
+    except ValueError as exc:
+        raise CaConfigError(f"{path}: not a PEM private key: {exc}") from None
+    except Exception as exc:  # UnsupportedAlgorithm and friends
+        raise CaConfigError(f"{path}: unsupported private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CaConfigError(
+            f"{path}: {type(key).__name__} keys are not supported; use ECDSA or RSA"
+        )
+    return key
+
+
+def _write_file(path: Path, content: str, mode: int) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _subject_o(cert: x509.Certificate) -> str | None:
+    values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return str(values[0].value) if values else None
+
+
+# --------------------------------------------------------------------------- the CA
+
+
+class CertificateAuthority:
+    """Signs workload certificates for one trust domain.
+
+    ``signing_cert``/``signing_key`` sign leaves; ``intermediates`` are the certificates
+    between the signing certificate and ``root`` (in order, upward); ``extra_roots`` join the
+    trust bundle (root rotation, multi-cluster) without signing anything.
+    """
+
+    def __init__(
+        self,
+        *,
+        trust_domain: str,
+        signing_cert: x509.Certificate,
+        signing_key: SigningKey,
+        root: x509.Certificate,
+        intermediates: Sequence[x509.Certificate] = (),
+        extra_roots: Sequence[x509.Certificate] = (),
+        default_ttl: timedelta = DEFAULT_TTL,
+        max_ttl: timedelta = DEFAULT_MAX_TTL,
+        now: Clock = utc_now,
+    ) -> None:
+        if default_ttl <= timedelta(0) or max_ttl <= timedelta(0):
+            raise CaConfigError("default_ttl and max_ttl must be positive")
+        if _spki(signing_key.public_key()) != _spki(signing_cert.public_key()):
+            raise CaConfigError("the signing key does not match the signing certificate")
+        self.trust_domain = trust_domain
+        self.signing_cert = signing_cert
+        self._signing_key = signing_key
+        self.root = root
+        self.intermediates = list(intermediates)
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self._now = now
+        # What follows the leaf in every answer: signing cert (unless it is the root),
+        # intermediates, root; each once.
+        self._chain_tail: list[x509.Certificate] = []
+        for cert in [signing_cert, *self.intermediates, root]:
+            if all(_der(cert) != _der(seen) for seen in self._chain_tail):
+                self._chain_tail.append(cert)
+        self._chain_tail_pems = [_pem(cert) for cert in self._chain_tail]
+        bundle: list[x509.Certificate] = []
+        for cert in [root, *extra_roots]:
+            if all(_der(cert) != _der(seen) for seen in bundle):
+                bundle.append(cert)
+        self._trust_bundle = [_pem(cert) for cert in bundle]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def self_signed(
+        cls,
+        trust_domain: str,
+        state_dir: Path | None,
+        *,
+        key_type: KeyType = "ecdsa-p256",
+        extra_roots: Sequence[x509.Certificate] = (),
+        default_ttl: timedelta = DEFAULT_TTL,
+        max_ttl: timedelta = DEFAULT_MAX_TTL,
+        now: Clock = utc_now,
+    ) -> CertificateAuthority:
+        """A CA with its own root. With ``state_dir`` the root is saved in Istio's plug-in
+        layout and reloaded on the next start, so workloads keep trusting each other."""
+        if state_dir is not None and (state_dir / CA_CERT_FILE).exists():
+            ca = cls.from_plugin_dir(
+                state_dir,
+                trust_domain=trust_domain,
+                extra_roots=extra_roots,
+                default_ttl=default_ttl,
+                max_ttl=max_ttl,
+                now=now,
+            )
+            organization = _subject_o(ca.root)
+            if organization != trust_domain:
+                raise CaConfigError(
+                    f"{state_dir / ROOT_CERT_FILE}: the saved root is for trust domain "
+                    f"{organization!r}, not {trust_domain!r}; remove {state_dir} to start over"
+                )
+            return ca
+
+        key = _new_private_key(key_type)
+        start = now() - CLOCK_SKEW
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+                x509.NameAttribute(NameOID.COMMON_NAME, ROOT_COMMON_NAME),
+            ]
+        )
+        root = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(_random_serial())
+            .not_valid_before(start)
+            .not_valid_after(start + ROOT_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            root_pem = _pem(root)
+            _write_file(state_dir / CA_KEY_FILE, _key_pem(key), 0o600)
+            _write_file(state_dir / ROOT_CERT_FILE, root_pem, 0o644)
+            _write_file(state_dir / CERT_CHAIN_FILE, root_pem, 0o644)
+            # Written last: its presence is what marks the directory as complete.
+            _write_file(state_dir / CA_CERT_FILE, root_pem, 0o644)
+        return cls(
+            trust_domain=trust_domain,
+            signing_cert=root,
+            signing_key=key,
+            root=root,
+            extra_roots=extra_roots,
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            now=now,
+        )
+
+    @classmethod
+    def from_plugin_dir(
+        cls,
+        path: Path,
+        *,
+        trust_domain: str = "cluster.local",
+        extra_roots: Sequence[x509.Certificate] = (),
+        default_ttl: timedelta = DEFAULT_TTL,
+        max_ttl: timedelta = DEFAULT_MAX_TTL,
+        now: Clock = utc_now,
+    ) -> CertificateAuthority:
+        """Load Istio's plug-in CA files and check they form a usable CA: the key matches
+        ``ca-cert.pem``, which is a CA certificate, and ``cert-chain.pem`` leads from it to a
+        root in ``root-cert.pem``. Raises CaConfigError naming the file at fault."""
+        if not path.is_dir():
+            raise CaConfigError(f"{path}: not a directory")
+        cert_path = path / CA_CERT_FILE
+        key_path = path / CA_KEY_FILE
+        root_path = path / ROOT_CERT_FILE
+        chain_path = path / CERT_CHAIN_FILE
+
+        signing_certs = _read_certs(cert_path, required=True)
+        if len(signing_certs) != 1:
+            raise CaConfigError(
+                f"{cert_path}: holds {len(signing_certs)} certificates; it must hold only the "
+                f"signing certificate (put the rest of the chain in {CERT_CHAIN_FILE})"
+            )
+        signing_cert = signing_certs[0]
+        key = _read_key(key_path)
+        if _spki(key.public_key()) != _spki(signing_cert.public_key()):
+            raise CaConfigError(f"{key_path}: the key does not match {cert_path}")
+        if not _is_ca(signing_cert):
+            raise CaConfigError(
+                f"{cert_path}: not a CA certificate (needs basicConstraints CA:TRUE "
+                "and keyCertSign)"
+            )
+        current = now()
+        if signing_cert.not_valid_after_utc <= current:
+            raise CaConfigError(
+                f"{cert_path}: expired at {signing_cert.not_valid_after_utc.isoformat()}"
+            )
+        roots = _read_certs(root_path, required=True)
+        root_ders = {_der(root) for root in roots}
+        chain = [
+            cert
+            for cert in _read_certs(chain_path, required=False)
+            if _der(cert) != _der(signing_cert) and _der(cert) not in root_ders
+        ]
+        # Walk upward: signing cert -> chain... -> a root.
+        path_certs = [signing_cert, *chain]
+        for child, parent in zip(path_certs, path_certs[1:], strict=False):
+            if not _is_ca(parent):
+                raise CaConfigError(
+                    f"{chain_path}: {parent.subject.rfc4514_string()} is not a CA certificate"
+                )
+            if not _issued_by(child, parent):
+                raise CaConfigError(
+                    f"{chain_path}: {child.subject.rfc4514_string()} is not signed by "
+                    f"{parent.subject.rfc4514_string()} (the chain must go from "
+                    f"{CA_CERT_FILE} up to the root, in order)"
+                )
+        top = path_certs[-1]
+        if _der(top) in root_ders:
+            root = top
+            intermediates: list[x509.Certificate] = []
+        else:
+            issuers = [root for root in roots if _issued_by(top, root)]
+            if not issuers:
+                where = chain_path if chain else cert_path
+                raise CaConfigError(
+                    f"{where}: {top.subject.rfc4514_string()} does not chain to any root "
+                    f"in {root_path}"
+                )
+            root = issuers[0]
+            intermediates = chain
+        return cls(
+            trust_domain=trust_domain,
+            signing_cert=signing_cert,
+            signing_key=key,
+            root=root,
+            intermediates=intermediates,
+            extra_roots=[*(r for r in roots if r is not root), *extra_roots],
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            now=now,
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def trust_bundle(self) -> list[str]:
+        """Root PEMs a peer must trust: this CA's root first, then the extra roots."""
+        return list(self._trust_bundle)
+
+    @property
+    def chain_tail(self) -> list[str]:
+        """What follows a leaf issued by this CA: intermediates then the root, as PEM."""
+        return list(self._chain_tail_pems)
+
+    def now(self) -> datetime:
+        return self._now()
+
+    # ------------------------------------------------------------------ signing
+
+    def sign_csr(self, csr_pem: str | bytes, ttl: timedelta | None = None) -> list[str]:
+        """Sign a workload CSR. Returns PEMs leaf first, root last. Raises CsrRejected."""
+        validated = _validate_csr(csr_pem)
+        if validated.identity.trust_domain != self.trust_domain:
+            raise CsrRejected(
+                f"CSR identity {validated.identity} is in trust domain "
+                f"{validated.identity.trust_domain!r}; this CA signs for {self.trust_domain!r}"
+            )
+        if ttl is not None and ttl <= timedelta(0):
+            raise CsrRejected(f"requested TTL {ttl} is not positive")
+        return self.issue_leaf(
+            validated.public_key,
+            [x509.UniformResourceIdentifier(str(validated.identity))],
+            ttl=ttl,
+        )
+
+    def issue_serving_certificate(
+        self,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str],
+        spiffe_id: SpiffeId | None = None,
+        *,
+        ttl: timedelta | None = None,
+    ) -> tuple[str, list[str]]:
+        """A fresh P-256 key and certificate for istiod_lite's own TLS listener.
+        Returns (key PEM, chain PEMs leaf first)."""
+        names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
+        for address in ip_addresses:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(address)))
+            except ValueError:
+                raise ValueError(f"not an IP address: {address!r}") from None
+        if spiffe_id is not None:
+            names.append(x509.UniformResourceIdentifier(str(spiffe_id)))
+        if not names:
+            raise ValueError("a serving certificate needs at least one DNS name or IP address")
+        key = ec.generate_private_key(ec.SECP256R1())
+        chain = self.issue_leaf(key.public_key(), names, ttl=ttl)
+        return _key_pem(key), chain
+
+    def issue_leaf(
+        self,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        subject_alt_names: Sequence[x509.GeneralName],
+        *,
+        ttl: timedelta | None = None,
+        not_before: datetime | None = None,
+    ) -> list[str]:
+        """Sign ``public_key`` with the given SANs, no CSR checks. Only for callers that built
+        the names themselves (``sign_csr``, the serving certificate, test PKI helpers).
+
+        ``not_before`` defaults to now minus the clock-skew allowance. The lifetime is
+        ``ttl`` (default ``default_ttl``), capped by ``max_ttl`` and the CA's own expiry.
+        """
+        if not subject_alt_names:
+            raise ValueError("a leaf certificate needs at least one SAN")
+        lifetime = min(ttl if ttl is not None else self.default_ttl, self.max_ttl)
+        start = not_before if not_before is not None else self._now() - CLOCK_SKEW
+        ca_expiry = min(cert.not_valid_after_utc for cert in self._chain_tail)
+        end = min(start + lifetime, ca_expiry)
+        if end <= start:
+            raise CaError(
+                f"the CA certificate expires at {ca_expiry.isoformat()}; "
+                "it cannot issue certificates any more"
+            )
+        issuer_ski = self._issuer_key_identifier()
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.signing_cert.subject)
+            .public_key(public_key)
+            .serial_number(_random_serial())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            # The subject is empty, so RFC 5280 requires the SAN extension to be critical.
+            .add_extension(x509.SubjectAlternativeName(subject_alt_names), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(issuer_ski, critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .sign(self._signing_key, hashes.SHA256())
+        )
+        return [_pem(leaf), *self._chain_tail_pems]
+
+    def _issuer_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        try:
+            ski = self.signing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except x509.ExtensionNotFound:
+            return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.signing_cert.public_key()  # type: ignore[arg-type]
+            )
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)

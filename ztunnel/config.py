@@ -1,0 +1,99 @@
+"""ztunnel's configuration: one typed object built from command-line flags, once."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from ambient_common.flags import parse_duration, parse_host_port
+
+
+@dataclass(frozen=True)
+class Ports:
+    admin: int = 15000
+    metrics: int = 15020
+    readiness: int = 15021
+    hbone: int = 15008
+    inbound_plaintext: int = 15006
+    socks5: int = 15080
+
+
+@dataclass(frozen=True)
+class ZtunnelConfig:
+    node: str
+    node_address: str
+    xds_address: tuple[str, int]
+    root_cert: Path
+    token: str
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    cluster_id: str = "Kubernetes"
+    ports: Ports = Ports()
+    requested_cert_ttl: float | None = None
+    pool_idle_timeout: float = 300.0
+    max_streams_per_connection: int = 100
+    connect_timeout: float = 5.0
+    drain_timeout: float = 5.0
+    log_format: str = "auto"
+    log_level: str = "info"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ztunnel", description="ambient-lite's per-node L4 proxy (HBONE, mTLS, L4 policy)"
+    )
+    parser.add_argument("--node", required=True, help="this node's name (Node object)")
+    parser.add_argument("--node-address", required=True,
+                        help="address the node's own listeners bind (admin, metrics, SOCKS5)")
+    parser.add_argument("--xds-address", type=parse_host_port, required=True,
+                        help="istiod_lite's discovery and CA address, HOST:PORT")
+    parser.add_argument("--root-cert", type=Path, required=True,
+                        help="PEM root certificate(s) to trust istiod_lite (bootstrap bundle)")
+    token = parser.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token-file", type=Path, help="file holding this node's bearer token")
+    token.add_argument("--token", help="this node's bearer token (prefer --token-file)")
+    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument("--root-namespace", default="istio-system")
+    parser.add_argument("--cluster-id", default="Kubernetes")
+    parser.add_argument("--cert-ttl", type=parse_duration, default=None,
+                        help="certificate lifetime to ask the CA for (it may cap it)")
+    parser.add_argument("--pool-idle-timeout", type=parse_duration, default=300.0)
+    parser.add_argument("--connect-timeout", type=parse_duration, default=5.0)
+    parser.add_argument("--drain-timeout", type=parse_duration, default=5.0)
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        default="info")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> ZtunnelConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--token-file {args.token_file}: {exc.strerror}")
+        if not token:
+            parser.error(f"--token-file {args.token_file} is empty")
+    else:
+        token = args.token
+    if not args.root_cert.is_file():
+        parser.error(f"--root-cert {args.root_cert}: no such file")
+    return ZtunnelConfig(
+        node=args.node,
+        node_address=args.node_address,
+        xds_address=args.xds_address,
+        root_cert=args.root_cert,
+        token=token,
+        trust_domain=args.trust_domain,
+        root_namespace=args.root_namespace,
+        cluster_id=args.cluster_id,
+        requested_cert_ttl=args.cert_ttl,
+        pool_idle_timeout=args.pool_idle_timeout,
+        connect_timeout=args.connect_timeout,
+        drain_timeout=args.drain_timeout,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )

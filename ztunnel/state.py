@@ -1,0 +1,495 @@
+"""What a ztunnel knows about the mesh: the discovery stream's resources and their indexes.
+
+Sans-IO: ``ProxyState.apply`` takes one ``DeltaUpdate`` from the discovery client and either
+applies all of it or none of it (a bad resource raises ``DecodeError``, the client NACKs and
+the proxy keeps serving its last good state, as Istio's ztunnel does). Indexes are kept up to
+date on every apply so the per-connection lookups (``resolve``, ``policies_for``) are dict
+reads, not scans.
+
+Addresses are indexed per network (``(network, ip)``), the way Istio keys its address
+lookups; every lookup takes ``network`` (default ``""``, the embedded mode's only network).
+When two workloads claim one address (pod IP reuse under churn) the most recently written one
+wins, and the other becomes visible again if the winner is removed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from istiod_lite.api import codec, model
+from istiod_lite.api.codec import DecodeError
+from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
+from istiod_lite.api.identity import SpiffeId
+from istiod_lite.api.model import (
+    Authorization,
+    AuthorizationScope,
+    GatewayAddress,
+    Node,
+    Service,
+    TunnelProtocol,
+    Workload,
+    WorkloadStatus,
+)
+
+WORKLOAD = "workload"
+SERVICE = "service"
+AUTHORIZATION = "authorization"
+NODE = "node"
+KINDS = (WORKLOAD, SERVICE, AUTHORIZATION, NODE)
+
+_AddressKey = tuple[str, str]  # (network, canonical ip)
+
+
+class ResolveError(Exception):
+    """A destination in the mesh that cannot be reached; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where an outbound connection to ``ip:port`` really goes.
+
+    ``kind`` is ``"service"`` (a Service VIP: ``workload`` is the chosen endpoint and
+    ``port`` its target port), ``"workload"`` (a pod address) or ``"passthrough"`` (not in the
+    mesh: plain TCP to the original address). ``use_hbone`` says whether to tunnel to the
+    workload's ztunnel (``ip:15008``) or connect in plaintext. ``waypoint`` is the service's
+    (else the workload's) waypoint, for the outbound proxy to honour.
+    """
+
+    kind: Literal["service", "workload", "passthrough"]
+    ip: str
+    port: int
+    workload: Workload | None = None
+    service: Service | None = None
+    use_hbone: bool = False
+    waypoint: GatewayAddress | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+
+@dataclass(frozen=True)
+class KindChange:
+    """Keys of one kind that an apply added, changed or removed."""
+
+    added: frozenset[str] = frozenset()
+    updated: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.updated or self.removed)
+
+    @property
+    def touched(self) -> frozenset[str]:
+        return self.added | self.updated | self.removed
+
+
+@dataclass(frozen=True)
+class AppliedChange:
+    """What one ``apply`` changed, so the proxy reconciles only that (listeners for added
+    or removed local workloads, certificates for new identities, and so on). Keys are the
+    resources' discovery names: workload uids, service and policy ``namespace/name``, node
+    names. A resource re-sent with identical content is neither added nor updated."""
+
+    generation: int
+    workloads: KindChange = field(default_factory=KindChange)
+    services: KindChange = field(default_factory=KindChange)
+    authorizations: KindChange = field(default_factory=KindChange)
+    nodes: KindChange = field(default_factory=KindChange)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.workloads or self.services or self.authorizations or self.nodes)
+
+
+def canonical_ip(value: str) -> str | None:
+    """The one spelling of an address used as index key (IPv4-mapped IPv6, as dual-stack
+    sockets report peers, counts as IPv4); None when ``value`` is not an IP address."""
+    try:
+        address = ipaddress.ip_address(value.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def identity_of(workload: Workload) -> SpiffeId:
+    return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account)
+
+
+def is_hbone(workload: Workload) -> bool:
+    return workload.tunnel_protocol is TunnelProtocol.HBONE
+
+
+class ProxyState:
+    """The resources from the discovery stream, their versions and lookup indexes."""
+
+    def __init__(self) -> None:
+        self._generation = 0
+        self._workloads: dict[str, Workload] = {}
+        self._services: dict[str, Service] = {}
+        self._authorizations: dict[str, Authorization] = {}
+        self._nodes: dict[str, Node] = {}
+        self._versions: dict[str, str] = {}
+        # Insertion-ordered "sets" (dict keys) so the latest writer of an address wins.
+        self._workload_by_address: dict[_AddressKey, dict[str, None]] = {}
+        self._service_by_address: dict[_AddressKey, dict[str, None]] = {}
+        self._endpoint_uids: dict[str, set[str]] = {}
+        self._workloads_by_node: dict[str, set[str]] = {}
+        self._global_policies: set[str] = set()
+        self._namespace_policies: dict[str, set[str]] = {}
+        self._endpoint_cache: dict[str, list[Workload]] = {}
+        self._round_robin: dict[str, int] = {}
+
+    # -- updates -----------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every apply that changed a resource or a version (for caches)."""
+        return self._generation
+
+    def apply(self, update: DeltaUpdate) -> AppliedChange:
+        """Apply one update all-or-nothing; raises DecodeError naming the bad resource."""
+        upserts = self._decode_all(update)
+        removals = self._check_removals(update, upserts)
+
+        changes: dict[str, tuple[set[str], set[str], set[str]]] = {
+            kind: (set(), set(), set()) for kind in KINDS
+        }
+        versions_changed = False
+        for (kind, name), (version, resource) in upserts.items():
+            vkey = versioned_key(kind, name)
+            if self._versions.get(vkey) != version:
+                self._versions[vkey] = version
+                versions_changed = True
+            previous = self._get(kind, name)
+            if previous == resource:
+                continue
+            added, updated, _ = changes[kind]
+            (updated if previous is not None else added).add(name)
+            self._put(kind, name, previous, resource)
+        for kind, name in removals:
+            vkey = versioned_key(kind, name)
+            if self._versions.pop(vkey, None) is not None:
+                versions_changed = True
+            previous = self._get(kind, name)
+            if previous is None:
+                continue
+            changes[kind][2].add(name)
+            self._delete(kind, name, previous)
+
+        if versions_changed or any(any(sets) for sets in changes.values()):
+            self._generation += 1
+
+        def kind_change(kind: str) -> KindChange:
+            added, updated, removed = changes[kind]
+            return KindChange(frozenset(added), frozenset(updated), frozenset(removed))
+
+        return AppliedChange(
+            generation=self._generation,
+            workloads=kind_change(WORKLOAD),
+            services=kind_change(SERVICE),
+            authorizations=kind_change(AUTHORIZATION),
+            nodes=kind_change(NODE),
+        )
+
+    def known_versions(self) -> dict[str, str]:
+        """``versioned_key(kind, name) -> version`` of everything held, for resuming."""
+        return dict(self._versions)
+
+    def _decode_all(self, update: DeltaUpdate) -> dict[tuple[str, str], tuple[str, Any]]:
+        decoded: dict[tuple[str, str], tuple[str, Any]] = {}
+        for item in update.resources:
+            decoded[(item.kind, item.name)] = (item.version, _decode_resource(item))
+        return decoded
+
+    @staticmethod
+    def _check_removals(
+        update: DeltaUpdate, upserts: dict[tuple[str, str], tuple[str, Any]]
+    ) -> list[tuple[str, str]]:
+        removals: list[tuple[str, str]] = []
+        for removal in update.removed:
+            where = f"{removal.kind}/{removal.name}"
+            if removal.kind not in model.TYPE_BY_KIND:
+                raise DecodeError(f"{where}: unknown resource kind {removal.kind!r}")
+            if (removal.kind, removal.name) in upserts:
+                raise DecodeError(f"{where}: both updated and removed in one update")
+            removals.append((removal.kind, removal.name))
+        return removals
+
+    def _get(self, kind: str, name: str) -> Any:
+        return self._table(kind).get(name)
+
+    def _table(self, kind: str) -> dict[str, Any]:
+        tables: dict[str, dict[str, Any]] = {
+            WORKLOAD: self._workloads,
+            SERVICE: self._services,
+            AUTHORIZATION: self._authorizations,
+            NODE: self._nodes,
+        }
+        return tables[kind]
+
+    def _put(self, kind: str, name: str, previous: Any, resource: Any) -> None:
+        if previous is not None:
+            self._unindex(previous)
+        self._table(kind)[name] = resource
+        self._index(resource)
+
+    def _delete(self, kind: str, name: str, previous: Any) -> None:
+        self._unindex(previous)
+        del self._table(kind)[name]
+        if kind == SERVICE:
+            self._round_robin.pop(name, None)
+
+    def _index(self, resource: Any) -> None:
+        if isinstance(resource, Workload):
+            for key in _workload_address_keys(resource):
+                self._workload_by_address.setdefault(key, {})[resource.uid] = None
+            for service_key in resource.services:
+                self._endpoint_uids.setdefault(service_key, set()).add(resource.uid)
+                self._endpoint_cache.pop(service_key, None)
+            self._workloads_by_node.setdefault(resource.node, set()).add(resource.uid)
+        elif isinstance(resource, Service):
+            for key in _service_address_keys(resource):
+                self._service_by_address.setdefault(key, {})[resource.key] = None
+        elif isinstance(resource, Authorization):
+            if resource.scope is AuthorizationScope.GLOBAL:
+                self._global_policies.add(resource.key)
+            elif resource.scope is AuthorizationScope.NAMESPACE:
+                self._namespace_policies.setdefault(resource.namespace, set()).add(resource.key)
+
+    def _unindex(self, resource: Any) -> None:
+        if isinstance(resource, Workload):
+            for key in _workload_address_keys(resource):
+                _discard(self._workload_by_address, key, resource.uid)
+            for service_key in resource.services:
+                _discard(self._endpoint_uids, service_key, resource.uid)
+                self._endpoint_cache.pop(service_key, None)
+            _discard(self._workloads_by_node, resource.node, resource.uid)
+        elif isinstance(resource, Service):
+            for key in _service_address_keys(resource):
+                _discard(self._service_by_address, key, resource.key)
+        elif isinstance(resource, Authorization):
+            self._global_policies.discard(resource.key)
+            _discard(self._namespace_policies, resource.namespace, resource.key)
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def workload(self, uid: str) -> Workload | None:
+        return self._workloads.get(uid)
+
+    def service(self, key: str) -> Service | None:
+        return self._services.get(key)
+
+    def authorization(self, key: str) -> Authorization | None:
+        return self._authorizations.get(key)
+
+    def node(self, name: str) -> Node | None:
+        return self._nodes.get(name)
+
+    def workloads(self) -> list[Workload]:
+        return [self._workloads[uid] for uid in sorted(self._workloads)]
+
+    def services(self) -> list[Service]:
+        return [self._services[key] for key in sorted(self._services)]
+
+    def authorizations(self) -> list[Authorization]:
+        return [self._authorizations[key] for key in sorted(self._authorizations)]
+
+    def nodes(self) -> list[Node]:
+        return [self._nodes[name] for name in sorted(self._nodes)]
+
+    def workload_by_address(self, ip: str, *, network: str = "") -> Workload | None:
+        uid = self._lookup_address(self._workload_by_address, ip, network)
+        return None if uid is None else self._workloads[uid]
+
+    def service_by_address(self, ip: str, *, network: str = "") -> Service | None:
+        key = self._lookup_address(self._service_by_address, ip, network)
+        return None if key is None else self._services[key]
+
+    @staticmethod
+    def _lookup_address(
+        index: dict[_AddressKey, dict[str, None]], ip: str, network: str
+    ) -> str | None:
+        canonical = canonical_ip(ip)
+        if canonical is None:
+            return None
+        holders = index.get((network, canonical))
+        return next(reversed(holders)) if holders else None
+
+    def endpoints(self, service_key: str) -> list[Workload]:
+        """Workloads that list ``service_key`` in their ``services``, ordered by uid (a
+        stable order makes round-robin deterministic); healthy or not."""
+        cached = self._endpoint_cache.get(service_key)
+        if cached is None:
+            uids = sorted(self._endpoint_uids.get(service_key, ()))
+            cached = [self._workloads[uid] for uid in uids]
+            self._endpoint_cache[service_key] = cached
+        return list(cached)
+
+    def local_workloads(self, node: str, *, hbone_only: bool = True) -> list[Workload]:
+        """Workloads scheduled on ``node`` (by uid); by default only those enrolled in the
+        mesh (HBONE), which are the ones this node's ztunnel serves."""
+        uids = sorted(self._workloads_by_node.get(node, ()))
+        workloads = [self._workloads[uid] for uid in uids]
+        return [w for w in workloads if is_hbone(w)] if hbone_only else workloads
+
+    def local_identities(self, node: str) -> set[SpiffeId]:
+        """Identities of the node's enrolled workloads: the certificates the node needs."""
+        return {identity_of(w) for w in self.local_workloads(node, hbone_only=True)}
+
+    def policies_for(
+        self, workload: Workload, root_namespace: str = "istio-system"
+    ) -> list[Authorization]:
+        """Policies that apply to connections to ``workload``: GLOBAL ones from the root
+        namespace, NAMESPACE ones of its namespace, and the selector policies it lists.
+        Ordered (global, namespace, selector; by key within each), without duplicates."""
+        keys: list[str] = []
+        keys += sorted(
+            key
+            for key in self._global_policies
+            if self._authorizations[key].namespace == root_namespace
+        )
+        keys += sorted(self._namespace_policies.get(workload.namespace, ()))
+        keys += sorted(k for k in workload.authorization_policies if k in self._authorizations)
+        unique = dict.fromkeys(keys)
+        return [self._authorizations[key] for key in unique]
+
+    def resolve(self, ip: str, port: int, *, network: str = "") -> Destination:
+        """Where an outbound connection to ``ip:port`` goes; ResolveError if it is a mesh
+        service that cannot be served. Picks service endpoints round-robin (healthy ones
+        with an address, in ``endpoints`` order)."""
+        canonical = canonical_ip(ip)
+        if canonical is None:
+            raise ResolveError(f"{ip!r} is not an IP address")
+        service = self.service_by_address(canonical, network=network)
+        if service is not None:
+            return self._resolve_service(service, port)
+        workload = self.workload_by_address(canonical, network=network)
+        if workload is not None:
+            return Destination(
+                kind="workload",
+                ip=canonical,
+                port=port,
+                workload=workload,
+                use_hbone=is_hbone(workload),
+                waypoint=workload.waypoint,
+            )
+        return Destination(kind="passthrough", ip=canonical, port=port)
+
+    def _resolve_service(self, service: Service, port: int) -> Destination:
+        mapping = next((p for p in service.ports if p.service_port == port), None)
+        if mapping is None:
+            raise ResolveError(f"service {service.key} has no port {port}")
+        candidates = [
+            w
+            for w in self.endpoints(service.key)
+            if w.status is WorkloadStatus.HEALTHY and w.addresses
+        ]
+        if not candidates:
+            raise ResolveError(f"service {service.key} has no healthy endpoint")
+        turn = self._round_robin.get(service.key, 0)
+        self._round_robin[service.key] = turn + 1
+        chosen = candidates[turn % len(candidates)]
+        target_ip = canonical_ip(chosen.addresses[0]) or chosen.addresses[0]
+        return Destination(
+            kind="service",
+            ip=target_ip,
+            port=mapping.target_port or mapping.service_port,
+            workload=chosen,
+            service=service,
+            use_hbone=is_hbone(chosen),
+            waypoint=service.waypoint or chosen.waypoint,
+        )
+
+    # -- admin -------------------------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """A JSON-able view for the admin ``/config_dump``, in stable order."""
+        return {
+            "generation": self._generation,
+            "workloads": [codec.to_jsonable(w) for w in self.workloads()],
+            "services": [codec.to_jsonable(s) for s in self.services()],
+            "policies": [codec.to_jsonable(a) for a in self.authorizations()],
+            "nodes": [codec.to_jsonable(n) for n in self.nodes()],
+        }
+
+
+def _decode_resource(item: ResourceUpdate) -> Any:
+    """Decode and validate one resource; raises DecodeError naming kind/name."""
+    where = f"{item.kind}/{item.name}"
+    cls = model.TYPE_BY_KIND.get(item.kind)
+    if cls is None:
+        raise DecodeError(f"{where}: unknown resource kind {item.kind!r}")
+    if not isinstance(item.resource, dict):
+        raise DecodeError(f"{where}: expected an object, got {type(item.resource).__name__}")
+    try:
+        resource: Any = codec.from_jsonable(cls, item.resource, where)
+    except DecodeError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. an unhashable value where an enum goes
+        raise DecodeError(f"{where}: {exc}") from None
+    key = model.resource_key(resource)
+    if key != item.name:
+        raise DecodeError(f"{where}: the resource's key is {key!r}, not {item.name!r}")
+    _validate(resource, where)
+    return resource
+
+
+def _validate(resource: Any, where: str) -> None:
+    """Reject what the decoder lets through but the indexes cannot hold."""
+    if isinstance(resource, Workload):
+        for address in resource.addresses:
+            _require_ip(address, f"{where}.addresses")
+    elif isinstance(resource, Service):
+        for network_address in resource.addresses:
+            _require_ip(network_address.address, f"{where}.addresses")
+        for mapping in resource.ports:
+            if not 1 <= mapping.service_port <= 65535:
+                raise DecodeError(f"{where}.ports: service_port {mapping.service_port} "
+                                  "is not in 1-65535")
+            if not 0 <= mapping.target_port <= 65535:
+                raise DecodeError(f"{where}.ports: target_port {mapping.target_port} "
+                                  "is not in 0-65535")
+    elif isinstance(resource, Node):
+        _require_ip(resource.address, f"{where}.address")
+
+
+def _require_ip(value: str, where: str) -> None:
+    if canonical_ip(value) is None:
+        raise DecodeError(f"{where}: {value!r} is not an IP address")
+
+
+def _workload_address_keys(workload: Workload) -> Iterable[_AddressKey]:
+    for address in workload.addresses:
+        canonical = canonical_ip(address)
+        if canonical is not None:
+            yield (workload.network, canonical)
+
+
+def _service_address_keys(service: Service) -> Iterable[_AddressKey]:
+    for network_address in service.addresses:
+        canonical = canonical_ip(network_address.address)
+        if canonical is not None:
+            yield (network_address.network, canonical)
+
+
+def _discard(index: dict[Any, Any], key: Any, member: str) -> None:
+    """Remove ``member`` from the set-like value at ``key``, dropping emptied entries."""
+    members = index.get(key)
+    if members is None:
+        return
+    if isinstance(members, set):
+        members.discard(member)
+    else:
+        members.pop(member, None)
+    if not members:
+        del index[key]

@@ -4,22 +4,46 @@ from __future__ import annotations
 
 import argparse
 import re
+from datetime import timedelta
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '5m', '24h', '250ms' or plain seconds -> seconds."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number with an optional unit ms, s, m or h"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+def parse_duration(text: str) -> timedelta:
+    """``"90s"``, ``"24h"``, ``"1h30m"``, ``"2d"``, ``"500ms"`` or plain seconds (``"3600"``).
+
+    Raises ValueError naming the value and the accepted forms."""
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        seconds = float(value)
+    else:
+        position = 0
+        seconds = 0.0
+        for match in _DURATION_PART.finditer(value):
+            if match.start() != position:
+                break
+            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            position = match.end()
+        if not value or position != len(value):
+            raise ValueError(
+                f"{text!r} is not a duration; use e.g. 90s, 15m, 24h, 1h30m, 2d or plain seconds"
+            )
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return timedelta(seconds=seconds)
+
+
+def duration_seconds(text: str) -> float:
+    """An argparse ``type``: a duration flag as seconds."""
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
+    """An argparse ``type``: ``HOST:PORT`` (``[v6]:PORT``)."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST:PORT")

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ambient_common.flags import parse_duration, parse_host_port
+from ambient_common.flags import duration_seconds, parse_host_port
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-domain", default="cluster.local")
     parser.add_argument("--root-namespace", default="istio-system")
     parser.add_argument("--cluster-id", default="Kubernetes")
-    parser.add_argument("--cert-ttl", type=parse_duration, default=None,
+    parser.add_argument("--cert-ttl", type=duration_seconds, default=None,
                         help="certificate lifetime to ask the CA for (it may cap it)")
-    parser.add_argument("--pool-idle-timeout", type=parse_duration, default=300.0)
-    parser.add_argument("--connect-timeout", type=parse_duration, default=5.0)
-    parser.add_argument("--drain-timeout", type=parse_duration, default=5.0)
+    parser.add_argument("--pool-idle-timeout", type=duration_seconds, default=300.0)
+    parser.add_argument("--connect-timeout", type=duration_seconds, default=5.0)
+    parser.add_argument("--drain-timeout", type=duration_seconds, default=5.0)
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         default="info")

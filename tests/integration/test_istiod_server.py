@@ -1,0 +1,409 @@
+"""istiod_lite end to end, in process: real TLS + HTTP/2 (hypercorn) spoken to with httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from istiod_lite.__main__ import RunningIstiod, run_istiod
+from istiod_lite.api import codec
+from istiod_lite.api.discovery import (
+    ACK_PATH,
+    CERTIFICATE_PATH,
+    DISCOVERY_PATH,
+    CertificateResponse,
+    DeltaUpdate,
+    versioned_key,
+)
+from istiod_lite.config import IstiodConfig
+from tests.pki import new_key_and_csr
+
+TOKENS = {"node-1": "token-node-1-0123456789abcdef", "node-2": "token-node-2-0123456789abcdef"}
+SLEEP_UID = "Kubernetes//Pod/default/sleep"
+HTTPBIN_UID = "Kubernetes//Pod/default/httpbin"
+
+MANIFEST = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: default
+  labels: {{istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-1}}
+status:
+  addresses: [{{type: InternalIP, address: 127.0.10.1}}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: sleep, namespace: default}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: sleep, namespace: default, labels: {{app: sleep}}}}
+spec:
+  nodeName: node-1
+  serviceAccountName: sleep
+  containers: [{{name: sleep, image: sleep}}]
+status: {{podIP: {sleep_ip}, phase: Running}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: httpbin, namespace: default, labels: {{app: httpbin}}}}
+spec:
+  nodeName: node-2
+  serviceAccountName: httpbin
+  containers: [{{name: httpbin, image: httpbin}}]
+status: {{podIP: 127.0.20.2, phase: Running}}
+"""
+
+
+def write_manifest(config_dir: Path, sleep_ip: str) -> None:
+    """Replace the file atomically (new inode), as an editor or kubectl would."""
+    tmp = config_dir / ".mesh.yaml.tmp"
+    tmp.write_text(MANIFEST.format(sleep_ip=sleep_ip))
+    os.replace(tmp, config_dir / "mesh.yaml")
+
+
+def auth(node: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {TOKENS[node]}"}
+
+
+@pytest.fixture
+def istiod_config(tmp_path: Path, loopback: Any) -> IstiodConfig:
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    write_manifest(config_dir, "127.0.20.1")
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(json.dumps(TOKENS))
+    return IstiodConfig(
+        config_dir=config_dir,
+        state_dir=tmp_path / "state",
+        bootstrap_tokens=tokens,
+        listen_host=loopback.new(),
+        poll_interval=0.05,
+    )
+
+
+def client_for(running: RunningIstiod) -> httpx.AsyncClient:
+    context = ssl.create_default_context(cafile=str(running.root_cert_path))
+    return httpx.AsyncClient(
+        http2=True, verify=context, base_url=running.url, timeout=httpx.Timeout(5.0)
+    )
+
+
+@pytest.fixture
+async def istiod(
+    nursery: trio.Nursery, istiod_config: IstiodConfig
+) -> AsyncIterator[RunningIstiod]:
+    running: RunningIstiod = await nursery.start(run_istiod, istiod_config)
+    yield running
+    running.shutdown()
+
+
+@pytest.fixture
+async def client(istiod: RunningIstiod) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(istiod) as client:
+        yield client
+
+
+async def next_update(lines: AsyncIterator[str]) -> DeltaUpdate:
+    with trio.fail_after(5):
+        line = await anext(lines)
+    return codec.from_jsonable(DeltaUpdate, json.loads(line))
+
+
+def resource_keys(update: DeltaUpdate) -> set[str]:
+    return {versioned_key(r.kind, r.name) for r in update.resources}
+
+
+def versions_of(update: DeltaUpdate) -> dict[str, str]:
+    return {versioned_key(r.kind, r.name): r.version for r in update.resources}
+
+
+async def syncz(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    response = await client.get("/debug/syncz")
+    assert response.status_code == 200
+    subscribers: list[dict[str, Any]] = response.json()["subscribers"]
+    return subscribers
+
+
+# -- discovery -------------------------------------------------------------------------------
+
+
+async def test_stream_follows_file_edits_and_records_acks(
+    istiod: RunningIstiod, client: httpx.AsyncClient
+) -> None:
+    assert (await client.get("/ready")).status_code == 200
+    # The stream gets its own connection: httpcore does not reset an HTTP/2 stream it stops
+    # reading, so closing the connection is how this client tells the server it is gone.
+    async with client_for(istiod) as streaming, streaming.stream(
+        "POST", DISCOVERY_PATH, json={"node": "node-1"}, headers=auth("node-1")
+    ) as response:
+        assert response.status_code == 200
+        assert response.http_version == "HTTP/2"
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = response.aiter_lines()
+        first = await next_update(lines)
+        assert {f"workload/{SLEEP_UID}", f"workload/{HTTPBIN_UID}", "node/node-1"} <= (
+            resource_keys(first)
+        )
+        sleep = next(r for r in first.resources if r.name == SLEEP_UID)
+        assert sleep.resource["addresses"] == ["127.0.20.1"]
+
+        write_manifest(istiod.config.config_dir, "127.0.20.9")
+        second = await next_update(lines)
+        assert resource_keys(second) == {f"workload/{SLEEP_UID}"}
+        assert second.resources[0].resource["addresses"] == ["127.0.20.9"]
+        assert second.system_version > first.system_version
+        assert second.nonce != first.nonce
+
+        ack = await client.post(
+            ACK_PATH, json={"node": "node-1", "nonce": first.nonce}, headers=auth("node-1")
+        )
+        assert ack.status_code == 204
+        nack = await client.post(
+            ACK_PATH,
+            json={"node": "node-1", "nonce": second.nonce, "error": "cannot apply"},
+            headers=auth("node-1"),
+        )
+        assert nack.status_code == 204
+        [status] = await syncz(client)
+        assert status["node"] == "node-1"
+        assert status["last_sent_nonce"] == second.nonce
+        assert status["last_acked_nonce"] == first.nonce
+        assert status["last_nack_nonce"] == second.nonce
+        assert status["last_nack_error"] == "cannot apply"
+
+    # The client went away: the server saw the disconnect and unsubscribed it.
+    with trio.fail_after(5):
+        while await syncz(client):
+            await trio.sleep(0.02)
+
+
+async def test_resume_after_restart_gets_only_what_changed(
+    istiod_config: IstiodConfig,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        running: RunningIstiod = await nursery.start(run_istiod, istiod_config)
+        root_before = running.root_cert_path.read_text()
+        async with client_for(running) as client, client.stream(
+            "POST", DISCOVERY_PATH, json={"node": "node-2"}, headers=auth("node-2")
+        ) as response:
+            held = versions_of(await next_update(response.aiter_lines()))
+        running.shutdown()
+
+    # While istiod is down, the sleep pod moves; a restarted istiod on the same state dir
+    # keeps its root and sends the resuming proxy only that pod.
+    write_manifest(istiod_config.config_dir, "127.0.20.5")
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(run_istiod, istiod_config)
+        assert running.root_cert_path.read_text() == root_before
+        async with client_for(running) as client:
+            request = {"node": "node-2", "initial_resource_versions": held}
+            async with client.stream(
+                "POST", DISCOVERY_PATH, json=request, headers=auth("node-2")
+            ) as response:
+                update = await next_update(response.aiter_lines())
+                assert resource_keys(update) == {f"workload/{SLEEP_UID}"}
+                assert update.removed == ()
+            # A proxy holding something that is gone is told to remove it.
+            gone = {**held, "workload/Kubernetes//Pod/default/gone": "0123"}
+            request = {"node": "node-2", "initial_resource_versions": gone}
+            async with client.stream(
+                "POST", DISCOVERY_PATH, json=request, headers=auth("node-2")
+            ) as response:
+                update = await next_update(response.aiter_lines())
+                assert [r.name for r in update.removed] == ["Kubernetes//Pod/default/gone"]
+        running.shutdown()
+
+
+async def test_shutdown_ends_open_streams_cleanly(istiod_config: IstiodConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        running: RunningIstiod = await nursery.start(run_istiod, istiod_config)
+        async with client_for(running) as client, client.stream(
+            "POST", DISCOVERY_PATH, json={"node": "node-1"}, headers=auth("node-1")
+        ) as response:
+            lines = response.aiter_lines()
+            await next_update(lines)
+            running.shutdown()
+            with trio.fail_after(5):
+                remaining = [line async for line in lines]
+            assert remaining == []
+
+
+async def test_discovery_authentication_and_node_checks(client: httpx.AsyncClient) -> None:
+    wrong = await client.post(
+        DISCOVERY_PATH, json={"node": "node-1"}, headers={"authorization": "Bearer nope"}
+    )
+    assert wrong.status_code == 401
+    assert "unknown bootstrap token" in wrong.json()["error"]
+    missing = await client.post(DISCOVERY_PATH, json={"node": "node-1"})
+    assert missing.status_code == 401
+    mismatch = await client.post(DISCOVERY_PATH, json={"node": "node-2"}, headers=auth("node-1"))
+    assert mismatch.status_code == 403
+    assert "node-1" in mismatch.json()["error"]
+    bad_key = await client.post(
+        DISCOVERY_PATH,
+        json={"node": "node-1", "initial_resource_versions": {"bogus": "1"}},
+        headers=auth("node-1"),
+    )
+    assert bad_key.status_code == 400
+    assert "bogus" in bad_key.json()["error"]
+    nack_for_other = await client.post(
+        ACK_PATH, json={"node": "node-2", "nonce": "x"}, headers=auth("node-1")
+    )
+    assert nack_for_other.status_code == 403
+
+
+async def test_bad_requests_get_clear_errors(client: httpx.AsyncClient) -> None:
+    garbage = await client.post(DISCOVERY_PATH, content=b"{not json", headers=auth("node-1"))
+    assert garbage.status_code == 400
+    assert "not valid JSON" in garbage.json()["error"]
+    contract = await client.post(DISCOVERY_PATH, json={"nodes": "x"}, headers=auth("node-1"))
+    assert contract.status_code == 400
+    assert "missing required field 'node'" in contract.json()["error"]
+    too_big = await client.post(
+        CERTIFICATE_PATH, content=b"x" * (65 * 1024), headers=auth("node-1")
+    )
+    assert too_big.status_code == 413
+    unknown = await client.get("/v2/nothing")
+    assert unknown.status_code == 404
+    assert "/v2/nothing" in unknown.json()["error"]
+    wrong_method = await client.get(DISCOVERY_PATH)
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "POST"
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+
+async def test_csr_for_a_local_service_account_is_signed(
+    istiod: RunningIstiod, client: httpx.AsyncClient
+) -> None:
+    key, csr = new_key_and_csr("spiffe://cluster.local/ns/default/sa/sleep")
+    response = await client.post(
+        CERTIFICATE_PATH, json={"csr": csr, "ttl_seconds": 3600}, headers=auth("node-1")
+    )
+    assert response.status_code == 200, response.text
+    answer = codec.from_jsonable(CertificateResponse, response.json())
+    chain = [x509.load_pem_x509_certificate(pem.encode()) for pem in answer.cert_chain]
+    root = x509.load_pem_x509_certificate(istiod.root_cert_path.read_bytes())
+    assert len(chain) == 2
+    assert chain[-1] == root
+    chain[0].verify_directly_issued_by(root)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert chain[0].public_key() == key.public_key()
+    san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/ns/default/sa/sleep"
+    ]
+    lifetime = chain[0].not_valid_after_utc - chain[0].not_valid_before_utc
+    assert lifetime.total_seconds() <= 3600 + 120
+    assert list(answer.trust_bundle) == [istiod.root_cert_path.read_text()]
+
+
+async def test_csr_for_a_service_account_elsewhere_is_refused(client: httpx.AsyncClient) -> None:
+    _key, csr = new_key_and_csr("spiffe://cluster.local/ns/default/sa/httpbin")
+    response = await client.post(CERTIFICATE_PATH, json={"csr": csr}, headers=auth("node-1"))
+    assert response.status_code == 403
+    assert "no instances of default/httpbin on node node-1" in response.json()["error"]
+    # ...while the node that runs it may have it.
+    ok = await client.post(CERTIFICATE_PATH, json={"csr": csr}, headers=auth("node-2"))
+    assert ok.status_code == 200
+
+
+async def test_csr_errors(client: httpx.AsyncClient) -> None:
+    malformed = await client.post(
+        CERTIFICATE_PATH, json={"csr": "-----BEGIN CERTIFICATE REQUEST-----\nxx"},
+        headers=auth("node-1"),
+    )
+    assert malformed.status_code == 400
+    assert "CSR rejected" in malformed.json()["error"]
+    garbage = await client.post(CERTIFICATE_PATH, content=b"]]", headers=auth("node-1"))
+    assert garbage.status_code == 400
+    _key, csr = new_key_and_csr("spiffe://cluster.local/ns/default/sa/sleep")
+    unauthenticated = await client.post(
+        CERTIFICATE_PATH, json={"csr": csr}, headers={"authorization": "Bearer wrong-token"}
+    )
+    assert unauthenticated.status_code == 401
+    foreign = new_key_and_csr("spiffe://other.domain/ns/default/sa/sleep")[1]
+    refused = await client.post(CERTIFICATE_PATH, json={"csr": foreign}, headers=auth("node-1"))
+    assert refused.status_code == 403
+
+
+async def test_ca_plugin_dir_and_bad_startup(istiod_config: IstiodConfig, tmp_path: Path) -> None:
+    from istiod_lite.__main__ import StartupError
+
+    broken = replace(istiod_config, ca_plugin_dir=tmp_path / "missing-plugin")
+    with pytest.raises(StartupError, match="cannot load the CA"):
+        await run_istiod(broken)
+
+
+async def test_process_serves_until_sigterm(istiod_config: IstiodConfig) -> None:
+    """``python -m istiod_lite`` starts, serves, and exits 0 on SIGTERM."""
+    argv = [
+        sys.executable, "-m", "istiod_lite",
+        "--config-dir", str(istiod_config.config_dir),
+        "--state-dir", str(istiod_config.state_dir),
+        "--bootstrap-tokens", str(istiod_config.bootstrap_tokens),
+        "--listen", istiod_config.listen,
+        "--log-format", "json",
+    ]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    try:
+        root = istiod_config.state_dir / "root-cert.pem"
+        with trio.fail_after(20):
+            while True:
+                if root.exists():
+                    context = ssl.create_default_context(cafile=str(root))
+                    try:
+                        async with httpx.AsyncClient(http2=True, verify=context) as client:
+                            url = f"https://{istiod_config.listen}/ready"
+                            if (await client.get(url)).status_code == 200:
+                                break
+                    except httpx.TransportError:
+                        pass
+                await trio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    log_lines = (await process.stderr.receive_some(1 << 20)).decode().splitlines()
+    events = [json.loads(line)["event"] for line in log_lines if line.startswith("{")]
+    assert "istiod_lite ready" in events
+    assert "istiod_lite stopped" in events
+
+
+async def test_process_rejects_unknown_flags_and_bad_files(tmp_path: Path) -> None:
+    required = [
+        "--config-dir", str(tmp_path), "--state-dir", str(tmp_path / "state"),
+        "--bootstrap-tokens", str(tmp_path / "absent.yaml"), "--log-format", "json",
+    ]
+    base = [sys.executable, "-m", "istiod_lite", *required]
+    result = await trio.run_process([*base, "--bogus"], capture_stderr=True, check=False)
+    assert result.returncode == 2
+    assert b"unrecognized arguments: --bogus" in result.stderr
+    result = await trio.run_process(base, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    assert b"--bootstrap-tokens" in result.stderr
+    assert b"absent.yaml: cannot read" in result.stderr

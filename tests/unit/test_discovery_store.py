@@ -1,0 +1,241 @@
+"""The resource store: delta computation, resume, removals, coalescing, ACK bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from istiod_lite.api import codec
+from istiod_lite.api.discovery import Ack, DeltaUpdate, versioned_key
+from istiod_lite.api.model import Node, Service, Workload
+from istiod_lite.discovery import ResourceStore, compute_delta, split_versioned_key
+
+
+def workload(uid: str, address: str = "127.0.20.1", node: str = "node-1") -> Workload:
+    return Workload(
+        uid=uid,
+        name=uid.rsplit("/", 1)[-1],
+        namespace="default",
+        addresses=(address,),
+        service_account="sleep",
+        node=node,
+    )
+
+
+def keys(update: DeltaUpdate) -> list[str]:
+    return [versioned_key(r.kind, r.name) for r in update.resources]
+
+
+def removed(update: DeltaUpdate) -> list[str]:
+    return [versioned_key(r.kind, r.name) for r in update.removed]
+
+
+# -- compute_delta (plain function) ------------------------------------------------------------
+
+
+def test_compute_delta_sends_new_and_changed_and_removes_gone() -> None:
+    held = {"workload/a": "v1", "workload/b": "v1", "service/gone": "v9"}
+    current = {"workload/a": ("v1", "A"), "workload/b": ("v2", "B"), "node/n": ("v1", "N")}
+    updates, removals = compute_delta(held, current)
+    assert updates == [("node/n", "v1", "N"), ("workload/b", "v2", "B")]
+    assert removals == ["service/gone"]
+
+
+def test_compute_delta_nothing_when_in_sync() -> None:
+    current = {"workload/a": ("v1", "A")}
+    assert compute_delta({"workload/a": "v1"}, current) == ([], [])
+
+
+def test_split_versioned_key_keeps_slashes_in_names() -> None:
+    assert split_versioned_key("service/default/echo.default.svc.cluster.local") == (
+        "service",
+        "default/echo.default.svc.cluster.local",
+    )
+    with pytest.raises(ValueError, match="kind/name"):
+        split_versioned_key("workload")
+
+
+# -- ResourceStore ---------------------------------------------------------------------------
+
+
+def test_replace_all_bumps_version_only_on_change() -> None:
+    store = ResourceStore()
+    assert not store.initialized
+    assert store.replace_all([workload("w1")]) is True
+    assert store.system_version == 1
+    assert store.replace_all([workload("w1")]) is False
+    assert store.system_version == 1
+    assert store.replace_all([workload("w1", address="127.0.20.9")]) is True
+    assert store.system_version == 2
+    assert store.versions() == {
+        "workload/w1": codec.content_version(workload("w1", address="127.0.20.9"))
+    }
+
+
+def test_first_replace_all_initializes_even_when_empty() -> None:
+    store = ResourceStore()
+    assert store.replace_all([]) is True
+    assert store.initialized
+    assert store.system_version == 1
+
+
+async def test_first_delta_has_everything_for_a_new_client() -> None:
+    store = ResourceStore()
+    node = Node(name="node-1", address="127.0.10.1")
+    store.replace_all([workload("w1"), node])
+    with store.subscribe("node-1", {}) as sub:
+        update = await sub.next_update()
+    assert keys(update) == ["node/node-1", "workload/w1"]
+    assert update.removed == ()
+    assert update.system_version == 1
+    by_kind = {r.kind: r for r in update.resources}
+    assert codec.from_jsonable(Node, by_kind["node"].resource) == node
+    assert by_kind["workload"].version == codec.content_version(workload("w1"))
+
+
+async def test_resume_with_matching_versions_gets_an_empty_first_delta() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), workload("w2")])
+    held = store.versions()
+    with store.subscribe("node-1", held) as sub:
+        update = await sub.next_update()
+    assert update.resources == ()
+    assert update.removed == ()
+
+
+async def test_resume_gets_only_changes_and_removals() -> None:
+    """A client resuming against a restarted store (new object, same content) gets only
+    what differs: versions are content hashes."""
+    before = ResourceStore()
+    before.replace_all([workload("w1"), workload("w2"), workload("w3")])
+    held = before.versions()
+
+    restarted = ResourceStore()
+    restarted.replace_all([workload("w1"), workload("w2", address="127.0.20.2")])
+    with restarted.subscribe("node-1", held) as sub:
+        update = await sub.next_update()
+    assert keys(update) == ["workload/w2"]
+    assert removed(update) == ["workload/w3"]
+
+
+async def test_later_deltas_carry_only_the_diff() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), workload("w2")])
+    with store.subscribe("node-1", {}) as sub:
+        await sub.next_update()
+        store.replace_all([workload("w1"), workload("w3")])
+        update = await sub.next_update()
+    assert keys(update) == ["workload/w3"]
+    assert removed(update) == ["workload/w2"]
+    assert update.system_version == 2
+
+
+async def test_changes_while_busy_coalesce_into_one_delta() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1")])
+    with store.subscribe("node-1", {}) as sub:
+        await sub.next_update()
+        store.replace_all([workload("w1"), workload("w2")])
+        store.replace_all([workload("w1"), workload("w2"), workload("w3")])
+        store.replace_all([workload("w2"), workload("w3")])
+        update = await sub.next_update()
+        assert keys(update) == ["workload/w2", "workload/w3"]
+        assert removed(update) == ["workload/w1"]
+        assert update.system_version == 4
+        # Nothing else is pending.
+        assert sub.poll() is None
+
+
+async def test_change_and_revert_while_busy_sends_nothing() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1")])
+    with store.subscribe("node-1", {}) as sub:
+        await sub.next_update()
+        store.replace_all([workload("w1", address="127.0.20.7")])
+        store.replace_all([workload("w1")])
+        assert sub.poll() is None
+
+
+async def test_subscriber_waits_for_a_change_then_wakes() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1")])
+    received: list[DeltaUpdate] = []
+    with store.subscribe("node-1", {}) as sub:
+        await sub.next_update()
+
+        async def follow() -> None:
+            received.append(await sub.next_update())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == []
+            store.replace_all([workload("w1")])  # no change: stays asleep
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == []
+            store.replace_all([workload("w1"), workload("w2")])
+    assert keys(received[0]) == ["workload/w2"]
+
+
+async def test_subscriber_waits_until_store_is_initialized() -> None:
+    """Serving an empty, never-loaded store would tell a resuming proxy to delete all."""
+    store = ResourceStore()
+    received: list[DeltaUpdate] = []
+    with store.subscribe("node-1", {"workload/w1": "x"}) as sub:
+
+        async def follow() -> None:
+            received.append(await sub.next_update())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow)
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == []
+            store.replace_all([workload("w1")])
+    assert keys(received[0]) == ["workload/w1"]
+
+
+async def test_nonces_are_unique() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1")])
+    nonces = set()
+    with store.subscribe("node-1", {}) as a, store.subscribe("node-2", {}) as b:
+        for i in range(5):
+            nonces.add((await a.next_update()).nonce)
+            nonces.add((await b.next_update()).nonce)
+            store.replace_all([workload(f"w{i + 2}")])
+    assert len(nonces) == 10
+
+
+def test_subscribe_rejects_malformed_initial_versions() -> None:
+    store = ResourceStore()
+    with pytest.raises(ValueError, match="kind/name"):
+        store.subscribe("node-1", {"nokind": "v1"})
+    with pytest.raises(ValueError, match="unknown kind 'pod'"):
+        store.subscribe("node-1", {"pod/x": "v1"})
+
+
+async def test_ack_and_nack_are_recorded_per_subscriber() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), Service(name="s", namespace="default", hostname="s")])
+    with store.subscribe("node-1", {}) as sub, store.subscribe("node-2", {}) as other:
+        first = await sub.next_update()
+        assert [s.node for s in store.subscribers()] == ["node-1", "node-2"]
+        assert store.record_ack(Ack(node="node-1", nonce=first.nonce)) is True
+        status = sub.status.to_json()
+        assert status["last_acked_nonce"] == first.nonce
+        assert status["in_sync"] is True
+
+        store.replace_all([workload("w2")])
+        second = await sub.next_update()
+        assert store.record_ack(Ack(node="node-1", nonce=second.nonce, error="bad")) is True
+        status = sub.status.to_json()
+        assert status["last_sent_nonce"] == second.nonce
+        assert status["last_nack_nonce"] == second.nonce
+        assert status["last_nack_error"] == "bad"
+        assert status["in_sync"] is False
+        # Another node cannot acknowledge node-1's update; unknown nonces are reported.
+        assert store.record_ack(Ack(node="node-2", nonce=second.nonce)) is False
+        assert store.record_ack(Ack(node="node-1", nonce="unknown")) is False
+        assert other.status.last_acked_nonce is None
+    assert store.subscribers() == []

@@ -1,0 +1,437 @@
+"""The Kubernetes objects istiod_lite reads, as plain dicts, and their validation.
+
+Every source (the file source now, the Kubernetes API source later) produces the same
+``ClusterObjects`` so that translation does not care where objects came from. Objects stay
+plain dicts in the shape users write them (``metadata``, ``spec``, ``status``): translation
+reads them like Istio reads the API server's objects, and the admin tools can show them back
+unchanged.
+
+Validation happens here, once, so that translation can trust the fields it relies on and a
+user gets an error naming the file, the document and the field instead of a translation that
+silently drops a pod.
+
+Error policy, per document of a file:
+
+* a YAML syntax error, a document that is not a mapping, a missing ``apiVersion``/``kind``/
+  ``metadata.name``, or a known kind with an invalid field (e.g. a Pod without
+  ``spec.nodeName`` or ``status.podIP``) raises ``InvalidObject``: the whole file is broken
+  and a source keeps serving that file's last good objects;
+* a well-formed object of a kind istiod_lite does not use (``apps/v1 Deployment``,
+  ``v1 ConfigMap``, a typo in ``kind``...) is skipped with a *warning* ``SourceError`` and the
+  rest of the file is used, because real manifests mix such objects with the ones we read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class SourceError:
+    """A problem with one input file, as reported to the user (and in ``LoadResult``)."""
+
+    path: str
+    reason: str
+    severity: Severity = "error"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class InvalidObject(ValueError):
+    """A document cannot be used; ``reason`` says which document and what is wrong."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# (apiVersion, kind) -> ClusterObjects field. Core kinds first, then Istio, then Gateway API.
+KIND_FIELDS: dict[tuple[str, str], str] = {
+    ("v1", "Namespace"): "namespaces",
+    ("v1", "Pod"): "pods",
+    ("v1", "Service"): "services",
+    ("v1", "ServiceAccount"): "service_accounts",
+    ("v1", "Node"): "nodes",
+    ("security.istio.io/v1", "AuthorizationPolicy"): "authorization_policies",
+    ("security.istio.io/v1beta1", "AuthorizationPolicy"): "authorization_policies",
+    ("security.istio.io/v1", "PeerAuthentication"): "peer_authentications",
+    ("security.istio.io/v1beta1", "PeerAuthentication"): "peer_authentications",
+    ("gateway.networking.k8s.io/v1", "Gateway"): "gateways",
+    ("gateway.networking.k8s.io/v1beta1", "Gateway"): "gateways",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("gateway.networking.k8s.io/v1beta1", "HTTPRoute"): "httproutes",
+}
+CLUSTER_SCOPED_KINDS = frozenset({"Namespace", "Node"})
+AUTHORIZATION_ACTIONS = frozenset({"ALLOW", "DENY", "AUDIT", "CUSTOM"})
+MTLS_MODES = frozenset({"UNSET", "DISABLE", "PERMISSIVE", "STRICT"})
+SELECTOR_OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
+
+
+@dataclass(frozen=True)
+class ClusterObjects:
+    """A snapshot of the cluster: validated objects by kind, keyed ``namespace/name``
+    (``name`` for the cluster-scoped Namespace and Node)."""
+
+    namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    service_accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    authorization_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    peer_authentications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Kept raw (metadata validated only) for the waypoint work to come.
+    gateways: dict[str, dict[str, Any]] = field(default_factory=dict)
+    httproutes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_objects(cls, objects: Iterable[Mapping[str, Any]]) -> ClusterObjects:
+        """Group already validated objects by kind; a later object with the same key wins."""
+        by_field: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in _FIELD_NAMES}
+        for obj in objects:
+            by_field[field_for(obj)][object_key(obj)] = dict(obj)
+        return cls(**by_field)
+
+    def count(self) -> int:
+        return sum(len(getattr(self, name)) for name in _FIELD_NAMES)
+
+
+_FIELD_NAMES = tuple(dict.fromkeys(KIND_FIELDS.values()))
+
+
+def field_for(obj: Mapping[str, Any]) -> str:
+    """The ``ClusterObjects`` field holding ``obj`` (which must be of a known kind)."""
+    return KIND_FIELDS[(obj["apiVersion"], obj["kind"])]
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """``namespace/name``, or ``name`` for cluster-scoped kinds."""
+    metadata = obj["metadata"]
+    if obj["kind"] in CLUSTER_SCOPED_KINDS:
+        return str(metadata["name"])
+    return f"{metadata.get('namespace', 'default')}/{metadata['name']}"
+
+
+def describe(obj: Mapping[str, Any]) -> str:
+    """``Pod demo/sleep``: how an object is named in messages."""
+    return f"{obj['kind']} {object_key(obj)}"
+
+
+@dataclass(frozen=True)
+class ParsedDocuments:
+    """The usable objects of one file plus warnings about the documents that were skipped."""
+
+    objects: tuple[dict[str, Any], ...]
+    warnings: tuple[SourceError, ...] = ()
+
+
+def parse_documents(text: str, path: str) -> ParsedDocuments:
+    """Parse a (multi-document) YAML file into validated objects.
+
+    Raises ``InvalidObject`` naming the file, the document (1-based, ``item`` too inside a
+    ``kind: List``) and the problem if any document is broken; objects of kinds istiod_lite
+    does not use come back as warnings instead (see the module docstring).
+    """
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise InvalidObject(path, f"YAML syntax error at {where}{problem}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidObject(path, f"YAML error: {exc}") from None
+
+    objects: list[dict[str, Any]] = []
+    warnings: list[SourceError] = []
+    for index, document in enumerate(documents, start=1):
+        if document is None:  # an empty document, e.g. a trailing "---"
+            continue
+        where = f"document {index}"
+        if not isinstance(document, dict):
+            raise InvalidObject(
+                path, f"{where}: expected a mapping, got {_type_name(document)}"
+            )
+        if document.get("kind") == "List" and document.get("apiVersion") == "v1":
+            items = document.get("items") or []
+            if not isinstance(items, list):
+                raise InvalidObject(path, f"{where}: items must be a list")
+            for item_index, item in enumerate(items, start=1):
+                _collect(item, path, f"{where} item {item_index}", objects, warnings)
+        else:
+            _collect(document, path, where, objects, warnings)
+    return ParsedDocuments(tuple(objects), tuple(warnings))
+
+
+def _collect(
+    document: Any,
+    path: str,
+    where: str,
+    objects: list[dict[str, Any]],
+    warnings: list[SourceError],
+) -> None:
+    try:
+        obj = validate_object(document)
+    except UnknownKind as exc:
+        warnings.append(SourceError(path, f"{where}: {exc}; ignored", "warning"))
+        return
+    except ValueError as exc:
+        raise InvalidObject(path, f"{where}: {exc}") from None
+    objects.append(obj)
+
+
+class UnknownKind(ValueError):
+    """A well-formed object of a kind istiod_lite does not read."""
+
+
+def validate_object(document: Any) -> dict[str, Any]:
+    """Check one object and return a normalised copy (``metadata.namespace`` defaulted to
+    ``default`` for namespaced kinds). Raises ``UnknownKind`` for kinds istiod_lite does not
+    use and ``ValueError`` saying what is wrong otherwise. The Kubernetes source uses this too.
+    """
+    if not isinstance(document, dict):
+        raise ValueError(f"expected a mapping, got {_type_name(document)}")
+    api_version = document.get("apiVersion")
+    kind = document.get("kind")
+    if not isinstance(api_version, str) or not api_version:
+        raise ValueError("apiVersion is missing")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError("kind is missing")
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{kind}: metadata is missing or not a mapping")
+    name = metadata.get("name")
+    if name is None or name == "":
+        raise ValueError(f"{kind}: metadata.name is missing")
+    if not isinstance(name, str):
+        raise ValueError(
+            f"{kind}: metadata.name must be a string, got {_type_name(name)} (quote it in YAML)"
+        )
+    if (api_version, kind) not in KIND_FIELDS:
+        raise UnknownKind(f"{api_version} {kind} {name!r} is not a kind istiod_lite reads")
+
+    obj = dict(document)
+    obj["metadata"] = dict(metadata)
+    if kind not in CLUSTER_SCOPED_KINDS:
+        namespace = metadata.get("namespace", "default")
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"{kind} {name}: metadata.namespace must be a non-empty string")
+        obj["metadata"]["namespace"] = namespace
+    label = describe(obj)
+    try:
+        _string_map(metadata.get("labels"), "metadata.labels")
+        _string_map(metadata.get("annotations"), "metadata.annotations")
+        _VALIDATORS.get(kind, _no_checks)(obj)
+    except ValueError as exc:
+        raise ValueError(f"{label}: {exc}") from None
+    return obj
+
+
+def _no_checks(obj: dict[str, Any]) -> None:
+    pass
+
+
+def _validate_pod(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    status = _mapping(obj.get("status"), "status")
+    node = spec.get("nodeName")
+    if not isinstance(node, str) or not node:
+        raise ValueError("spec.nodeName is missing (istiod_lite must know the pod's node)")
+    pod_ip = status.get("podIP")
+    if not isinstance(pod_ip, str) or not pod_ip:
+        raise ValueError("status.podIP is missing (istiod_lite must know the pod's address)")
+    _ip(pod_ip, "status.podIP")
+    for i, entry in enumerate(_list(status.get("podIPs"), "status.podIPs")):
+        entry = _mapping(entry, f"status.podIPs[{i}]")
+        _ip(entry.get("ip"), f"status.podIPs[{i}].ip")
+    _optional_string(spec.get("serviceAccountName"), "spec.serviceAccountName")
+    _optional_string(status.get("phase"), "status.phase")
+    for i, container in enumerate(_list(spec.get("containers"), "spec.containers")):
+        container = _mapping(container, f"spec.containers[{i}]")
+        for j, port in enumerate(_list(container.get("ports"), f"spec.containers[{i}].ports")):
+            where = f"spec.containers[{i}].ports[{j}]"
+            port = _mapping(port, where)
+            _port(port.get("containerPort"), f"{where}.containerPort")
+            _optional_string(port.get("name"), f"{where}.name")
+    for i, condition in enumerate(_list(status.get("conditions"), "status.conditions")):
+        _mapping(condition, f"status.conditions[{i}]")
+    for i, owner in enumerate(
+        _list(obj["metadata"].get("ownerReferences"), "metadata.ownerReferences")
+    ):
+        owner = _mapping(owner, f"metadata.ownerReferences[{i}]")
+        _string(owner.get("kind"), f"metadata.ownerReferences[{i}].kind")
+        _string(owner.get("name"), f"metadata.ownerReferences[{i}].name")
+
+
+def _validate_service(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _string_map(spec.get("selector"), "spec.selector")
+    _optional_string(spec.get("clusterIP"), "spec.clusterIP")
+    for address in [spec.get("clusterIP"), *_list(spec.get("clusterIPs"), "spec.clusterIPs")]:
+        if address not in (None, "", "None"):
+            _ip(address, "spec.clusterIP(s)")
+    for i, port in enumerate(_list(spec.get("ports"), "spec.ports")):
+        where = f"spec.ports[{i}]"
+        port = _mapping(port, where)
+        _port(port.get("port"), f"{where}.port")
+        target = port.get("targetPort")
+        if target is not None and not isinstance(target, str):
+            _port(target, f"{where}.targetPort")
+        _optional_string(port.get("name"), f"{where}.name")
+        _optional_string(port.get("appProtocol"), f"{where}.appProtocol")
+        _optional_string(port.get("protocol"), f"{where}.protocol")
+
+
+def _validate_node(obj: dict[str, Any]) -> None:
+    status = _mapping(obj.get("status"), "status")
+    for i, address in enumerate(_list(status.get("addresses"), "status.addresses")):
+        address = _mapping(address, f"status.addresses[{i}]")
+        _string(address.get("type"), f"status.addresses[{i}].type")
+        _string(address.get("address"), f"status.addresses[{i}].address")
+
+
+def _validate_authorization_policy(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    action = spec.get("action", "ALLOW")
+    if action not in AUTHORIZATION_ACTIONS:
+        raise ValueError(
+            f"spec.action {action!r} is not one of {', '.join(sorted(AUTHORIZATION_ACTIONS))}"
+        )
+    _workload_selector(spec.get("selector"), "spec.selector")
+    for i, rule in enumerate(_list(spec.get("rules"), "spec.rules")):
+        where = f"spec.rules[{i}]"
+        rule = _mapping(rule, where)
+        for j, entry in enumerate(_list(rule.get("from"), f"{where}.from")):
+            source = _mapping(_mapping(entry, f"{where}.from[{j}]").get("source"),
+                              f"{where}.from[{j}].source")
+            for key, value in source.items():
+                _string_list(value, f"{where}.from[{j}].source.{key}")
+        for j, entry in enumerate(_list(rule.get("to"), f"{where}.to")):
+            operation = _mapping(_mapping(entry, f"{where}.to[{j}]").get("operation"),
+                                 f"{where}.to[{j}].operation")
+            for key, value in operation.items():
+                values = _string_list(value, f"{where}.to[{j}].operation.{key}")
+                if key in ("ports", "notPorts"):
+                    for port in values:
+                        _port(port, f"{where}.to[{j}].operation.{key}", allow_zero=True)
+        for j, condition in enumerate(_list(rule.get("when"), f"{where}.when")):
+            condition = _mapping(condition, f"{where}.when[{j}]")
+            _string(condition.get("key"), f"{where}.when[{j}].key")
+            _string_list(condition.get("values"), f"{where}.when[{j}].values")
+            _string_list(condition.get("notValues"), f"{where}.when[{j}].notValues")
+            if not condition.get("values") and not condition.get("notValues"):
+                raise ValueError(f"{where}.when[{j}] needs values or notValues")
+            if condition.get("key") == "destination.port":
+                for port in [*condition.get("values", []), *condition.get("notValues", [])]:
+                    _port(port, f"{where}.when[{j}] destination.port", allow_zero=True)
+
+
+def _validate_peer_authentication(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _workload_selector(spec.get("selector"), "spec.selector")
+    mtls = _mapping(spec.get("mtls"), "spec.mtls")
+    mode = mtls.get("mode", "UNSET")
+    if mode not in MTLS_MODES:
+        raise ValueError(f"spec.mtls.mode {mode!r} is not one of {', '.join(sorted(MTLS_MODES))}")
+    _mapping(spec.get("portLevelMtls"), "spec.portLevelMtls")
+
+
+_VALIDATORS = {
+    "Pod": _validate_pod,
+    "Service": _validate_service,
+    "Node": _validate_node,
+    "AuthorizationPolicy": _validate_authorization_policy,
+    "PeerAuthentication": _validate_peer_authentication,
+}
+
+
+def _workload_selector(value: Any, where: str) -> None:
+    selector = _mapping(value, where)
+    _string_map(selector.get("matchLabels"), f"{where}.matchLabels")
+    for i, expression in enumerate(_list(selector.get("matchExpressions"),
+                                         f"{where}.matchExpressions")):
+        expression = _mapping(expression, f"{where}.matchExpressions[{i}]")
+        _string(expression.get("key"), f"{where}.matchExpressions[{i}].key")
+        operator = expression.get("operator")
+        if operator not in SELECTOR_OPERATORS:
+            raise ValueError(
+                f"{where}.matchExpressions[{i}].operator {operator!r} is not one of "
+                f"{', '.join(sorted(SELECTOR_OPERATORS))}"
+            )
+        _string_list(expression.get("values"), f"{where}.matchExpressions[{i}].values")
+
+
+def _type_name(value: Any) -> str:
+    return {str: "a string", list: "a list", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """An optional mapping: ``None`` reads as empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping, got {_type_name(value)}")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list, got {_type_name(value)}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a non-empty string")
+    return value
+
+
+def _optional_string(value: Any, where: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {_type_name(value)}")
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    values = _list(value, where)
+    for item in values:
+        if not isinstance(item, str):
+            raise ValueError(f"{where} must be a list of strings, found {item!r}")
+    return values
+
+
+def _string_map(value: Any, where: str) -> None:
+    for key, item in _mapping(value, where).items():
+        if not isinstance(item, str):
+            raise ValueError(
+                f"{where}.{key} must be a string, got {_type_name(item)} (quote it in YAML)"
+            )
+
+
+def _port(value: Any, where: str, *, allow_zero: bool = False) -> int:
+    """A TCP port as an int or (as Istio's policies write them) a decimal string."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: {value!r} is not a port number")
+    if isinstance(value, str) and value.isdecimal():
+        value = int(value)
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or not low <= value <= 65535:
+        raise ValueError(f"{where}: {value!r} is not a port number ({low}-65535)")
+    return value
+
+
+def _ip(value: Any, where: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{where}: {value!r} is not an IP address") from None

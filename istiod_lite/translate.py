@@ -1,0 +1,662 @@
+"""Kubernetes objects -> the wire model (Workloads, Services, Authorizations, Nodes).
+
+This is what istiod does for ztunnel, reduced to what an L4 node proxy needs. Decisions worth
+knowing (Istio's behaviour unless said otherwise):
+
+* A pod is a Workload once it has ``status.podIP``; pods that finished (``Succeeded``/
+  ``Failed``) are left out because their IP may already belong to another pod. A pod is
+  HEALTHY unless its phase is not ``Running`` (a missing phase reads as ``Running``, for
+  hand-written files), a ``Ready`` condition is ``False`` or it is being deleted.
+* HBONE only for pods in a namespace labelled ``istio.io/dataplane-mode=ambient`` whose own
+  label is not ``istio.io/dataplane-mode=none`` (and not ``hostNetwork`` pods).
+* Principals are kept exactly as Istio users write them: *without* the ``spiffe://`` scheme,
+  e.g. ``cluster.local/ns/demo/sa/sleep`` (a leading ``spiffe://`` is stripped). A proxy
+  matches them against its peer's SPIFFE id with the scheme removed. Source
+  ``serviceAccounts: [ns/sa]`` become principals ``<trust domain>/ns/<ns>/sa/<sa>``.
+* AuthorizationPolicy is enforced at L4: an ALLOW rule that needs L7 attributes (hosts,
+  methods, paths, request principals, L7 ``when`` keys) is dropped, since it can never match
+  (fail closed); in a DENY rule those attributes are ignored, so it denies more. AUDIT and
+  CUSTOM policies and policies with ``targetRefs`` (waypoint policies) are not translated.
+  A policy with a selector in the root namespace selects workloads of every namespace.
+* PeerAuthentication STRICT -> a DENY Authorization ``converted-peer-authentication-<name>``
+  matching peers without an authenticated principal. PERMISSIVE/UNSET produce nothing;
+  DISABLE is not supported yet (it produces nothing, so a broader STRICT still applies, as
+  does a broader STRICT over a narrower PERMISSIVE); ``portLevelMtls`` is ignored with a
+  warning.
+* A named ``targetPort`` is resolved against the first selected pod (sorted by key) that
+  declares that container port name; the model carries one mapping per Service port.
+* UDP/SCTP Service ports are left out: the data plane proxies TCP only.
+
+A broken object never stops translation: it is skipped with a logged warning.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from istiod_lite.api.model import (
+    Authorization,
+    AuthorizationAction,
+    AuthorizationScope,
+    Clause,
+    GatewayAddress,
+    Locality,
+    Match,
+    NetworkAddress,
+    Node,
+    PortMapping,
+    Resource,
+    Rule,
+    Service,
+    TunnelProtocol,
+    Workload,
+    WorkloadStatus,
+    resource_key,
+)
+from istiod_lite.sources.objects import ClusterObjects
+
+logger = structlog.get_logger(__name__)
+
+DATAPLANE_MODE = "istio.io/dataplane-mode"
+USE_WAYPOINT = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+NETWORK_LABEL = "topology.istio.io/network"
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+)
+# Istio's protocol selection by port name: "<protocol>[-<suffix>]".
+KNOWN_PORT_PROTOCOLS = frozenset(
+    {"http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis"}
+)
+CONVERTED_PEER_AUTHENTICATION_PREFIX = "converted-peer-authentication-"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh-wide settings istiod would take from its MeshConfig and flags."""
+
+    trust_domain: str = "cluster.local"
+    cluster_id: str = "Kubernetes"
+    network: str = ""
+    root_namespace: str = "istio-system"
+    cluster_domain: str = "cluster.local"
+
+
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Kubernetes LabelSelector semantics: ``matchLabels`` and ``matchExpressions`` (In,
+    NotIn, Exists, DoesNotExist) all have to hold; an empty selector matches everything."""
+    selector = selector or {}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key = expression["key"]
+        operator = expression["operator"]
+        values = expression.get("values") or []
+        if operator == "In":
+            if key not in labels or labels[key] not in values:
+                return False
+        elif operator == "NotIn":
+            if key in labels and labels[key] in values:
+                return False
+        elif operator == "Exists":
+            if key not in labels:
+                return False
+        elif operator == "DoesNotExist":
+            if key in labels:
+                return False
+        else:
+            raise ValueError(f"unknown label selector operator {operator!r}")
+    return True
+
+
+def service_hostname(name: str, namespace: str, mesh: MeshConfig) -> str:
+    return f"{name}.{namespace}.svc.{mesh.cluster_domain}"
+
+
+def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[Resource]:
+    """Everything the proxies should know, sorted by kind then key (stable output)."""
+    return _Translator(objects, mesh or MeshConfig()).run()
+
+
+# -- internals ------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def _namespace(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"].get("namespace", "default"))
+
+
+@dataclass(frozen=True)
+class _SelectorPolicy:
+    """A WORKLOAD_SELECTOR Authorization with what it selects."""
+
+    key: str
+    namespace: str
+    selector: Mapping[str, Any]
+    all_namespaces: bool
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if not self.all_namespaces and namespace != self.namespace:
+            return False
+        return selector_matches(self.selector, labels)
+
+
+class _Translator:
+    def __init__(self, objects: ClusterObjects, mesh: MeshConfig) -> None:
+        self.objects = objects
+        self.mesh = mesh
+        self.selector_policies: list[_SelectorPolicy] = []
+
+    def run(self) -> list[Resource]:
+        # Authorizations first: workloads list the selector-scoped ones that select them.
+        nodes: list[Resource] = [*self._each(self.objects.nodes, self._node)]
+        authorizations: list[Resource] = [
+            *self._each(self.objects.authorization_policies, self._authorization),
+            *self._each(self.objects.peer_authentications, self._peer_authentication),
+        ]
+        services: list[Resource] = [*self._each(self.objects.services, self._service)]
+        workloads: list[Resource] = [*self._each(self.objects.pods, self._workload)]
+        result: list[Resource] = []
+        for group in (nodes, services, authorizations, workloads):
+            result.extend(sorted(group, key=resource_key))
+        return result
+
+    def _each(
+        self,
+        objects: Mapping[str, dict[str, Any]],
+        convert: Callable[[dict[str, Any]], T | None],
+    ) -> list[T]:
+        """Convert each object; a broken one is logged and skipped, never fatal."""
+        converted: list[T] = []
+        for key in sorted(objects):
+            obj = objects[key]
+            try:
+                result = convert(obj)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                logger.warning(
+                    "object not translated",
+                    kind=obj.get("kind") if isinstance(obj, dict) else None,
+                    key=key,
+                    reason=f"{type(exc).__name__}: {exc}",
+                )
+                continue
+            if result is not None:
+                converted.append(result)
+        return converted
+
+    def _namespace_labels(self, namespace: str) -> dict[str, str]:
+        return _labels(self.objects.namespaces.get(namespace) or {})
+
+    # -- nodes --------------------------------------------------------------------------
+
+    def _node(self, node: dict[str, Any]) -> Node | None:
+        addresses = (node.get("status") or {}).get("addresses") or []
+        internal = [a["address"] for a in addresses if a.get("type") == "InternalIP"]
+        if not internal:
+            logger.warning("node has no InternalIP address; left out", node=_name(node))
+            return None
+        return Node(
+            name=_name(node),
+            address=internal[0],
+            cluster_id=self.mesh.cluster_id,
+            locality=_locality(_labels(node)),
+        )
+
+    # -- services -----------------------------------------------------------------------
+
+    def _service(self, service: dict[str, Any]) -> Service | None:
+        name, namespace = _name(service), _namespace(service)
+        spec = service.get("spec") or {}
+        if spec.get("type") == "ExternalName":
+            return None
+        cluster_ips = list(spec.get("clusterIPs") or [])
+        if spec.get("clusterIP") and spec["clusterIP"] not in cluster_ips:
+            cluster_ips.insert(0, spec["clusterIP"])
+        addresses = tuple(
+            NetworkAddress(network=self.mesh.network, address=ip)
+            for ip in cluster_ips
+            if ip not in ("", "None")
+        )
+        selected = self._pods_selected_by(service)
+        ports = []
+        for port in spec.get("ports") or []:
+            if str(port.get("protocol", "TCP")).upper() != "TCP":
+                continue
+            ports.append(
+                PortMapping(
+                    service_port=int(port["port"]),
+                    target_port=_target_port(port, selected),
+                    app_protocol=_app_protocol(port),
+                )
+            )
+        labels = _labels(service)
+        waypoint = None
+        if GATEWAY_NAME_LABEL not in labels:
+            waypoint = self._waypoint(labels, namespace)
+        return Service(
+            name=name,
+            namespace=namespace,
+            hostname=service_hostname(name, namespace, self.mesh),
+            addresses=addresses,
+            ports=tuple(ports),
+            waypoint=waypoint,
+        )
+
+    def _pods_selected_by(self, service: Mapping[str, Any]) -> list[dict[str, Any]]:
+        selector = (service.get("spec") or {}).get("selector") or {}
+        if not selector:
+            return []
+        namespace = _namespace(service)
+        return [
+            pod
+            for _key, pod in sorted(self.objects.pods.items())
+            if _namespace(pod) == namespace
+            and all(_labels(pod).get(k) == v for k, v in selector.items())
+        ]
+
+    def _waypoint(self, labels: Mapping[str, str], namespace: str) -> GatewayAddress | None:
+        """From the object's own ``istio.io/use-waypoint`` label (``none`` opts out), else the
+        namespace's; ``istio.io/use-waypoint-namespace`` on the same object names another
+        namespace's waypoint."""
+        source = labels
+        if USE_WAYPOINT not in labels:
+            source = self._namespace_labels(namespace)
+        waypoint = source.get(USE_WAYPOINT, "")
+        if not waypoint or waypoint == "none":
+            return None
+        waypoint_namespace = source.get(USE_WAYPOINT_NAMESPACE) or namespace
+        return GatewayAddress(
+            destination=service_hostname(waypoint, waypoint_namespace, self.mesh)
+        )
+
+    # -- workloads ----------------------------------------------------------------------
+
+    def _workload(self, pod: dict[str, Any]) -> Workload | None:
+        name, namespace = _name(pod), _namespace(pod)
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        pod_ip = status.get("podIP")
+        phase = status.get("phase", "Running")
+        if not pod_ip or phase in ("Succeeded", "Failed"):
+            return None
+        addresses = [pod_ip]
+        for entry in status.get("podIPs") or []:
+            if entry.get("ip") and entry["ip"] not in addresses:
+                addresses.append(entry["ip"])
+        labels = _labels(pod)
+        namespace_labels = self._namespace_labels(namespace)
+        ambient = (
+            namespace_labels.get(DATAPLANE_MODE) == "ambient"
+            and labels.get(DATAPLANE_MODE) != "none"
+            and not spec.get("hostNetwork", False)
+        )
+        workload_type, workload_name = _workload_owner(pod)
+        node_name = spec["nodeName"]
+        node = self.objects.nodes.get(node_name) or {}
+        waypoint = None
+        if GATEWAY_NAME_LABEL not in labels:
+            waypoint = self._waypoint(labels, namespace)
+        services = tuple(
+            f"{namespace}/{service_hostname(_name(svc), namespace, self.mesh)}"
+            for _key, svc in sorted(self.objects.services.items())
+            if _namespace(svc) == namespace and _service_selects(svc, labels)
+        )
+        policies = tuple(
+            p.key for p in self.selector_policies if p.selects(namespace, labels)
+        )
+        return Workload(
+            uid=f"{self.mesh.cluster_id}//Pod/{namespace}/{name}",
+            name=name,
+            namespace=namespace,
+            addresses=tuple(addresses),
+            service_account=spec.get("serviceAccountName") or "default",
+            node=node_name,
+            trust_domain=self.mesh.trust_domain,
+            network=labels.get(NETWORK_LABEL)
+            or namespace_labels.get(NETWORK_LABEL)
+            or self.mesh.network,
+            cluster_id=self.mesh.cluster_id,
+            tunnel_protocol=TunnelProtocol.HBONE if ambient else TunnelProtocol.NONE,
+            status=_pod_status(pod),
+            locality=_locality(_labels(node)),
+            canonical_name=_first_label(labels, CANONICAL_NAME_LABELS) or workload_name,
+            canonical_revision=_first_label(labels, CANONICAL_REVISION_LABELS) or "latest",
+            workload_type=workload_type,
+            workload_name=workload_name,
+            waypoint=waypoint,
+            services=services,
+            authorization_policies=policies,
+        )
+
+    # -- authorization ------------------------------------------------------------------
+
+    def _scope(self, namespace: str, selector: Mapping[str, Any] | None) -> AuthorizationScope:
+        if _has_selector(selector):
+            return AuthorizationScope.WORKLOAD_SELECTOR
+        if namespace == self.mesh.root_namespace:
+            return AuthorizationScope.GLOBAL
+        return AuthorizationScope.NAMESPACE
+
+    def _register_selector(
+        self, authorization: Authorization, selector: Mapping[str, Any] | None,
+        *, root_applies_everywhere: bool,
+    ) -> None:
+        if authorization.scope is AuthorizationScope.WORKLOAD_SELECTOR and selector:
+            selector_matches(selector, {})  # a malformed selector fails here, for this policy
+            self.selector_policies.append(
+                _SelectorPolicy(
+                    key=authorization.key,
+                    namespace=authorization.namespace,
+                    selector=selector,
+                    all_namespaces=root_applies_everywhere
+                    and authorization.namespace == self.mesh.root_namespace,
+                )
+            )
+
+    def _authorization(self, policy: dict[str, Any]) -> Authorization | None:
+        name, namespace = _name(policy), _namespace(policy)
+        spec = policy.get("spec") or {}
+        if spec.get("targetRefs") or spec.get("targetRef"):
+            logger.debug("policy targets a waypoint; not for ztunnel", policy=f"{namespace}/{name}")
+            return None
+        action_name = spec.get("action", "ALLOW")
+        if action_name not in ("ALLOW", "DENY"):
+            logger.warning(
+                "authorization policy action not supported; policy ignored",
+                policy=f"{namespace}/{name}",
+                action=action_name,
+            )
+            return None
+        action = AuthorizationAction(action_name)
+        where = f"{namespace}/{name}"
+        rules = []
+        for index, rule in enumerate(spec.get("rules") or []):
+            converted = _convert_rule(rule, action, f"{where} rules[{index}]", self.mesh)
+            if converted is not None:
+                rules.append(converted)
+        selector = spec.get("selector")
+        authorization = Authorization(
+            name=name,
+            namespace=namespace,
+            scope=self._scope(namespace, selector),
+            action=action,
+            rules=tuple(rules),
+        )
+        self._register_selector(authorization, selector, root_applies_everywhere=True)
+        return authorization
+
+    def _peer_authentication(self, peer_authentication: dict[str, Any]) -> Authorization | None:
+        name, namespace = _name(peer_authentication), _namespace(peer_authentication)
+        spec = peer_authentication.get("spec") or {}
+        if spec.get("portLevelMtls"):
+            logger.warning(
+                "PeerAuthentication portLevelMtls is not supported; ignored",
+                policy=f"{namespace}/{name}",
+            )
+        mode = (spec.get("mtls") or {}).get("mode", "UNSET")
+        if mode == "DISABLE":
+            logger.warning(
+                "PeerAuthentication mode DISABLE is not supported yet; ignored",
+                policy=f"{namespace}/{name}",
+            )
+        if mode != "STRICT":
+            return None
+        selector = spec.get("selector")
+        authorization = Authorization(
+            name=f"{CONVERTED_PEER_AUTHENTICATION_PREFIX}{name}",
+            namespace=namespace,
+            scope=self._scope(namespace, selector),
+            action=AuthorizationAction.DENY,
+            rules=(Rule(clauses=(Clause(matches=(Match(not_principals=("*",)),)),)),),
+        )
+        self._register_selector(authorization, selector, root_applies_everywhere=False)
+        return authorization
+
+
+def _has_selector(selector: Mapping[str, Any] | None) -> bool:
+    return bool(selector and (selector.get("matchLabels") or selector.get("matchExpressions")))
+
+
+def _service_selects(service: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A Service selector is a plain label map; a Service without one selects nothing."""
+    selector = (service.get("spec") or {}).get("selector") or {}
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _target_port(port: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> int:
+    target = port.get("targetPort")
+    if target is None:
+        return int(port["port"])
+    if isinstance(target, int):
+        return target
+    if target.isdecimal():
+        return int(target)
+    for pod in pods:
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            for container_port in container.get("ports") or []:
+                if container_port.get("name") == target:
+                    return int(container_port["containerPort"])
+    return int(port["port"])
+
+
+def _app_protocol(port: Mapping[str, Any]) -> str:
+    if port.get("appProtocol"):
+        return str(port["appProtocol"]).lower()
+    name = str(port.get("name") or "").lower()
+    if name.startswith("grpc-web"):
+        return "grpc-web"
+    prefix = name.split("-", 1)[0]
+    return prefix if prefix in KNOWN_PORT_PROTOCOLS else ""
+
+
+def _locality(labels: Mapping[str, str]) -> Locality:
+    return Locality(
+        region=labels.get(REGION_LABEL, ""),
+        zone=labels.get(ZONE_LABEL, ""),
+        subzone=labels.get(SUBZONE_LABEL, ""),
+    )
+
+
+def _first_label(labels: Mapping[str, str], keys: Iterable[str]) -> str:
+    for key in keys:
+        if labels.get(key):
+            return labels[key]
+    return ""
+
+
+_GENERATED_SUFFIX = re.compile(r"^(?P<base>.+)-[a-z0-9]{5,10}$")
+_CRONJOB_SUFFIX = re.compile(r"^(?P<base>.+)-\d{8,}$")
+
+
+def _workload_owner(pod: Mapping[str, Any]) -> tuple[str, str]:
+    """(workload_type, workload_name) as Istio derives them: the Deployment behind a
+    ReplicaSet, the CronJob behind a Job, another controller's name, else the pod itself."""
+    metadata = pod["metadata"]
+    owners = metadata.get("ownerReferences") or []
+    controller = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
+    if controller is None:
+        return "pod", _name(pod)
+    kind, owner_name = controller["kind"], controller["name"]
+    if kind == "ReplicaSet":
+        template_hash = _labels(pod).get("pod-template-hash")
+        if template_hash and owner_name.endswith(f"-{template_hash}"):
+            return "deployment", owner_name[: -len(template_hash) - 1]
+        generated = _GENERATED_SUFFIX.match(owner_name)
+        if generated:
+            return "deployment", generated["base"]
+        return "pod", owner_name
+    if kind == "Job":
+        cron = _CRONJOB_SUFFIX.match(owner_name)
+        if cron:
+            return "cronjob", cron["base"]
+        return "job", owner_name
+    return "pod", owner_name
+
+
+def _pod_status(pod: Mapping[str, Any]) -> WorkloadStatus:
+    status = pod.get("status") or {}
+    if status.get("phase", "Running") != "Running":
+        return WorkloadStatus.UNHEALTHY
+    if pod["metadata"].get("deletionTimestamp"):
+        return WorkloadStatus.UNHEALTHY
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready" and condition.get("status") == "False":
+            return WorkloadStatus.UNHEALTHY
+    return WorkloadStatus.HEALTHY
+
+
+# -- AuthorizationPolicy rules -> L4 rules --------------------------------------------------
+
+_L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
+_L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+# when-condition key -> (Match field for values, Match field for notValues)
+_L4_CONDITIONS = {
+    "source.ip": ("source_ips", "not_source_ips"),
+    "remote.ip": ("source_ips", "not_source_ips"),
+    "source.namespace": ("namespaces", "not_namespaces"),
+    "source.principal": ("principals", "not_principals"),
+    "destination.ip": ("destination_ips", "not_destination_ips"),
+    "destination.port": ("destination_ports", "not_destination_ports"),
+}
+
+
+def _principal(value: str) -> str:
+    return value.removeprefix("spiffe://")
+
+
+def _service_account_principal(value: str, mesh: MeshConfig) -> str:
+    namespace, _, account = value.partition("/")
+    if not account:
+        raise ValueError(f"serviceAccounts entry {value!r} is not namespace/name")
+    return f"{mesh.trust_domain}/ns/{namespace}/sa/{account}"
+
+
+def _values(mapping: Mapping[str, Any], key: str) -> list[str]:
+    return list(mapping.get(key) or ())
+
+
+def _source_match(source: Mapping[str, Any], mesh: MeshConfig) -> tuple[Match, list[str]]:
+    """One ``from`` entry -> a Match, plus the names of the fields L4 cannot check."""
+    unenforceable = [f"from.source.{f}" for f in _L7_SOURCE_FIELDS if source.get(f)]
+    known = {
+        "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks",
+        "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts",
+        "notServiceAccounts", *_L7_SOURCE_FIELDS,
+    }
+    unenforceable += [f"from.source.{f}" for f in source if f not in known]
+    if source.get("ipBlocks") and source.get("remoteIpBlocks"):
+        # Both must hold, but a Match can only OR the values of one field.
+        unenforceable.append("from.source.ipBlocks together with remoteIpBlocks")
+    principals = [_principal(p) for p in source.get("principals") or []]
+    principals += [_service_account_principal(s, mesh) for s in source.get("serviceAccounts") or []]
+    not_principals = [_principal(p) for p in source.get("notPrincipals") or []]
+    not_principals += [
+        _service_account_principal(s, mesh) for s in source.get("notServiceAccounts") or []
+    ]
+    match = Match(
+        principals=tuple(principals),
+        not_principals=tuple(not_principals),
+        namespaces=tuple(source.get("namespaces") or ()),
+        not_namespaces=tuple(source.get("notNamespaces") or ()),
+        source_ips=tuple(_values(source, "ipBlocks") + _values(source, "remoteIpBlocks")),
+        not_source_ips=tuple(
+            _values(source, "notIpBlocks") + _values(source, "notRemoteIpBlocks")
+        ),
+    )
+    return match, unenforceable
+
+
+def _operation_match(operation: Mapping[str, Any]) -> tuple[Match, list[str]]:
+    unenforceable = [
+        f"to.operation.{f}"
+        for f in operation
+        if f not in ("ports", "notPorts") and operation.get(f)
+    ]
+    match = Match(
+        destination_ports=tuple(int(p) for p in operation.get("ports") or ()),
+        not_destination_ports=tuple(int(p) for p in operation.get("notPorts") or ()),
+    )
+    return match, unenforceable
+
+
+def _condition_clause(condition: Mapping[str, Any]) -> Clause | None:
+    key = condition["key"]
+    if key not in _L4_CONDITIONS:
+        return None
+    values_field, not_values_field = _L4_CONDITIONS[key]
+    convert: Callable[[str], Any] = str
+    if key == "destination.port":
+        convert = int
+    elif key == "source.principal":
+        convert = _principal
+    fields = {
+        values_field: tuple(convert(v) for v in condition.get("values") or ()),
+        not_values_field: tuple(convert(v) for v in condition.get("notValues") or ()),
+    }
+    return Clause(matches=(Match(**fields),))
+
+
+def _convert_rule(
+    rule: Mapping[str, Any], action: AuthorizationAction, where: str, mesh: MeshConfig
+) -> Rule | None:
+    """One Istio rule -> one Rule (from, to and each when condition are AND'd clauses), or
+    None when an ALLOW rule needs attributes only L7 can see."""
+    clauses: list[Clause] = []
+    unenforceable: list[str] = []
+    if rule.get("from"):
+        matches = []
+        for entry in rule["from"]:
+            match, missing = _source_match(entry.get("source") or {}, mesh)
+            matches.append(match)
+            unenforceable += missing
+        clauses.append(Clause(matches=tuple(matches)))
+    if rule.get("to"):
+        matches = []
+        for entry in rule["to"]:
+            match, missing = _operation_match(entry.get("operation") or {})
+            matches.append(match)
+            unenforceable += missing
+        clauses.append(Clause(matches=tuple(matches)))
+    for condition in rule.get("when") or []:
+        clause = _condition_clause(condition)
+        if clause is None:
+            unenforceable.append(f"when {condition['key']}")
+        else:
+            clauses.append(clause)
+    if unenforceable:
+        fields = sorted(set(unenforceable))
+        if action is AuthorizationAction.ALLOW:
+            logger.warning(
+                "ALLOW rule needs L7 attributes ztunnel cannot check; rule dropped",
+                rule=where,
+                fields=fields,
+            )
+            return None
+        logger.info(
+            "DENY rule has L7 attributes ztunnel cannot check; they are ignored (denies more)",
+            rule=where,
+            fields=fields,
+        )
+    return Rule(clauses=tuple(clauses))

@@ -128,6 +128,8 @@ class Match:
     """One alternative inside a clause. Values of one field are OR'd, fields are AND'd.
 
     String matches follow Istio: exact, ``prefix*``, ``*suffix`` or ``*`` (present).
+    Principals are written as Istio users write them, without the scheme
+    (``cluster.local/ns/demo/sa/sleep``) and compared with the peer's SPIFFE id minus it.
     IP matches are addresses or CIDRs. An empty tuple means "field not constrained".
     """
 

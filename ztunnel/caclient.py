@@ -1,0 +1,168 @@
+"""The ztunnel's HTTP/2 connection to istiod_lite and the certificate-signing client.
+
+One ``ControlPlaneConnection`` per ztunnel owns one ``httpx.AsyncClient(http2=True)``; the
+discovery stream, its ACKs and every CSR are multiplexed on it, as Istio's ztunnel shares one
+gRPC channel to istiod. ``CaClient`` turns the ``/v1/certificate`` answers into a
+``CertificateResponse`` or one of two errors the caller handles differently: ``CaRefused``
+(the CA looked at the request and said no; retrying the same thing soon will not help) and
+``CaUnavailable`` (the CA could not be reached or failed; retry).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from istiod_lite.api import codec
+from istiod_lite.api.discovery import (
+    CERTIFICATE_PATH,
+    CertificateRequest,
+    CertificateResponse,
+    ErrorResponse,
+)
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+
+
+class CaRefused(Exception):
+    """The CA answered 400/401/403: the request itself was rejected (bad CSR, bad token,
+    node authorization). ``reason`` is the server's error text."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"CA refused the request ({status}): {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class CaUnavailable(Exception):
+    """The CA could not answer: connection error, timeout, 5xx or a malformed answer."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"CA unavailable: {reason}")
+        self.reason = reason
+
+
+class ControlPlaneConnection:
+    """Owns the one HTTP/2 client a ztunnel uses for everything it asks istiod_lite.
+
+    ``ssl_context`` must verify istiod's serving certificate against the mesh root (and, as
+    Istio does, may skip the hostname check when istiod is dialled by IP). Close it with
+    ``aclose()`` (or ``async with``) on shutdown.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        ssl_context: ssl.SSLContext,
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.request_timeout = request_timeout
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            http2=True,
+            verify=ssl_context,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(request_timeout),
+        )
+
+    async def post_json(
+        self, path: str, body: Any, *, timeout: float | None = None
+    ) -> httpx.Response:
+        """POST a contract dataclass as JSON; transport errors propagate as httpx errors."""
+        return await self.client.post(
+            path,
+            content=codec.canonical_json(body),
+            headers={"content-type": "application/json"},
+            timeout=timeout if timeout is not None else self.request_timeout,
+        )
+
+    def stream_json(self, path: str, body: Any) -> Any:
+        """Open a long-lived streaming POST (the discovery stream): connect and write use the
+        request timeout, reading waits as long as the server keeps the stream open."""
+        return self.client.stream(
+            "POST",
+            path,
+            content=codec.canonical_json(body),
+            headers={"content-type": "application/json"},
+            timeout=httpx.Timeout(self.request_timeout, read=None),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> ControlPlaneConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def error_text(response_body: bytes) -> str:
+    """The server's reason from an ``ErrorResponse`` body, or the raw body if it is not one."""
+    try:
+        return codec.from_jsonable(ErrorResponse, json.loads(response_body)).error
+    except (ValueError, UnicodeDecodeError):
+        text = response_body.decode("utf-8", "replace").strip()
+        return text[:500] or "(empty response body)"
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """``ConnectError: <root cause>``: httpx under Trio often wraps the useful message (TLS
+    verification failure, connection refused) in causes with an empty outer message."""
+    parts = [type(exc).__name__]
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if text and text not in parts:
+            parts.append(text)
+        current = current.__cause__ or current.__context__
+    return ": ".join(parts)
+
+
+REFUSAL_STATUSES = frozenset({400, 401, 403})
+
+
+def interpret_certificate_answer(status: int, body: bytes) -> CertificateResponse:
+    """Sans-IO: map the CA's HTTP answer to a response or to CaRefused / CaUnavailable."""
+    if status == 200:
+        try:
+            answer = codec.from_jsonable(CertificateResponse, json.loads(body))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CaUnavailable(f"malformed certificate response: {exc}") from None
+        if not answer.cert_chain:
+            raise CaUnavailable("malformed certificate response: empty cert_chain")
+        return answer
+    if status in REFUSAL_STATUSES:
+        raise CaRefused(status, error_text(body))
+    raise CaUnavailable(f"HTTP {status}: {error_text(body)}")
+
+
+class CaClient:
+    """Asks istiod_lite's CA to sign CSRs over the shared control-plane connection."""
+
+    def __init__(self, connection: ControlPlaneConnection) -> None:
+        self.connection = connection
+
+    async def sign(self, csr_pem: str, ttl_seconds: int | None = None) -> CertificateResponse:
+        request = CertificateRequest(csr=csr_pem, ttl_seconds=ttl_seconds)
+        try:
+            response = await self.connection.post_json(CERTIFICATE_PATH, request)
+        except httpx.TimeoutException as exc:
+            raise CaUnavailable(f"timed out: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            raise CaUnavailable(describe_transport_error(exc)) from None
+        return interpret_certificate_answer(response.status_code, response.content)

@@ -591,15 +591,20 @@ class CertificateAuthority:
         """Sign ``public_key`` with the given SANs, no CSR checks. Only for callers that built
         the names themselves (``sign_csr``, the serving certificate, test PKI helpers).
 
-        ``not_before`` defaults to now minus the clock-skew allowance. The lifetime is
-        ``ttl`` (default ``default_ttl``), capped by ``max_ttl`` and the CA's own expiry.
+        ``not_before`` defaults to now minus the clock-skew allowance; the lifetime ``ttl``
+        (default ``default_ttl``, capped by ``max_ttl`` and the CA's own expiry) counts from
+        now, so a short TTL still yields a usable certificate.
         """
         if not subject_alt_names:
             raise ValueError("a leaf certificate needs at least one SAN")
         lifetime = min(ttl if ttl is not None else self.default_ttl, self.max_ttl)
-        start = not_before if not_before is not None else self._now() - CLOCK_SKEW
+        if not_before is None:
+            now = self._now()
+            start, natural_end = now - CLOCK_SKEW, now + lifetime
+        else:
+            start, natural_end = not_before, not_before + lifetime
         ca_expiry = min(cert.not_valid_after_utc for cert in self._chain_tail)
-        end = min(start + lifetime, ca_expiry)
+        end = min(natural_end, ca_expiry)
         if end <= start:
             raise CaError(
                 f"the CA certificate expires at {ca_expiry.isoformat()}; "

@@ -25,8 +25,8 @@ import structlog
 import trio
 from cryptography import x509
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
+from ambient_common.hypercorn_serving import serve_isolated
 from istiod_lite.api import codec
 from istiod_lite.api.discovery import (
     ACK_PATH,
@@ -456,8 +456,9 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``app.begin_shutdown()``; ``task_status`` gets hypercorn's bound
-    URLs (``https://host:port``)."""
-    await hypercorn_serve(
+    URLs (``https://host:port``). A connection that fails inside hypercorn ends alone (see
+    ``ambient_common.hypercorn_serving``)."""
+    await serve_isolated(
         app,  # type: ignore[arg-type]  # hypercorn's Framework type is stricter than ASGI's
         config,
         shutdown_trigger=app.shutting_down.wait,

@@ -19,8 +19,8 @@ from urllib.parse import parse_qs
 import structlog
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
+from ambient_common.hypercorn_serving import serve_isolated
 from istiod_lite.api.identity import SpiffeId
 
 log = structlog.get_logger()
@@ -164,7 +164,7 @@ async def serve_admin(
     config.accesslog = None
     config.graceful_timeout = 1.0
     log.info("admin server listening", address=address, port=port, paths=sorted(routes))
-    await serve(make_asgi_app(routes), config, task_status=task_status)  # type: ignore[arg-type]
+    await serve_isolated(make_asgi_app(routes), config, task_status=task_status)  # type: ignore[arg-type]
 
 
 # -- admin (15000) ------------------------------------------------------------------------

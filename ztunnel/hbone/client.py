@@ -1,0 +1,272 @@
+"""HBONE client: CONNECT streams multiplexed on one mTLS HTTP/2 connection."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+
+import h2.events
+import h2.exceptions
+import trio
+
+from istiod_lite.api.identity import SpiffeId
+from ztunnel.hbone.protocol import DEFAULT_MAX_CONCURRENT_STREAMS, REASON_HEADER
+from ztunnel.hbone.session import H2Session, HboneStream
+from ztunnel.tls import PeerIdentityError, check_alpn, describe_tls_error, verify_peer
+
+_CONNECT_TIMEOUT = 10.0
+
+
+class HboneConnectError(Exception):
+    """A CONNECT that did not get a 200; ``status`` is None when no HTTP answer came back."""
+
+    def __init__(self, status: int | None, reason: str) -> None:
+        super().__init__(f"{status}: {reason}" if status is not None else reason)
+        self.status = status
+        self.reason = reason
+
+
+class _ClientSession(H2Session):
+    def __init__(self, transport: trio.abc.Stream, max_concurrent_streams: int) -> None:
+        super().__init__(transport, client_side=True, max_concurrent_streams=max_concurrent_streams)
+        self.responses: dict[int, trio.Event] = {}
+
+    def handle_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.response_headers = [(bytes(k), bytes(v)) for k, v in event.headers or ()]
+            waiter = self.responses.pop(event.stream_id, None)
+            if waiter is not None:
+                waiter.set()
+            return
+        super().handle_event(event)
+        if isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+            self._wake_responses()
+
+    def mark_closed(self, reason: str) -> None:
+        super().mark_closed(reason)
+        self._wake_responses()
+
+    def _wake_responses(self) -> None:
+        for stream_id, waiter in list(self.responses.items()):
+            if self.is_closed or stream_id not in self.streams:
+                waiter.set()
+
+
+class HboneClient:
+    """One HTTP/2 connection to a peer's 15008; run() must be running for streams to work."""
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        *,
+        max_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+        peer_identity: SpiffeId | None = None,
+    ) -> None:
+        self._session = _ClientSession(transport, max_streams)
+        self.max_streams = max_streams
+        self.peer_identity = peer_identity
+        self._started = False
+
+    @property
+    def is_closed(self) -> bool:
+        return self._session.is_closed
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self._session.closed_reason
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._session.streams)
+
+    @property
+    def available_streams(self) -> int:
+        """New streams this connection can take now (our cap and the server's setting)."""
+        if self.is_closed:
+            return 0
+        limit = min(self.max_streams, self._session.conn.remote_settings.max_concurrent_streams)
+        return max(0, limit - self.active_streams)
+
+    @property
+    def last_used(self) -> float:
+        """trio.current_time() of the last stream opened or finished."""
+        return self._session.last_used
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send the preface and read until the connection ends (returns, never raises)."""
+        if self._started:
+            raise RuntimeError("HboneClient.run was already started")
+        self._started = True
+        await self._session.run(task_status=task_status)
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (for whoever owns the reader task)."""
+        await self._session.closed_event.wait()
+
+    async def open_stream(
+        self, target: str | Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]] = ()
+    ) -> HboneStream:
+        """CONNECT: ``target`` is the authority (``ip:port``) with regular ``headers`` sent
+        along, or a whole connect_headers() block whose :authority is used."""
+        authority, headers = request_target(target, headers)
+        if not self._started:
+            raise RuntimeError("HboneClient.run is not running")
+        session = self._session
+        if session.is_closed:
+            raise HboneConnectError(None, f"connection closed: {session.closed_reason}")
+        if self.available_streams <= 0:
+            raise HboneConnectError(None, "connection has no free stream slots")
+        block = [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+        block += [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":")]
+        stream_id = session.conn.get_next_available_stream_id()
+        try:
+            session.conn.send_headers(stream_id, block)
+        except h2.exceptions.ProtocolError as exc:
+            raise HboneConnectError(None, f"cannot open stream: {exc}") from exc
+        stream = HboneStream(session, stream_id)
+        session.streams[stream_id] = stream
+        session.last_used = trio.current_time()
+        answered = trio.Event()
+        session.responses[stream_id] = answered
+        try:
+            await session.flush()
+            await answered.wait()
+        except BaseException as exc:
+            session.responses.pop(stream_id, None)
+            await stream.aclose()
+            if isinstance(exc, trio.BrokenResourceError):
+                raise HboneConnectError(None, str(exc)) from exc
+            raise
+        status = _status(stream.response_headers)
+        if status == 200:
+            return stream
+        await stream.aclose()
+        if status is None:
+            raise HboneConnectError(None, stream._broken or session.closed_reason or "no response")
+        reason = _header(stream.response_headers, REASON_HEADER.encode())
+        raise HboneConnectError(status, reason or _phrase(status))
+
+    async def aclose(self) -> None:
+        """GOAWAY and close; streams still open on it break."""
+        await self._session.close()
+
+
+def request_target(
+    target: str | Sequence[tuple[str, str]], headers: Sequence[tuple[str, str]] = ()
+) -> tuple[str, Sequence[tuple[str, str]]]:
+    """(authority, headers) from either calling convention of open_stream."""
+    if isinstance(target, str):
+        return target, headers
+    authority = next((value for name, value in target if name == ":authority"), None)
+    if not authority:
+        raise ValueError("CONNECT header block has no :authority")
+    return authority, [*target, *headers]
+
+
+def _status(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    value = _header(headers, b":status")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+async def connect_tls(
+    address: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    expected_identity: SpiffeId,
+    *,
+    connect_timeout: float = _CONNECT_TIMEOUT,
+    local_address: str | None = None,
+) -> trio.SSLStream[trio.SocketStream]:
+    """TCP + TLS to a peer's HBONE port, checking ALPN h2 and the server's SPIFFE id.
+
+    Raises OSError when the TCP connect fails and PeerIdentityError (with the reason) when
+    the handshake or the identity check fails. ``local_address`` binds the source IP (the
+    client pod's own address in the embedded mode).
+    """
+    with trio.fail_after(connect_timeout):
+        tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
+    tls = trio.SSLStream(tcp, ssl_context, server_side=False)
+    try:
+        with trio.fail_after(connect_timeout):
+            await tls.do_handshake()
+        check_alpn(tls)
+        verify_peer(tls, expected_identity)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(tls)
+        raise PeerIdentityError(f"TLS handshake with {address}:{port} timed out") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(tls)
+        raise PeerIdentityError(describe_tls_error(exc)) from exc
+    except PeerIdentityError:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
+
+
+async def connect(
+    address: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    expected_identity: SpiffeId,
+    *,
+    nursery: trio.Nursery,
+    max_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    local_address: str | None = None,
+    connect_timeout: float = _CONNECT_TIMEOUT,
+) -> HboneClient:
+    """connect_tls, then an HboneClient whose reader task runs in ``nursery``."""
+    tls = await connect_tls(
+        address, port, ssl_context, expected_identity, local_address=local_address,
+        connect_timeout=connect_timeout,
+    )
+    client = HboneClient(tls, max_streams=max_streams, peer_identity=expected_identity)
+    await nursery.start(client.run)
+    return client
+
+
+@asynccontextmanager
+async def open_hbone_client(
+    address: str,
+    port: int,
+    ssl_context: ssl.SSLContext,
+    expected_identity: SpiffeId,
+    *,
+    max_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+) -> AsyncIterator[HboneClient]:
+    """``async with open_hbone_client(...) as client:`` -- closed (GOAWAY) on exit.
+
+    Exceptions from the body come out as themselves, not wrapped in an ExceptionGroup (the
+    client's reader task never raises, so the body is the only possible source).
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await connect(
+                address, port, ssl_context, expected_identity, nursery=nursery,
+                max_streams=max_streams,
+            )
+            try:
+                yield client
+            finally:
+                await client.aclose()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -1,0 +1,207 @@
+"""HBONE request rules, sans-IO: parsing an inbound CONNECT and building an outbound one.
+
+The server turns h2's own header validation off so that a malformed request is answered on its
+own stream (400) instead of h2 tearing down every tunnel on the connection; these functions are
+therefore the complete validation of a request header block.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# HTTP/2 settings shared by both sides (reference.md section 1).
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024
+DEFAULT_MAX_CONCURRENT_STREAMS = 100
+# Optional header on a rejection that carries a human-readable reason (never policy internals).
+REASON_HEADER = "x-hbone-reason"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_KNOWN_PSEUDO = frozenset({":method", ":authority", ":scheme", ":path", ":protocol"})
+_CONNECTION_SPECIFIC = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+
+class HboneRejection(Exception):
+    """A request the server answers with ``status`` without involving the handler."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """A valid HBONE CONNECT: the target and the metadata the client ztunnel attached."""
+
+    host: IPAddress
+    port: int
+    authority: str
+    forwarded_for: str | None = None
+    baggage: dict[str, str] = field(default_factory=dict)
+    traceparent: str | None = None
+    forwarded_host: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def parse_authority(authority: str) -> tuple[IPAddress, int]:
+    """``ip:port`` or ``[ipv6]:port`` -> (address, port); HboneRejection(400) otherwise."""
+    if authority.startswith("["):
+        host_text, bracket, rest = authority[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise HboneRejection(400, f"malformed :authority {authority!r}: expected [ipv6]:port")
+        port_text = rest[1:]
+    else:
+        host_text, colon, port_text = authority.rpartition(":")
+        if not colon:
+            raise HboneRejection(400, f"malformed :authority {authority!r}: expected ip:port")
+        if ":" in host_text:
+            raise HboneRejection(400, f"malformed :authority {authority!r}: IPv6 needs brackets")
+    if "%" in host_text:
+        raise HboneRejection(400, f":authority {authority!r} carries a zone id")
+    try:
+        host = ipaddress.ip_address(host_text)
+    except ValueError:
+        raise HboneRejection(400, f":authority {authority!r} is not an IP and port") from None
+    if authority.startswith("[") and host.version != 6:
+        raise HboneRejection(400, f"malformed :authority {authority!r}: brackets need IPv6")
+    if not _PORT.match(port_text) or not 1 <= int(port_text) <= 65535:
+        raise HboneRejection(400, f":authority {authority!r} has an invalid port")
+    return host, int(port_text)
+
+
+def format_authority(host: str | IPAddress, port: int) -> str:
+    """The :authority for a target, bracketing IPv6 addresses."""
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def parse_connect(headers: Sequence[tuple[bytes, bytes]]) -> ConnectRequest:
+    """Validate a request header block as an HBONE CONNECT; HboneRejection says what is wrong."""
+    pseudo: dict[str, str] = {}
+    regular: list[tuple[str, str]] = []
+    for raw_name, raw_value in headers:
+        try:
+            name = raw_name.decode("ascii")
+            value = raw_value.decode("ascii")
+        except UnicodeDecodeError:
+            raise HboneRejection(400, "header name or value is not ASCII") from None
+        if not name:
+            raise HboneRejection(400, "empty header name")
+        if name != name.lower():
+            raise HboneRejection(400, f"header name {name!r} is not lowercase")
+        if name.startswith(":"):
+            if regular:
+                raise HboneRejection(400, f"pseudo-header {name} after regular headers")
+            if name not in _KNOWN_PSEUDO:
+                raise HboneRejection(400, f"unknown request pseudo-header {name}")
+            if name in pseudo:
+                raise HboneRejection(400, f"duplicate pseudo-header {name}")
+            pseudo[name] = value
+            continue
+        if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
+            raise HboneRejection(400, f"connection-specific header {name!r} is not allowed")
+        regular.append((name, value))
+
+    method = pseudo.get(":method")
+    if method is None:
+        raise HboneRejection(400, "missing :method")
+    if method != "CONNECT":
+        raise HboneRejection(400, f"method {method!r} is not CONNECT")
+    if ":protocol" in pseudo:
+        raise HboneRejection(400, "extended CONNECT (:protocol) is not HBONE")
+    if ":scheme" in pseudo or ":path" in pseudo:
+        raise HboneRejection(400, "CONNECT must not carry :scheme or :path")
+    authority = pseudo.get(":authority")
+    if not authority:
+        raise HboneRejection(400, "missing :authority")
+    host, port = parse_authority(authority)
+
+    forwarded_for, forwarded_host = _parse_forwarded(_joined(regular, "forwarded"))
+    traceparent = _joined(regular, "traceparent")
+    if traceparent is not None and not _TRACEPARENT.match(traceparent.strip()):
+        traceparent = None  # W3C: an invalid traceparent is ignored, not an error
+    return ConnectRequest(
+        host=host,
+        port=port,
+        authority=authority,
+        forwarded_for=forwarded_for,
+        baggage=parse_baggage(_joined(regular, "baggage") or ""),
+        traceparent=traceparent.strip() if traceparent else None,
+        forwarded_host=forwarded_host,
+        headers=tuple(regular),
+    )
+
+
+def connect_headers(
+    authority: str,
+    *,
+    forwarded_for: str | None,
+    service_host: str | None = None,
+    baggage: Mapping[str, str] | None = None,
+    traceparent: str | None = None,
+) -> list[tuple[str, str]]:
+    """The full CONNECT header block; a traceparent is created when the caller has none."""
+    headers = [(":method", "CONNECT"), (":authority", authority)]
+    if forwarded_for is not None:
+        element = f'for="{forwarded_for}"'
+        if service_host:
+            element += f";host={service_host}"
+        headers.append(("forwarded", element))
+    if baggage:
+        headers.append(("baggage", format_baggage(baggage)))
+    if traceparent is None or not _TRACEPARENT.match(traceparent):
+        traceparent = new_traceparent()
+    headers.append(("traceparent", traceparent))
+    return headers
+
+
+def new_traceparent() -> str:
+    """A fresh sampled W3C trace context (version 00)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def format_baggage(baggage: Mapping[str, str]) -> str:
+    """W3C baggage: ``key=value`` members, values percent-encoded."""
+    return ",".join(f"{key}={urllib.parse.quote(value, safe='')}" for key, value in baggage.items())
+
+
+def parse_baggage(text: str) -> dict[str, str]:
+    """Lenient W3C baggage parsing: members without ``=`` are skipped, properties dropped."""
+    result: dict[str, str] = {}
+    for member in text.split(","):
+        key, equals, value = member.split(";", 1)[0].partition("=")
+        if equals and key.strip():
+            result[key.strip()] = urllib.parse.unquote(value.strip())
+    return result
+
+
+def _joined(headers: Sequence[tuple[str, str]], name: str) -> str | None:
+    values = [value for key, value in headers if key == name]
+    return ",".join(values) if values else None
+
+
+def _parse_forwarded(text: str | None) -> tuple[str | None, str | None]:
+    """RFC 7239: the first element's ``for`` and ``host`` parameters."""
+    if not text:
+        return None, None
+    found: dict[str, str] = {}
+    for pair in text.split(",", 1)[0].split(";"):
+        key, equals, value = pair.partition("=")
+        if equals:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            found.setdefault(key.strip().lower(), value)
+    return found.get("for"), found.get("host")

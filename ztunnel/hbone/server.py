@@ -1,0 +1,258 @@
+"""HBONE server: one task per CONNECT stream, the handler decides the answer."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import h2.errors
+import h2.events
+import structlog
+import trio
+
+from istiod_lite.api.identity import SpiffeId
+from ztunnel.hbone.protocol import (
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    REASON_HEADER,
+    ConnectRequest,
+    HboneRejection,
+    parse_connect,
+)
+from ztunnel.hbone.session import H2Session, HboneStream
+from ztunnel.tls import (
+    PeerIdentityError,
+    check_alpn,
+    check_trust_domain,
+    describe_tls_error,
+    peer_identity,
+)
+
+log = structlog.get_logger()
+
+_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What the server knows about the connection a stream arrived on (for policy)."""
+
+    peer_identity: SpiffeId | None = None
+    peer_address: tuple[str, int] | None = None
+    local_address: tuple[str, int] | None = None
+
+
+class HboneResponder:
+    """The handler's way to answer one CONNECT: exactly one of accept() or reject()."""
+
+    def __init__(self, session: H2Session, stream: HboneStream, connection: ConnectionInfo):
+        self._session = session
+        self._stream = stream
+        self.connection = connection
+        self.status: int | None = None
+
+    @property
+    def responded(self) -> bool:
+        return self.status is not None
+
+    async def accept(self, headers: Sequence[tuple[str, str]] = ()) -> HboneStream:
+        """Answer 200 (only after policy and the upstream connect succeeded) -> the tunnel."""
+        self._respond(200, [(":status", "200"), *headers], end_stream=False)
+        await self._session.flush()
+        return self._stream
+
+    async def reject(self, status: int, reason: str = "") -> None:
+        """Answer a non-2xx status and end the stream; ``reason`` travels in REASON_HEADER."""
+        if not 300 <= status <= 599:
+            raise ValueError(f"reject needs a 3xx-5xx status, got {status}")
+        headers = [(":status", str(status))]
+        if reason:
+            headers.append((REASON_HEADER, _header_safe(reason)))
+        self._respond(status, headers, end_stream=True)
+        self._stream._local_ended = True
+        await self._session.flush_quietly()
+
+    def _respond(self, status: int, headers: list[tuple[str, str]], *, end_stream: bool) -> None:
+        if self.status is not None:
+            raise RuntimeError(f"stream {self._stream.stream_id} was already answered")
+        if self._stream._broken is not None:
+            raise trio.BrokenResourceError(self._stream._broken)
+        self.status = status
+        self._session.conn.send_headers(
+            self._stream.stream_id,
+            [(name.encode(), value.encode()) for name, value in headers],
+            end_stream=end_stream,
+        )
+
+
+ConnectHandler = Callable[[ConnectRequest, HboneResponder], Awaitable[None]]
+
+
+class _ServerSession(H2Session):
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        handler: ConnectHandler,
+        nursery: trio.Nursery,
+        connection: ConnectionInfo,
+        max_concurrent_streams: int,
+    ) -> None:
+        super().__init__(
+            transport, client_side=False, max_concurrent_streams=max_concurrent_streams
+        )
+        self._handler = handler
+        self._nursery = nursery
+        self._connection = connection
+
+    def handle_event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        else:
+            super().handle_event(event)
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        headers = [(bytes(name), bytes(value)) for name, value in event.headers or ()]
+        try:
+            request = parse_connect(headers)
+        except HboneRejection as rejection:
+            self._log.info(
+                "hbone.request_rejected", stream=stream_id, status=rejection.status,
+                reason=rejection.reason, peer=str(self._connection.peer_identity),
+            )
+            self.conn.send_headers(
+                stream_id,
+                [(b":status", str(rejection.status).encode()),
+                 (REASON_HEADER.encode(), _header_safe(rejection.reason).encode())],
+                end_stream=True,
+            )
+            if event.stream_ended is None:
+                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            return
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        if event.stream_ended is not None:
+            stream._on_remote_end()
+        self._nursery.start_soon(self._run_handler, request, stream)
+
+    async def _run_handler(self, request: ConnectRequest, stream: HboneStream) -> None:
+        responder = HboneResponder(self, stream, self._connection)
+        try:
+            await self._handler(request, responder)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._log.debug("hbone.stream_broken", stream=stream.stream_id, error=str(exc))
+        except Exception:
+            self._log.exception("hbone.handler_failed", stream=stream.stream_id,
+                                authority=request.authority)
+        finally:
+            if not responder.responded and stream._broken is None and not self.is_closed:
+                with trio.CancelScope(shield=True):
+                    await responder.reject(503, "handler gave no answer")
+            await stream.aclose()
+
+
+async def serve_hbone(
+    stream: trio.abc.Stream,
+    handler: ConnectHandler,
+    *,
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    connection: ConnectionInfo | None = None,
+) -> None:
+    """Serve HBONE on an established (TLS) stream until the peer goes away.
+
+    Peer faults (garbage, protocol errors, resets) are logged and end at most this
+    connection; handler exceptions end only their own stream. The stream is closed on return.
+    """
+    async with trio.open_nursery() as nursery:
+        session = _ServerSession(
+            stream, handler, nursery, connection or ConnectionInfo(), max_concurrent_streams
+        )
+        try:
+            await session.run()
+        finally:
+            # The connection is gone: tunnels on it cannot carry anything any more.
+            nursery.cancel_scope.cancel()
+            if session.closed_reason not in (None, "peer closed the connection"):
+                session._log.info("hbone.connection_closed", reason=session.closed_reason,
+                                  peer=str(session._connection.peer_identity))
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await stream.aclose()
+
+
+async def accept_tls(
+    tcp_stream: trio.SocketStream,
+    ssl_context: ssl.SSLContext,
+    *,
+    accepted_trust_domains: Collection[str] | None = None,
+    handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+) -> tuple[trio.SSLStream[trio.SocketStream], SpiffeId]:
+    """Server handshake plus the HBONE checks (ALPN h2, SPIFFE id, trust domain).
+
+    Raises PeerIdentityError with the reason on any failure (the TCP stream is then closed).
+    """
+    tls = trio.SSLStream(tcp_stream, ssl_context, server_side=True)
+    try:
+        with trio.fail_after(handshake_timeout):
+            await tls.do_handshake()
+        check_alpn(tls)
+        identity = peer_identity(tls)
+        if accepted_trust_domains is not None:
+            check_trust_domain(identity, accepted_trust_domains)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(tls)
+        raise PeerIdentityError(f"TLS handshake took longer than {handshake_timeout}s") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(tls)
+        raise PeerIdentityError(describe_tls_error(exc)) from exc
+    except PeerIdentityError:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls, identity
+
+
+async def serve_hbone_tls(
+    tcp_stream: trio.SocketStream,
+    ssl_context: ssl.SSLContext,
+    handler: ConnectHandler,
+    *,
+    accepted_trust_domains: Collection[str] | None = None,
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+) -> None:
+    """A trio.serve_tcp handler: mTLS handshake, identity checks, then serve_hbone.
+
+    Never raises for anything the peer does; refused handshakes are logged with the reason.
+    """
+    peer_address = _address(tcp_stream, peer=True)
+    local_address = _address(tcp_stream, peer=False)
+    try:
+        tls, identity = await accept_tls(
+            tcp_stream, ssl_context, accepted_trust_domains=accepted_trust_domains,
+            handshake_timeout=handshake_timeout,
+        )
+    except PeerIdentityError as exc:
+        log.warning("hbone.handshake_refused", peer=peer_address, local=local_address,
+                    reason=exc.reason)
+        return
+    try:
+        await serve_hbone(
+            tls, handler, max_concurrent_streams=max_concurrent_streams,
+            connection=ConnectionInfo(identity, peer_address, local_address),
+        )
+    except Exception:
+        # Only a bug can get here; it must not take the listener (and every peer) down.
+        log.exception("hbone.connection_failed", peer=peer_address, local=local_address)
+
+
+def _address(stream: trio.SocketStream, *, peer: bool) -> tuple[str, int] | None:
+    try:
+        name = stream.socket.getpeername() if peer else stream.socket.getsockname()
+    except OSError:
+        return None
+    return (str(name[0]), int(name[1]))
+
+
+def _header_safe(text: str) -> str:
+    """Header values must be visible ASCII; reasons are for humans, so degrade gracefully."""
+    cleaned = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+    return cleaned[:256]

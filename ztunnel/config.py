@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ambient_common.flags import duration_seconds, parse_host_port
+from ambient_common.logging import LogFormat
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ZtunnelConfig:
     max_streams_per_connection: int = 100
     connect_timeout: float = 5.0
     drain_timeout: float = 5.0
-    log_format: str = "auto"
+    log_format: LogFormat = "auto"
     log_level: str = "info"
 
 

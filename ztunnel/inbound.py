@@ -1,0 +1,328 @@
+"""Inbound: HBONE on ``<pod-ip>:15008`` and plaintext on ``<pod-ip>:15006``.
+
+As in Istio's in-pod mode, each local workload gets its own listeners on its own address, so
+the listener tells which workload (and so which certificate) a connection is for. The
+decision -- is this target ours, is the port allowed, does policy admit the caller -- is the
+plain function ``decide_inbound``; the rest is the Trio shell around it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from istiod_lite.api.identity import SpiffeId
+from istiod_lite.api.model import TunnelProtocol, Workload
+from ztunnel.authz import ConnectionAttributes, evaluate
+from ztunnel.drain import ActiveConnections
+from ztunnel.hbone import (
+    ConnectionInfo,
+    ConnectRequest,
+    HboneRejection,
+    HboneResponder,
+    SpliceError,
+    serve_hbone_tls,
+    splice,
+)
+from ztunnel.identity import CertificateManager
+from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header
+from ztunnel.state import ProxyState, canonical_ip, identity_of
+from ztunnel.telemetry import (
+    FLAG_UNAUTHORIZED,
+    FLAG_UPSTREAM_CONNECT_FAILURE,
+    ConnectionRecord,
+    ConnectionTelemetry,
+)
+
+log = structlog.get_logger()
+
+# Never proxy to the proxy's own ports (a loop).
+LOOP_GUARD_PORTS = frozenset({15001, 15006, 15008})
+_PROXY_HEADER_TIMEOUT = 5.0
+_MAX_PROXY_HEADER = 16 + 65535
+
+
+@dataclass(frozen=True)
+class InboundTarget:
+    workload: Workload
+    port: int
+    policy_reason: str
+
+
+def decide_inbound(
+    state: ProxyState,
+    *,
+    node: str,
+    listener_ip: str,
+    target_ip: str,
+    target_port: int,
+    source_ip: str,
+    source_identity: SpiffeId | None,
+    root_namespace: str,
+) -> InboundTarget:
+    """Admit a connection to ``target_ip:target_port`` or raise HboneRejection.
+
+    400: the target is not the local workload this listener serves, or a proxy port;
+    503: the workload is not (or no longer) in the mesh; 401: denied by policy.
+    """
+    target = canonical_ip(target_ip)
+    if target is None:
+        raise HboneRejection(400, f"{target_ip!r} is not an IP address")
+    workload = state.workload_by_address(target)
+    if workload is None or workload.node != node:
+        raise HboneRejection(400, f"{target_ip} is not a workload on node {node}")
+    if target != canonical_ip(listener_ip):
+        raise HboneRejection(
+            400, f"{target_ip} is not the workload served at {listener_ip}"
+        )
+    if target_port in LOOP_GUARD_PORTS:
+        raise HboneRejection(400, f"port {target_port} is a proxy port and cannot be a target")
+    if workload.tunnel_protocol is not TunnelProtocol.HBONE:
+        raise HboneRejection(
+            503, f"workload {workload.namespace}/{workload.name} is not in the mesh"
+        )
+    decision = evaluate(
+        state.policies_for(workload, root_namespace),
+        ConnectionAttributes(
+            source_ip=source_ip,
+            source_identity=source_identity,
+            destination_ip=target,
+            destination_port=target_port,
+        ),
+    )
+    if not decision.allowed:
+        raise HboneRejection(401, decision.reason)
+    return InboundTarget(workload, target_port, decision.reason)
+
+
+class Inbound:
+    """Serves the inbound listeners of the node's workloads."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        root_namespace: str,
+        hbone_port: int,
+        plaintext_port: int,
+        connect_timeout: float,
+        state: ProxyState,
+        certs: CertificateManager,
+        server_context: Callable[[SpiffeId], ssl.SSLContext | None],
+        accepted_trust_domains: Callable[[], set[str]],
+        telemetry: ConnectionTelemetry,
+        connections: ActiveConnections,
+    ) -> None:
+        self._node = node
+        self._root_namespace = root_namespace
+        self._hbone_port = hbone_port
+        self._plaintext_port = plaintext_port
+        self._connect_timeout = connect_timeout
+        self._state = state
+        self._certs = certs
+        self._server_context = server_context
+        self._accepted_trust_domains = accepted_trust_domains
+        self._telemetry = telemetry
+        self._connections = connections
+
+    async def serve_workload(
+        self,
+        workload_ip: str,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``workload_ip``'s HBONE and plaintext ports until cancelled.
+
+        Connections run in ``handler_nursery`` so that closing the listeners (a pod left, or
+        a drain began) does not cut the connections already flowing.
+        """
+        hbone = await trio.open_tcp_listeners(self._hbone_port, host=workload_ip)
+        plaintext = await trio.open_tcp_listeners(self._plaintext_port, host=workload_ip)
+        log.info("inbound listening", workload_ip=workload_ip,
+                 ports=[self._hbone_port, self._plaintext_port])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, hbone, handler_nursery,
+                               lambda s: self._handle_hbone(s, workload_ip))
+            nursery.start_soon(self._accept_loop, plaintext, handler_nursery,
+                               lambda s: self._handle_plaintext(s, workload_ip))
+            task_status.started()
+
+    async def _accept_loop(self, listeners, handler_nursery, handle) -> None:  # type: ignore[no-untyped-def]
+        async def guarded(stream: trio.SocketStream) -> None:
+            with self._connections.track():
+                try:
+                    await handle(stream)
+                except Exception:  # one bad connection never takes the proxy down
+                    log.exception("inbound connection handler failed")
+                finally:
+                    await trio.aclose_forcefully(stream)
+
+        try:
+            await trio.serve_listeners(guarded, listeners, handler_nursery=handler_nursery)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    # -- HBONE ----------------------------------------------------------------------------
+
+    async def _handle_hbone(self, stream: trio.SocketStream, workload_ip: str) -> None:
+        workload = self._state.workload_by_address(workload_ip)
+        identity = identity_of(workload) if workload else None
+        context = self._server_context(identity) if identity else None
+        if context is None:
+            log.warning("hbone connection refused: no certificate for the workload yet",
+                        workload_ip=workload_ip, identity=str(identity))
+            return
+
+        async def handler(request: ConnectRequest, responder: HboneResponder) -> None:
+            await self._serve_connect(request, responder, workload_ip)
+
+        await serve_hbone_tls(
+            stream, context, handler,
+            accepted_trust_domains=self._accepted_trust_domains(),
+        )
+
+    async def _serve_connect(
+        self, request: ConnectRequest, responder: HboneResponder, workload_ip: str
+    ) -> None:
+        connection: ConnectionInfo = responder.connection
+        peer_ip = connection.peer_address[0] if connection.peer_address else ""
+        peer = f"{peer_ip}:{connection.peer_address[1]}" if connection.peer_address else "?"
+        target_ip = str(request.host)
+        record = ConnectionRecord(
+            direction="inbound",
+            source_address=request.forwarded_for or peer,
+            destination_address=f"{target_ip}:{request.port}",
+            source_workload=self._state.workload_by_address(peer_ip),
+            source_identity=connection.peer_identity,
+            mtls=True,
+        )
+        try:
+            target = decide_inbound(
+                self._state, node=self._node, listener_ip=workload_ip,
+                target_ip=target_ip, target_port=request.port, source_ip=peer_ip,
+                source_identity=connection.peer_identity, root_namespace=self._root_namespace,
+            )
+        except HboneRejection as rejection:
+            record.destination_workload = self._state.workload_by_address(target_ip)
+            self._telemetry.refused(
+                record, reason=rejection.reason,
+                response_flags=FLAG_UNAUTHORIZED if rejection.status == 401 else "-",
+            )
+            await responder.reject(rejection.status, rejection.reason)
+            return
+        record.destination_workload = target.workload
+        record.destination_identity = identity_of(target.workload)
+        upstream = await self._connect_upstream(target_ip, target.port)
+        if isinstance(upstream, str):
+            self._telemetry.refused(record, reason=upstream,
+                                    response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
+            await responder.reject(503, upstream)
+            return
+        async with upstream:
+            tunnel = await responder.accept()
+            await self._splice(record, tunnel, upstream)
+
+    # -- plaintext ------------------------------------------------------------------------
+
+    async def _handle_plaintext(self, stream: trio.SocketStream, workload_ip: str) -> None:
+        peer_ip, peer_port = stream.socket.getpeername()[:2]
+        record = ConnectionRecord(
+            direction="inbound",
+            source_address=f"{peer_ip}:{peer_port}",
+            destination_address=f"{workload_ip}:?",
+            source_workload=self._state.workload_by_address(peer_ip),
+        )
+        try:
+            port, early_data = await self._original_port(stream, workload_ip)
+        except ProxyProtocolError as exc:
+            self._telemetry.refused(record, reason=f"no original destination: {exc}",
+                                    response_flags="-")
+            return
+        record.destination_address = f"{workload_ip}:{port}"
+        try:
+            target = decide_inbound(
+                self._state, node=self._node, listener_ip=workload_ip, target_ip=workload_ip,
+                target_port=port, source_ip=peer_ip, source_identity=None,
+                root_namespace=self._root_namespace,
+            )
+        except HboneRejection as rejection:
+            record.destination_workload = self._state.workload_by_address(workload_ip)
+            self._telemetry.refused(
+                record, reason=rejection.reason,
+                response_flags=FLAG_UNAUTHORIZED if rejection.status == 401 else "-",
+            )
+            return
+        record.destination_workload = target.workload
+        upstream = await self._connect_upstream(workload_ip, port)
+        if isinstance(upstream, str):
+            self._telemetry.refused(record, reason=upstream,
+                                    response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
+            return
+        async with upstream:
+            if early_data:
+                await upstream.send_all(early_data)
+            await self._splice(record, stream, upstream, already_sent=len(early_data))
+
+    async def _original_port(
+        self, stream: trio.SocketStream, workload_ip: str
+    ) -> tuple[int, bytes]:
+        """The destination port the client meant. Without capture (the embedded mode) the
+        client says it with a PROXY protocol header; only its port is believed, and only if
+        it names this listener's own address."""
+        buffer = bytearray()
+        with trio.move_on_after(_PROXY_HEADER_TIMEOUT):
+            while True:
+                parsed = parse_proxy_header(bytes(buffer))
+                if parsed is not None:
+                    consumed, header = parsed
+                    if header.destination is None:
+                        raise ProxyProtocolError("the PROXY header carries no destination")
+                    ip, port = header.destination
+                    if canonical_ip(str(ip)) != canonical_ip(workload_ip):
+                        raise ProxyProtocolError(
+                            f"the PROXY header names {ip}, not this workload ({workload_ip})"
+                        )
+                    return int(port), bytes(buffer[consumed:])
+                if len(buffer) > _MAX_PROXY_HEADER:
+                    raise ProxyProtocolError("PROXY header too long")
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    raise ProxyProtocolError("connection closed before a PROXY header")
+                buffer += chunk
+        raise ProxyProtocolError(f"no PROXY header within {_PROXY_HEADER_TIMEOUT}s")
+
+    # -- shared ---------------------------------------------------------------------------
+
+    async def _connect_upstream(self, ip: str, port: int) -> trio.SocketStream | str:
+        """The TCP connection to the local app, or the reason it failed."""
+        try:
+            with trio.fail_after(self._connect_timeout):
+                return await trio.open_tcp_stream(ip, port)
+        except trio.TooSlowError:
+            return f"connect to {ip}:{port} timed out after {self._connect_timeout}s"
+        except OSError as exc:
+            return f"connect to {ip}:{port} failed: {exc.strerror or exc}"
+
+    async def _splice(
+        self,
+        record: ConnectionRecord,
+        downstream: trio.abc.HalfCloseableStream,
+        upstream: trio.abc.HalfCloseableStream,
+        *,
+        already_sent: int = 0,
+    ) -> None:
+        self._telemetry.opened(record)
+        try:
+            result = await splice(downstream, upstream)
+        except SpliceError as exc:
+            self._telemetry.closed(record, sent=exc.a_to_b + already_sent,
+                                   received=exc.b_to_a, error=exc.reason)
+        else:
+            self._telemetry.closed(record, sent=result.a_to_b + already_sent,
+                                   received=result.b_to_a)

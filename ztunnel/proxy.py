@@ -1,0 +1,240 @@
+"""A node's ztunnel: wires config stream, certificates, listeners and admin together.
+
+Lifetimes, outermost first: the control-plane connection; the *connections* nursery (live
+tunnels and the HBONE pool, which must outlast the listeners so a shutdown can drain them);
+the *services* nursery (listeners, discovery, certificates, admin servers). Shutdown cancels
+the services, waits up to ``drain_timeout`` for connections to finish, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import structlog
+import trio
+
+from istiod_lite.api.identity import SpiffeId
+from istiod_lite.api.model import TunnelProtocol
+from ztunnel import tls
+from ztunnel.admin import (
+    StructlogLevelControl,
+    admin_routes,
+    metrics_routes,
+    readiness_problem,
+    readiness_routes,
+    serve_admin,
+)
+from ztunnel.caclient import CaClient, ControlPlaneConnection
+from ztunnel.config import ZtunnelConfig
+from ztunnel.drain import ActiveConnections
+from ztunnel.hbone import HboneClient, connect
+from ztunnel.identity import CertificateManager
+from ztunnel.inbound import Inbound
+from ztunnel.metrics import ZtunnelMetrics
+from ztunnel.outbound import Outbound
+from ztunnel.pool import HbonePool, PoolKey
+from ztunnel.state import AppliedChange, ProxyState
+from ztunnel.telemetry import ConnectionTelemetry
+from ztunnel.xds import DiscoveryClient
+
+log = structlog.get_logger()
+
+_CERTIFICATE_WAIT = 5.0
+
+
+class TlsContexts:
+    """SSL contexts per identity, rebuilt only when the certificate or the bundle changes
+    (building one writes key material to a private temp file, too slow per connection)."""
+
+    def __init__(self, certs: CertificateManager) -> None:
+        self._certs = certs
+        self._cache: dict[tuple[str, SpiffeId], tuple[tuple[Any, ...], ssl.SSLContext]] = {}
+
+    def _get(self, side: str, identity: SpiffeId) -> ssl.SSLContext | None:
+        cert = self._certs.current(identity)
+        if cert is None:
+            return None
+        bundle = tuple(self._certs.trust_bundle)
+        fingerprint = (cert.serial, bundle)
+        cached = self._cache.get((side, identity))
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        build = tls.server_context if side == "server" else tls.client_context
+        context = build(cert, list(bundle))
+        self._cache[(side, identity)] = (fingerprint, context)
+        return context
+
+    def server(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        return self._get("server", identity)
+
+    def client(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        return self._get("client", identity)
+
+
+class Ztunnel:
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config = config
+        self.state = ProxyState()
+        self.metrics = ZtunnelMetrics()
+        self.connections = ActiveConnections()
+        self._shutdown = trio.Event()
+        self._listener_scopes: dict[str, trio.CancelScope] = {}
+        self._listener_nursery: trio.Nursery | None = None
+        self._handler_nursery: trio.Nursery | None = None
+        self._log_levels = StructlogLevelControl(config.log_level)
+        self.stopped = trio.Event()
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def shutdown(self) -> None:
+        """Ask for a graceful shutdown and wait until it is complete."""
+        self.request_shutdown()
+        await self.stopped.wait()
+
+    def _control_plane_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.config.root_cert))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        host, port = config.xds_address
+        base_url = f"https://{host}:{port}"
+        try:
+            async with ControlPlaneConnection(
+                base_url, config.token, self._control_plane_context()
+            ) as control_plane:
+                await self._run(control_plane, task_status)
+        finally:
+            self.stopped.set()
+
+    async def _run(
+        self, control_plane: ControlPlaneConnection, task_status: trio.TaskStatus[None]
+    ) -> None:
+        config = self.config
+        bootstrap_bundle = [config.root_cert.read_text()]
+        self.certs = CertificateManager(
+            CaClient(control_plane),
+            requested_ttl=int(config.requested_cert_ttl) if config.requested_cert_ttl else None,
+            bootstrap_trust_bundle=bootstrap_bundle,
+        )
+        self.tls_contexts = TlsContexts(self.certs)
+        telemetry = ConnectionTelemetry(self.metrics)
+        self.xds = DiscoveryClient(control_plane, config.node, self.state, self._on_change)
+
+        async with trio.open_nursery() as connections:
+            self._handler_nursery = connections
+            self.pool = HbonePool(
+                self._connect_hbone,
+                max_streams_per_connection=config.max_streams_per_connection,
+                idle_timeout=config.pool_idle_timeout,
+            )
+            await connections.start(self.pool.run)
+            self.inbound = Inbound(
+                node=config.node, root_namespace=config.root_namespace,
+                hbone_port=config.ports.hbone, plaintext_port=config.ports.inbound_plaintext,
+                connect_timeout=config.connect_timeout, state=self.state, certs=self.certs,
+                server_context=self.tls_contexts.server,
+                accepted_trust_domains=lambda: {config.trust_domain},
+                telemetry=telemetry, connections=self.connections,
+            )
+            self.outbound = Outbound(
+                node=config.node, cluster_id=config.cluster_id,
+                connect_timeout=config.connect_timeout, certificate_timeout=_CERTIFICATE_WAIT,
+                hbone_port=config.ports.hbone, state=self.state, certs=self.certs,
+                client_context=self.tls_contexts.client, pool=self.pool, telemetry=telemetry,
+                connections=self.connections,
+            )
+            async with trio.open_nursery() as services:
+                await services.start(self.certs.run)
+                self._listener_nursery = services
+                await services.start(self._serve_admin)
+                await services.start(
+                    self.outbound.serve_socks5, config.node_address, config.ports.socks5,
+                    connections,
+                )
+                await services.start(self.xds.run)
+                log.info("ztunnel started", node=config.node, address=config.node_address)
+                task_status.started()
+                await self._shutdown.wait()
+                log.info("draining", connections=self.connections.count,
+                         timeout=config.drain_timeout)
+                services.cancel_scope.cancel()
+            with trio.move_on_after(config.drain_timeout) as drain:
+                await self.connections.wait_idle()
+            if drain.cancelled_caught:
+                log.warning("drain timeout: closing remaining connections",
+                            connections=self.connections.count)
+            connections.cancel_scope.cancel()
+        log.info("ztunnel stopped", node=config.node)
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
+        config = self.config
+        address = config.node_address
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_admin, address, config.ports.admin, admin_routes(
+                {
+                    "workloads": lambda: self.state.dump()["workloads"],
+                    "services": lambda: self.state.dump()["services"],
+                    "policies": lambda: self.state.dump()["policies"],
+                    "nodes": lambda: self.state.dump()["nodes"],
+                    "certificates": self.certs.dump,
+                    "discovery": self.xds.status,
+                },
+                self._log_levels,
+                self.request_shutdown,
+            ))
+            await nursery.start(serve_admin, address, config.ports.metrics,
+                                metrics_routes(self.metrics.render))
+            await nursery.start(serve_admin, address, config.ports.readiness,
+                                readiness_routes(self._readiness_problem))
+            task_status.started()
+
+    def _readiness_problem(self) -> str | None:
+        return readiness_problem(self.xds.synced.is_set(), self.certs.missing())
+
+    # -- reacting to config ---------------------------------------------------------------
+
+    def _on_change(self, change: AppliedChange) -> None:
+        node = self.config.node
+        self.certs.set_wanted(self.state.local_identities(node))
+        wanted = {
+            address
+            for workload in self.state.local_workloads(node)
+            if workload.tunnel_protocol is TunnelProtocol.HBONE
+            for address in workload.addresses
+        }
+        for address in set(self._listener_scopes) - wanted:
+            self._listener_scopes.pop(address).cancel()
+            log.info("inbound listener closed", workload_ip=address)
+        for address in sorted(wanted - set(self._listener_scopes)):
+            scope = trio.CancelScope()
+            self._listener_scopes[address] = scope
+            assert self._listener_nursery is not None
+            self._listener_nursery.start_soon(self._serve_workload, address, scope)
+
+    async def _serve_workload(self, address: str, scope: trio.CancelScope) -> None:
+        assert self._handler_nursery is not None
+        with scope:
+            try:
+                await self.inbound.serve_workload(address, self._handler_nursery)
+            except OSError as exc:
+                log.error("cannot listen for workload", workload_ip=address,
+                          reason=exc.strerror or str(exc))
+                if self._listener_scopes.get(address) is scope:
+                    del self._listener_scopes[address]
+
+    # -- outbound HBONE connections -------------------------------------------------------
+
+    async def _connect_hbone(self, key: PoolKey, nursery: trio.Nursery) -> HboneClient:
+        context = self.tls_contexts.client(key.source_identity)
+        if context is None:
+            raise OSError(f"no certificate for {key.source_identity}")
+        ip, port = key.destination_address
+        return await connect(
+            ip, port, context, key.destination_identity, nursery=nursery,
+            max_streams=self.config.max_streams_per_connection,
+            local_address=key.source_ip,
+        )

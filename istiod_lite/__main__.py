@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from ambient_common.errors import describe
 from ambient_common.logging import configure_logging
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.auth import (
@@ -169,7 +170,7 @@ async def run_istiod(
         try:
             binds = await nursery.start(serve_then_signal)
         except* OSError as group:
-            reason = "; ".join(str(error) for error in group.exceptions)
+            reason = describe(group)
             raise StartupError(f"cannot listen on {config.listen}: {reason}") from None
         url = binds[0] if binds else f"https://{config.listen}"
         running = RunningIstiod(config, store, app, url, root_path)

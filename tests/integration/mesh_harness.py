@@ -14,10 +14,15 @@ from pathlib import Path
 
 import httpx
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ambientctl.apps import serve_http_echo, serve_tcp_echo, socks5_connect
 from istiod_lite.__main__ import RunningIstiod, run_istiod
+from istiod_lite.api.identity import SpiffeId
+from istiod_lite.ca import CertificateAuthority
 from istiod_lite.config import IstiodConfig
+from tests.pki import IssuedCert, new_key_and_csr
 from ztunnel.config import ZtunnelConfig
 from ztunnel.proxy import Ztunnel
 
@@ -173,3 +178,65 @@ async def start_mesh(
     await mesh.start_ztunnel(nursery, "node-2", NODE_2)
     await mesh.wait_ready()
     return mesh
+
+
+# -- helpers for tests that bring their own peers (Envoy interop) -----------------------------
+
+
+def mesh_ca(mesh: Mesh) -> CertificateAuthority:
+    """The running mesh's CA, loaded from istiod's plug-in directory, so a test can hand a
+    foreign peer (Envoy) certificates the ztunnels trust exactly as they trust each other."""
+    return CertificateAuthority.from_plugin_dir(mesh.root / "istiod" / "ca")
+
+
+def issue_mesh_certificate(mesh: Mesh, namespace: str, service_account: str) -> IssuedCert:
+    """A certificate for spiffe://cluster.local/ns/<namespace>/sa/<service_account> signed by
+    the mesh CA through a real CSR, as a ztunnel would get it."""
+    identity = SpiffeId("cluster.local", namespace, service_account)
+    key, csr_pem = new_key_and_csr(str(identity))
+    chain = mesh_ca(mesh).sign_csr(csr_pem)
+    return IssuedCert(
+        identity=identity,
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode("ascii"),
+        chain_pem=chain,
+        cert=x509.load_pem_x509_certificate(chain[0].encode("ascii")),
+    )
+
+
+async def fetch_metrics(mesh: Mesh, demo_node: str) -> str:
+    """The Prometheus text of a node's ztunnel (15020 /metrics)."""
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://{mesh.addr(demo_node)}:15020/metrics")
+    response.raise_for_status()
+    return response.text
+
+
+def metric_samples(text: str, metric: str, **labels: str) -> list[float]:
+    """Values of ``metric`` samples whose labels include every ``labels`` pair."""
+    wanted = [f'{name}="{value}"' for name, value in labels.items()]
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(metric + "{") and all(label in line for label in wanted)
+    ]
+
+
+async def wait_for_workload(
+    mesh: Mesh, demo_node: str, workload_name: str, timeout: float = 10.0
+) -> None:
+    """Until the node's ztunnel lists ``workload_name`` in its /config_dump (config pushed)."""
+    url = f"http://{mesh.addr(demo_node)}:15000/config_dump"
+    with trio.fail_after(timeout):
+        async with httpx.AsyncClient() as client:
+            while True:
+                try:
+                    dump = (await client.get(url)).json()
+                    if any(w.get("name") == workload_name for w in dump.get("workloads", [])):
+                        return
+                except (httpx.TransportError, ValueError):
+                    pass
+                await trio.sleep(0.1)

@@ -11,6 +11,10 @@ import structlog
 LogFormat = Literal["auto", "json", "console"]
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.types.Processor = (
@@ -27,6 +31,8 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Look sys.stderr up per logger, not once: whoever replaced it since (a test runner's
+        # capture, a daemon redirect) gets the output, and a closed old stream is never used.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

@@ -80,8 +80,13 @@ class DemoMesh:
         for node in self.mesh.nodes:
             for workload in (await self.config_dump(node))["workloads"]:
                 if workload["namespace"] == namespace and workload["name"] == name:
-                    return Pod(name, namespace, workload["addresses"][0], workload["node"],
-                               self.mesh.nodes[workload["node"]])
+                    return Pod(
+                        name,
+                        namespace,
+                        workload["addresses"][0],
+                        workload["node"],
+                        self.mesh.nodes[workload["node"]],
+                    )
         raise EmbeddedError(f"the mesh has no pod {namespace}/{name}; is this the demo topology?")
 
     async def metrics(self, node: str) -> list[tuple[str, dict[str, str], float]]:
@@ -115,23 +120,30 @@ async def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool
 
 
 async def act_mtls(demo: DemoMesh, report: DemoReport, sleep: Pod) -> None:
-    report.section(f"1. {sleep.namespace}/{sleep.name} calls {HTTPBIN_HOST}:{HTTP_PORT} "
-                   f"{REQUESTS} times through the mesh")
+    report.section(
+        f"1. {sleep.namespace}/{sleep.name} calls {HTTPBIN_HOST}:{HTTP_PORT} "
+        f"{REQUESTS} times through the mesh"
+    )
     served: Counter[str] = Counter()
     errors: list[str] = []
     for _ in range(REQUESTS):
         try:
-            stream = await socks5_connect(sleep.node_address, SOCKS_PORT, HTTPBIN_HOST,
-                                          HTTP_PORT, source_address=sleep.ip)
+            stream = await socks5_connect(
+                sleep.node_address, SOCKS_PORT, HTTPBIN_HOST, HTTP_PORT, source_address=sleep.ip
+            )
             async with stream:
                 status, _headers, body = await http_get(stream, HTTPBIN_HOST, "/get")
             served[f"{json.loads(body)['pod']} ({status})"] += 1
         except (OSError, ValueError) as exc:
             errors.append(str(exc))
-    report.table([{"served_by": k, "requests": v} for k, v in sorted(served.items())],
-                 ["served_by", "requests"])
-    report.check(not errors and sum(served.values()) == REQUESTS,
-                 f"all {REQUESTS} requests answered 200" + (f" ({errors[0]})" if errors else ""))
+    report.table(
+        [{"served_by": k, "requests": v} for k, v in sorted(served.items())],
+        ["served_by", "requests"],
+    )
+    report.check(
+        not errors and sum(served.values()) == REQUESTS,
+        f"all {REQUESTS} requests answered 200" + (f" ({errors[0]})" if errors else ""),
+    )
     report.check(len(served) == 2, "both httpbin endpoints served (v1 and v2)")
 
 
@@ -140,58 +152,88 @@ async def act_half_close(demo: DemoMesh, report: DemoReport, sleep: Pod) -> None
     payload = bytes(range(256)) * 4096  # 1 MiB
     received = bytearray()
     try:
-        stream = await socks5_connect(sleep.node_address, SOCKS_PORT, ECHO_HOST, ECHO_PORT,
-                                      source_address=sleep.ip)
-        async with stream:
+        stream = await socks5_connect(
+            sleep.node_address, SOCKS_PORT, ECHO_HOST, ECHO_PORT, source_address=sleep.ip
+        )
+        async def send() -> None:
             await stream.send_all(payload)
             await stream.send_eof()
+
+        async with stream, trio.open_nursery() as nursery:
+            # Read while sending, as any echo client must, or both ends' buffers fill up.
+            nursery.start_soon(send)
             while chunk := await stream.receive_some(65536):
                 received += chunk
     except OSError as exc:
         report.line(f"  error: {exc}")
-    report.line(f"  sent {len(payload)} bytes, half-closed, received {len(received)} bytes "
-                "and the server's EOF")
+    report.line(
+        f"  sent {len(payload)} bytes, half-closed, received {len(received)} bytes "
+        "and the server's EOF"
+    )
     report.check(bytes(received) == payload, "the echo came back whole after the half-close")
 
 
 async def act_denied(demo: DemoMesh, report: DemoReport, notsleep: Pod, node: str) -> None:
-    report.section(f"3. {notsleep.namespace}/{notsleep.name} calls {HTTPBIN_HOST}: the "
-                   "AuthorizationPolicy allows only sa/sleep")
+    report.section(
+        f"3. {notsleep.namespace}/{notsleep.name} calls {HTTPBIN_HOST}: the "
+        "AuthorizationPolicy allows only sa/sleep"
+    )
     refused_code: int | None = None
     try:
-        stream = await socks5_connect(notsleep.node_address, SOCKS_PORT, HTTPBIN_HOST,
-                                      HTTP_PORT, source_address=notsleep.ip)
+        stream = await socks5_connect(
+            notsleep.node_address, SOCKS_PORT, HTTPBIN_HOST, HTTP_PORT, source_address=notsleep.ip
+        )
         await stream.aclose()
     except Socks5ConnectError as exc:
         refused_code = exc.reply_code
-    report.check(refused_code is not None,
-                 f"the client's connection was refused (SOCKS5 reply {refused_code})")
+    report.check(
+        refused_code is not None,
+        f"the client's connection was refused (SOCKS5 reply {refused_code})",
+    )
 
     def denial() -> list[dict[str, Any]]:
-        return [e for e in demo.access_log(node, "connection refused")
-                if "notsleep" in str(e.get("src.identity"))]
+        return [
+            e
+            for e in demo.access_log(node, "connection refused")
+            if "notsleep" in str(e.get("src.identity"))
+        ]
 
     await _wait_for(lambda: bool(denial()))
     entries = denial()
-    report.table([{"reporter": node, "source": e.get("src.identity"),
-                   "destination": e.get("dst.identity") or e.get("dst.addr"),
-                   "flags": e.get("response_flags"), "reason": e.get("reason")}
-                  for e in entries[-1:]],
-                 ["reporter", "source", "destination", "flags", "reason"])
-    report.check(bool(entries) and "DENY" not in str(entries[-1].get("reason"))
-                 and "ALLOW" in str(entries[-1].get("reason")),
-                 "the destination ztunnel logged the denial and its reason")
+    report.table(
+        [
+            {
+                "reporter": node,
+                "source": e.get("src.identity"),
+                "destination": e.get("dst.identity") or e.get("dst.addr"),
+                "flags": e.get("response_flags"),
+                "reason": e.get("reason"),
+            }
+            for e in entries[-1:]
+        ],
+        ["reporter", "source", "destination", "flags", "reason"],
+    )
+    report.check(
+        bool(entries)
+        and "DENY" not in str(entries[-1].get("reason"))
+        and "ALLOW" in str(entries[-1].get("reason")),
+        "the destination ztunnel logged the denial and its reason",
+    )
 
 
 async def act_plaintext(demo: DemoMesh, report: DemoReport, legacy: Pod, target: Pod) -> None:
-    report.section(f"4. {legacy.namespace}/{legacy.name} (namespace not enrolled) sends "
-                   f"plaintext to {target.name}: PeerAuthentication STRICT refuses it")
+    report.section(
+        f"4. {legacy.namespace}/{legacy.name} (namespace not enrolled) sends "
+        f"plaintext to {target.name}: PeerAuthentication STRICT refuses it"
+    )
     got = b""
     try:
         stream = await trio.open_tcp_stream(target.ip, PLAINTEXT_PORT, local_address=legacy.ip)
         async with stream:
-            await stream.send_all(build_v1_header((legacy.ip, 40000), (target.ip, HTTP_PORT))
-                                  + b"GET /get HTTP/1.1\r\nhost: httpbin\r\n\r\n")
+            await stream.send_all(
+                build_v1_header((legacy.ip, 40000), (target.ip, HTTP_PORT))
+                + b"GET /get HTTP/1.1\r\nhost: httpbin\r\n\r\n"
+            )
             with trio.move_on_after(5):
                 got = await stream.receive_some(1024)
     except OSError as exc:
@@ -199,42 +241,77 @@ async def act_plaintext(demo: DemoMesh, report: DemoReport, legacy: Pod, target:
     report.check(got == b"", "the plaintext connection was closed without an answer")
 
     def refusals() -> list[dict[str, Any]]:
-        return [e for e in demo.access_log(target.node, "connection refused")
-                if str(e.get("src.addr", "")).startswith(f"{legacy.ip}:")]
+        return [
+            e
+            for e in demo.access_log(target.node, "connection refused")
+            if str(e.get("src.addr", "")).startswith(f"{legacy.ip}:")
+        ]
 
     await _wait_for(lambda: bool(refusals()))
     entries = refusals()
-    report.table([{"source": e.get("src.addr"), "destination": e.get("dst.addr"),
-                   "protocol": e.get("protocol"), "reason": e.get("reason")}
-                  for e in entries[-1:]], ["source", "destination", "protocol", "reason"])
-    report.check(bool(entries) and "peer-authentication" in str(entries[-1].get("reason")),
-                 "the refusal names the converted STRICT PeerAuthentication")
+    report.table(
+        [
+            {
+                "source": e.get("src.addr"),
+                "destination": e.get("dst.addr"),
+                "protocol": e.get("protocol"),
+                "reason": e.get("reason"),
+            }
+            for e in entries[-1:]
+        ],
+        ["source", "destination", "protocol", "reason"],
+    )
+    report.check(
+        bool(entries) and "peer-authentication" in str(entries[-1].get("reason")),
+        "the refusal names the converted STRICT PeerAuthentication",
+    )
 
 
 async def act_who_talked(demo: DemoMesh, report: DemoReport, node: str) -> None:
-    report.section(f"5. who talked to whom, as {node}'s ztunnel reports it "
-                   "(istio_tcp_connections_opened_total, reporter=destination)")
+    report.section(
+        f"5. who talked to whom, as {node}'s ztunnel reports it "
+        "(istio_tcp_connections_opened_total, reporter=destination)"
+    )
     rows: list[dict[str, Any]] = [
-        {"source_principal": labels.get("source_principal"),
-         "destination_workload": labels.get("destination_workload"),
-         "destination_principal": labels.get("destination_principal"),
-         "security": labels.get("connection_security_policy"),
-         "flags": labels.get("response_flags"), "connections": int(value)}
+        {
+            "source_principal": labels.get("source_principal"),
+            "destination_workload": labels.get("destination_workload"),
+            "destination_principal": labels.get("destination_principal"),
+            "security": labels.get("connection_security_policy"),
+            "flags": labels.get("response_flags"),
+            "connections": int(value),
+        }
         for name, labels, value in await demo.metrics(node)
         if name == "istio_tcp_connections_opened_total"
-        and labels.get("reporter") == "destination" and value > 0
+        and labels.get("reporter") == "destination"
+        and value > 0
     ]
-    report.table(rows, ["source_principal", "destination_workload", "destination_principal",
-                        "security", "flags", "connections"])
-    mtls_from_sleep = sum(
-        r["connections"] for r in rows
-        if r["source_principal"] == "spiffe://cluster.local/ns/demo/sa/sleep"
-        and r["security"] == "mutual_tls" and r["flags"] == "-"
+    report.table(
+        rows,
+        [
+            "source_principal",
+            "destination_workload",
+            "destination_principal",
+            "security",
+            "flags",
+            "connections",
+        ],
     )
-    report.check(mtls_from_sleep >= REQUESTS + 1,
-                 f"{mtls_from_sleep} mutual-TLS connections from sa/sleep were accepted")
-    report.check(any("notsleep" in str(r["source_principal"]) and r["flags"] == "UAEX"
-                     for r in rows), "the denied sa/notsleep connection is counted with UAEX")
+    mtls_from_sleep = sum(
+        r["connections"]
+        for r in rows
+        if r["source_principal"] == "spiffe://cluster.local/ns/demo/sa/sleep"
+        and r["security"] == "mutual_tls"
+        and r["flags"] == "-"
+    )
+    report.check(
+        mtls_from_sleep >= REQUESTS + 1,
+        f"{mtls_from_sleep} mutual-TLS connections from sa/sleep were accepted",
+    )
+    report.check(
+        any("notsleep" in str(r["source_principal"]) and r["flags"] == "UAEX" for r in rows),
+        "the denied sa/notsleep connection is counted with UAEX",
+    )
 
 
 async def act_certificates(demo: DemoMesh, report: DemoReport) -> None:
@@ -245,24 +322,41 @@ async def act_certificates(demo: DemoMesh, report: DemoReport) -> None:
         for row in rows:
             row["node"] = node
         all_rows.extend(rows)
-    report.table(all_rows, ["node", "certificate_name", "type", "status", "valid_cert",
-                            "serial_number", "not_after"])
+    report.table(
+        all_rows,
+        ["node", "certificate_name", "type", "status", "valid_cert", "serial_number", "not_after"],
+    )
     leaves = [r for r in all_rows if r["type"] == "Leaf"]
-    report.check(bool(leaves) and all(r["status"] == "Available" and r["valid_cert"] is True
-                                      for r in leaves),
-                 f"{len(leaves)} workload certificates, all valid")
+    report.check(
+        bool(leaves)
+        and all(r["status"] == "Available" and r["valid_cert"] is True for r in leaves),
+        f"{len(leaves)} workload certificates, all valid",
+    )
 
 
 async def act_metrics_excerpt(demo: DemoMesh, report: DemoReport, node: str) -> None:
     report.section(f"7. metrics excerpt from {node} (http://{demo.mesh.nodes[node]}:15020/metrics)")
-    samples = [(n, labels, v) for n, labels, v in await demo.metrics(node)
-               if n.startswith("istio_tcp_") and v > 0 and labels.get("response_flags") == "-"]
+    samples = [
+        (n, labels, v)
+        for n, labels, v in await demo.metrics(node)
+        if n.startswith("istio_tcp_") and v > 0 and labels.get("response_flags") == "-"
+    ]
     for name, labels, value in samples[:6]:
-        keep = {k: labels[k] for k in ("reporter", "source_workload", "destination_workload",
-                                       "destination_service", "connection_security_policy")}
+        keep = {
+            k: labels[k]
+            for k in (
+                "reporter",
+                "source_workload",
+                "destination_workload",
+                "destination_service",
+                "connection_security_policy",
+            )
+        }
         report.line(f"  {name}{{{', '.join(f'{k}={v!r}' for k, v in keep.items())}}} {value:g}")
-    report.check(any(n == "istio_tcp_sent_bytes_total" for n, _l, _v in samples),
-                 "byte counters are reported")
+    report.check(
+        any(n == "istio_tcp_sent_bytes_total" for n, _l, _v in samples),
+        "byte counters are reported",
+    )
 
 
 async def _run(config_dir: Path, state_dir: Path, out: TextIO) -> int:
@@ -270,8 +364,10 @@ async def _run(config_dir: Path, state_dir: Path, out: TextIO) -> int:
     report.line(f"Starting the embedded mesh from {config_dir} (state and logs in {state_dir})")
     async with trio.open_nursery() as nursery:
         mesh: EmbeddedMesh = await nursery.start(run_embedded, config_dir, state_dir)
-        report.line(f"istiod_lite at {mesh.istiod_address}; ztunnels: " +
-                    ", ".join(f"{n} at {a}" for n, a in mesh.nodes.items()))
+        report.line(
+            f"istiod_lite at {mesh.istiod_address}; ztunnels: "
+            + ", ".join(f"{n} at {a}" for n, a in mesh.nodes.items())
+        )
         demo = DemoMesh(mesh)
         async with demo.http:
             sleep = await demo.pod("demo", "sleep")
@@ -293,8 +389,10 @@ async def _run(config_dir: Path, state_dir: Path, out: TextIO) -> int:
             report.line(f"  - {failure}")
         report.line(f"Logs of every process are in {state_dir / 'logs'}")
         return 1
-    report.line("every check held. Explore: `ambientctl up -f examples/demo` and "
-                "`ambientctl ztunnel-config workloads --node node-1`.")
+    report.line(
+        "every check held. Explore: `ambientctl up -f examples/demo` and "
+        "`ambientctl ztunnel-config workloads --node node-1`."
+    )
     return 0
 
 

@@ -56,8 +56,12 @@ def new_key_and_csr(identity: SpiffeId) -> tuple[str, str]:
 
 
 def renewal_delay(not_before: datetime, not_after: datetime, now: datetime) -> float:
-    """Seconds from ``now`` until half of the certificate's lifetime has passed (>= 0)."""
-    half_life = not_before + (not_after - not_before) / 2
+    """Seconds from ``now`` (the moment the certificate arrived) until half of its usable
+    lifetime has passed (>= 0). Usable life starts at ``now`` when the CA backdated
+    ``not_before`` for clock skew: that minute cannot be used, and counting it would make a
+    short-lived certificate arrive already "past half-life"."""
+    start = max(not_before, now)
+    half_life = start + (not_after - start) / 2
     return max(0.0, (half_life - now).total_seconds())
 
 
@@ -245,13 +249,13 @@ class CertificateManager:
                 if delay > 0:
                     backoff = None
                 else:
-                    # The CA handed out a certificate already past half its life (a TTL
-                    # shorter than its backdating): renew, but without hammering the CA.
+                    # The CA handed out a certificate that is already expired (its clock is
+                    # behind ours): renew, but without hammering the CA.
                     delay = backoff = next_backoff(
                         backoff, initial=self._backoff_initial, cap=self._backoff_cap
                     )
                     log.warning(
-                        "certificate issued already past half its lifetime",
+                        "certificate issued already expired",
                         identity=str(entry.identity),
                         renew_in=delay,
                     )

@@ -13,7 +13,7 @@ import trio
 from cryptography import x509
 
 from istiod_lite.api.identity import SpiffeId
-from istiod_lite.ca import CLOCK_SKEW, utc_now
+from istiod_lite.ca import CLOCK_SKEW
 from tests.conftest import LoopbackAllocator
 from tests.integration.control_plane_servers import (
     client_ssl_context,
@@ -42,7 +42,8 @@ async def test_sign_returns_chain_and_trust_bundle_over_http2(
         leaf = x509.load_pem_x509_certificate(answer.cert_chain[0].encode())
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(SLEEP_ID)]
-        assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(seconds=600)
+        # TTL counted from now; valid from a minute back (the CA's clock-skew allowance).
+        assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(seconds=660)
         assert answer.cert_chain[-1] == pki.root_pem
         assert list(answer.trust_bundle) == pki.trust_bundle
         # The same HTTP/2 connection serves further calls.
@@ -88,16 +89,10 @@ async def test_unreachable_or_untrusted_ca_is_unavailable(
             await CaClient(cp).sign(csr)
 
 
-def _shifted_now() -> datetime:
-    """The CA backdates not_before by its clock-skew allowance; shifting its clock by the
-    same amount makes a 2 s certificate valid from now to now + 2 s."""
-    return utc_now() + CLOCK_SKEW
-
-
 async def test_short_lived_certificate_is_rotated_before_expiry(
     nursery: trio.Nursery, tmp_path: Path, loopback: LoopbackAllocator
 ) -> None:
-    pki = TestPki(now=_shifted_now)
+    pki = TestPki()
     istiod = await start_real_istiod(nursery, tmp_path, loopback.new(), pki, WORKLOADS, TOKENS)
     cp = ControlPlaneConnection(istiod.url, "node-1-token", client_ssl_context(pki))
     manager = CertificateManager(CaClient(cp), requested_ttl=2, backoff_initial=0.05)
@@ -106,7 +101,7 @@ async def test_short_lived_certificate_is_rotated_before_expiry(
     manager.set_wanted({SLEEP_ID})
     await nursery.start(manager.run)
     first = await manager.wait_for(SLEEP_ID, timeout=5)
-    assert first.not_after - first.not_before == timedelta(seconds=2)
+    assert first.not_after - first.not_before == timedelta(seconds=2) + CLOCK_SKEW
     with trio.fail_after(3):
         while (current := manager.current(SLEEP_ID)) is None or current.serial == first.serial:
             await trio.sleep(0.02)

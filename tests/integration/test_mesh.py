@@ -42,10 +42,15 @@ async def _get(mesh: Mesh, source: str, host: str = HTTPBIN_VIP) -> dict[str, ob
 async def _echo_roundtrip(mesh: Mesh, source: str, payload: bytes) -> bytes:
     """Send ``payload``, half-close, and read the echo until the server's EOF."""
     stream = await mesh.connect(source, ECHO_VIP, ECHO_PORT)
-    async with stream:
+    received = bytearray()
+
+    async def send() -> None:
         await stream.send_all(payload)
         await stream.send_eof()
-        received = bytearray()
+
+    async with stream, trio.open_nursery() as nursery:
+        # Read while sending: an echo fills every buffer on the way back otherwise.
+        nursery.start_soon(send)
         while chunk := await stream.receive_some(65536):
             received += chunk
     return bytes(received)

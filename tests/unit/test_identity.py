@@ -41,8 +41,9 @@ def test_renewal_delay_is_half_life_from_now() -> None:
     start = EPOCH
     end = EPOCH + timedelta(hours=24)
     assert renewal_delay(start, end, start) == 12 * 3600
-    assert renewal_delay(start, end, start + timedelta(hours=2)) == 10 * 3600
-    assert renewal_delay(start, end, start + timedelta(hours=12)) == 0
+    # Arriving late (or backdated for clock skew): half of what remains.
+    assert renewal_delay(start, end, start + timedelta(hours=2)) == 11 * 3600
+    assert renewal_delay(start, end, start + timedelta(hours=24)) == 0
     assert renewal_delay(start, end, start + timedelta(hours=30)) == 0  # overdue: now
 
 
@@ -79,7 +80,8 @@ def test_describe_certificate_reports_serial_validity_and_sans() -> None:
     issued = TestPki().issue("default", "sleep", ttl=timedelta(hours=2))
     info = describe_certificate(issued.cert_pem)
     assert info.serial_number == format(issued.serial, "x")
-    assert info.expiration_time - info.valid_from == timedelta(hours=2)
+    # Valid from a minute back (the CA's clock-skew allowance) until two hours from now.
+    assert info.expiration_time - info.valid_from == timedelta(hours=2, minutes=1)
     assert info.subject_alt_names == (str(SLEEP),)
     dumped = info.to_dump()
     assert dumped["validFrom"].endswith("Z") and dumped["expirationTime"].endswith("Z")
@@ -162,7 +164,9 @@ async def test_renews_at_half_life_and_rotates(autojump_clock: object) -> None:
         second, third = rotated[1][1], rotated[2][1]
         assert len({first.serial, second.serial, third.serial}) == 3
         times = ca.call_times(SLEEP)
-        half_life = first.not_before + (first.not_after - first.not_before) / 2
+        # Half of the usable life: from arrival (not the backdated notBefore) to notAfter.
+        arrived = EPOCH + timedelta(seconds=times[0])
+        half_life = arrived + (first.not_after - arrived) / 2
         assert times[1] == pytest.approx((half_life - EPOCH).total_seconds(), abs=1e-3)
         # Renewed well before expiry; the renewed certificate is the current one.
         assert times[1] < (first.not_after - EPOCH).total_seconds()
@@ -259,8 +263,8 @@ async def test_set_wanted_adds_and_drops_identities(autojump_clock: object) -> N
 async def test_certificate_already_past_half_life_does_not_hammer_the_ca(
     autojump_clock: object,
 ) -> None:
-    # A 30 s TTL from a CA that backdates by 60 s: born past half-life (even expired).
-    ca = ScriptedCa(TestPki(now=virtual_now))
+    # A CA whose clock is two minutes behind: a 30 s certificate arrives already expired.
+    ca = ScriptedCa(TestPki(now=lambda: virtual_now() - timedelta(minutes=2)))
     manager, _ = make_manager(ca, requested_ttl=30, backoff_initial=1.0, backoff_cap=8.0)
     manager.set_wanted({SLEEP})
     async with trio.open_nursery() as nursery:

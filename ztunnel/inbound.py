@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import TunnelProtocol, Workload
+from istiod_lite.api.model import Service, TunnelProtocol, Workload
 from ztunnel.authz import ConnectionAttributes, evaluate
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import (
@@ -30,7 +30,7 @@ from ztunnel.hbone import (
 )
 from ztunnel.identity import CertificateManager
 from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header
-from ztunnel.state import ProxyState, canonical_ip, identity_of
+from ztunnel.state import ProxyState, canonical_ip, identity_of, service_for_hostname
 from ztunnel.telemetry import (
     FLAG_UNAUTHORIZED,
     FLAG_UPSTREAM_CONNECT_FAILURE,
@@ -218,6 +218,7 @@ class Inbound:
             return
         record.destination_workload = target.workload
         record.destination_identity = identity_of(target.workload)
+        record.destination_service = self._targeted_service(request, target.workload)
         upstream = await self._connect_upstream(target_ip, target.port)
         if isinstance(upstream, str):
             self._telemetry.refused(record, reason=upstream,
@@ -227,6 +228,14 @@ class Inbound:
         async with upstream:
             tunnel = await responder.accept()
             await self._splice(record, tunnel, upstream)
+
+    def _targeted_service(self, request: ConnectRequest, workload: Workload) -> Service | None:
+        """The Service the caller addressed (``forwarded: ...;host=``), for telemetry, but
+        only if it really selects this workload: a caller cannot pick our labels."""
+        if not request.forwarded_host:
+            return None
+        service = service_for_hostname(self._state, request.forwarded_host)
+        return service if service is not None and service.key in workload.services else None
 
     # -- plaintext ------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Service, Workload
+from istiod_lite.api.model import Workload
 from ztunnel import socks5
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import (
@@ -31,7 +31,15 @@ from ztunnel.hbone import (
 from ztunnel.identity import CertificateManager
 from ztunnel.inbound import LOOP_GUARD_PORTS
 from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.state import Destination, ProxyState, ResolveError, canonical_ip, identity_of, is_hbone
+from ztunnel.state import (
+    Destination,
+    ProxyState,
+    ResolveError,
+    canonical_ip,
+    identity_of,
+    is_hbone,
+    service_for_hostname,
+)
 from ztunnel.telemetry import (
     FLAG_NO_HEALTHY_UPSTREAM,
     FLAG_NO_ROUTE,
@@ -43,11 +51,6 @@ from ztunnel.telemetry import (
 from ztunnel.tls import PeerIdentityError
 
 log = structlog.get_logger()
-
-CLUSTER_DOMAIN = "cluster.local"
-# What may follow ``name.ns`` in a mesh service name: nothing, ``svc`` or the full domain.
-_MESH_NAME_SUFFIXES: tuple[list[str], ...] = ([], ["svc"], ["svc", *CLUSTER_DOMAIN.split(".")])
-
 
 class OutboundRefused(Exception):
     """Why an outbound connection cannot be made, with the SOCKS5 reply that says so."""
@@ -68,16 +71,6 @@ class OutboundPlan:
     def destination_identity(self) -> SpiffeId | None:
         workload = self.destination.workload
         return identity_of(workload) if workload and self.destination.use_hbone else None
-
-
-def service_for_hostname(state: ProxyState, host: str) -> Service | None:
-    """A mesh Service named as a client would write it: ``name.ns``, ``name.ns.svc`` or the
-    full ``name.ns.svc.cluster.local``. Only mesh names resolve: the proxy is no DNS server."""
-    parts = host.lower().rstrip(".").split(".")
-    if len(parts) < 2 or parts[2:] not in _MESH_NAME_SUFFIXES:
-        return None
-    name, namespace = parts[0], parts[1]
-    return state.service(f"{namespace}/{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
 
 
 def plan_outbound(

@@ -493,3 +493,18 @@ def _discard(index: dict[Any, Any], key: Any, member: str) -> None:
         members.pop(member, None)
     if not members:
         del index[key]
+
+
+CLUSTER_DOMAIN = "cluster.local"
+# What may follow ``name.ns`` in a mesh service name: nothing, ``svc`` or the full domain.
+_MESH_NAME_SUFFIXES: tuple[list[str], ...] = ([], ["svc"], ["svc", *CLUSTER_DOMAIN.split(".")])
+
+
+def service_for_hostname(state: ProxyState, host: str) -> Service | None:
+    """A mesh Service named as a client would write it: ``name.ns``, ``name.ns.svc`` or the
+    full ``name.ns.svc.cluster.local``. Only mesh names resolve: the proxy is no DNS server."""
+    parts = host.lower().rstrip(".").split(".")
+    if len(parts) < 2 or parts[2:] not in _MESH_NAME_SUFFIXES:
+        return None
+    name, namespace = parts[0], parts[1]
+    return state.service(f"{namespace}/{name}.{namespace}.svc.{CLUSTER_DOMAIN}")

@@ -82,6 +82,9 @@ async def test_allowed_client_reaches_both_endpoints_over_mtls(
         and 'reporter="destination"' in line
         and 'source_principal="spiffe://cluster.local/ns/demo/sa/sleep"' in line
         and 'connection_security_policy="mutual_tls"' in line
+        # The destination learns the Service the caller addressed (forwarded: ...;host=).
+        and 'destination_service="httpbin.demo.svc.cluster.local"' in line
+        and 'destination_service_name="httpbin"' in line
     ]
     assert opened, text
     assert sum(float(line.rsplit(" ", 1)[1]) for line in opened) >= 6

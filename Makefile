@@ -1,0 +1,60 @@
+# ambient-lite: developer and CI entry points. `make test` is what .ci/run runs.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.stamp
+SYSTEM_STAMP := $(VENV)/.system-deps-stamp
+# Debian packages the network-namespace tests and the capture mode use.
+SYSTEM_PACKAGES := iproute2 iptables
+PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common
+
+.PHONY: venv system-deps demo test lint clean distclean
+
+venv: $(VENV_STAMP)
+
+# Rebuilt when pyproject.toml changes (its dependencies may have).
+$(VENV_STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+system-deps: $(SYSTEM_STAMP)
+
+# Installs only what is missing, once (the stamp); without root or apt-get it explains and
+# leaves no stamp, so a later run as root still installs.
+$(SYSTEM_STAMP):
+	@missing=""; \
+	for pkg in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'install ok installed' \
+			|| missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		mkdir -p $(VENV) && touch $@; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "system-deps: not root; not installing:$$missing (tests needing them skip)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "system-deps: no apt-get; please install:$$missing"; \
+	else \
+		echo "system-deps: installing$$missing"; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$$missing >/dev/null && \
+		mkdir -p $(VENV) && touch $@; \
+	fi
+
+demo: venv
+	$(PY) -m ambientctl demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(PACKAGES)
+
+test: venv system-deps lint
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=120 tests
+
+clean:
+	rm -rf run .mypy_cache .ruff_cache .pytest_cache build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,255 @@
+"""The ``ambientctl`` / ``kubectl-ambient`` command line.
+
+``main(argv)`` parses flags into plain values and hands them to the module doing the work;
+it returns the process exit code (2 for usage errors, as argparse, 1 for failures the message
+explains). Nothing here or below reads the environment: flag defaults are the only defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+import trio
+
+from ambient_common.logging import LogFormat, configure_logging
+from ambientctl import package_version
+from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format
+from ambientctl.ztunnelconfig import (
+    DEFAULT_ADMIN_PORT,
+    VIEWS,
+    ZtunnelConfigError,
+    fetch_config_dump,
+    render_view,
+    resolve_node_address,
+)
+
+log = structlog.get_logger()
+
+DEFAULT_STATE_DIR = Path("run")
+DEFAULT_DEMO_DIR = Path("examples/demo")
+LOG_FORMATS = ["auto", "json", "console"]
+
+# istioctl spells the kinds in the singular; accept both.
+ZTUNNEL_CONFIG_KINDS = {**{k: k for k in VIEWS}, **{k.rstrip("s"): k for k in VIEWS}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ambientctl",
+        description="Run and inspect ambient-lite, a sidecar-less service mesh.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = sub.add_parser(
+        "up",
+        help="run the embedded mesh in the foreground (Ctrl-C drains and exits)",
+        description="Start istiod_lite, one ztunnel per Node and the sample apps of the Pods "
+        "found in DIR, and supervise them until interrupted.",
+    )
+    up.add_argument(
+        "-f",
+        "--file",
+        dest="config_dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory of Kubernetes YAML (Nodes, Namespaces, Pods, Services, ...)",
+    )
+    _add_state_dir(up)
+    up.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    up.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long children may take to stop before SIGKILL (default 10)",
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for istiod and every ztunnel (default 30)",
+    )
+
+    demo = sub.add_parser("demo", help="run the guided demo on an embedded mesh")
+    demo.add_argument(
+        "-f",
+        "--file",
+        dest="config_dir",
+        type=Path,
+        default=DEFAULT_DEMO_DIR,
+        metavar="DIR",
+        help=f"demo manifests (default {DEFAULT_DEMO_DIR})",
+    )
+    _add_state_dir(demo)
+
+    zc = sub.add_parser(
+        "ztunnel-config",
+        help="show a ztunnel's view of the mesh (as istioctl ztunnel-config)",
+        description="Fetch a ztunnel's /config_dump and show one kind of its contents.",
+    )
+    zc.add_argument(
+        "kind",
+        choices=sorted(ZTUNNEL_CONFIG_KINDS),
+        metavar="KIND",
+        help="workloads | services | policies | certificates",
+    )
+    target = zc.add_mutually_exclusive_group()
+    target.add_argument("--node", help="node whose ztunnel to ask (from the running mesh)")
+    target.add_argument("--address", help="ztunnel admin address, e.g. 127.0.10.1")
+    zc.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT)
+    zc.add_argument("-n", "--namespace", help="only entries of this namespace")
+    zc.add_argument(
+        "-o",
+        "--output",
+        type=_output_format,
+        default="table",
+        metavar="|".join(FORMAT_ALIASES),
+        help="output format (default table)",
+    )
+    _add_state_dir(zc)
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"embedded mesh state: certs, tokens, logs, mesh.json (default ./{DEFAULT_STATE_DIR})",
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than zero")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _output_format(text: str) -> str:
+    try:
+        return parse_output_format(text).value
+    except UnknownOutputFormat as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_version(_args: argparse.Namespace, out: TextIO) -> int:
+    out.write(
+        f"ambientctl {package_version()} "
+        f"(python {platform.python_version()}, trio {trio.__version__})\n"
+    )
+    return 0
+
+
+def cmd_ztunnel_config(args: argparse.Namespace, out: TextIO) -> int:
+    kind = ZTUNNEL_CONFIG_KINDS[args.kind]
+    address = args.address or resolve_node_address(args.state_dir, args.node)
+    dump = fetch_config_dump(address, args.admin_port)
+    out.write(render_view(dump, kind, args.output, namespace=args.namespace))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, out: TextIO) -> int:
+    fmt: LogFormat = args.log_format
+    configure_logging(fmt)
+    from ambientctl.embedded import EmbeddedError, run_embedded
+
+    async def watch_signals(scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("draining the mesh", signal=signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            # Watch from the start: a Ctrl-C during startup also drains what has started.
+            nursery.start_soon(watch_signals, nursery.cancel_scope)
+            mesh = await nursery.start(
+                partial(
+                    run_embedded,
+                    args.config_dir,
+                    args.state_dir,
+                    drain_timeout=args.drain_timeout,
+                    ready_timeout=args.ready_timeout,
+                )
+            )
+            out.write(
+                f"mesh ready: istiod {mesh.istiod_address}, nodes "
+                + ", ".join(f"{n}={a}" for n, a in mesh.nodes.items())
+                + f"; logs in {mesh.paths.logs_dir}. Ctrl-C to stop.\n"
+            )
+            out.flush()
+
+    try:
+        trio.run(run)
+    except* EmbeddedError as group:
+        for exc in group.exceptions:
+            sys.stderr.write(f"ambientctl up: {exc}\n")
+        exit_code = 1
+    else:
+        exit_code = 0
+    return exit_code
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """The demo lives in ``ambientctl.demo`` and is imported only when asked for."""
+    try:
+        demo = importlib.import_module("ambientctl.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != "ambientctl.demo":
+            raise
+        sys.stderr.write("ambientctl demo: this build has no demo (ambientctl/demo.py)\n")
+        return 1
+    result: int = demo.run_demo(config_dir=args.config_dir, state_dir=args.state_dir)
+    return result
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "demo": cmd_demo,
+    "ztunnel-config": cmd_ztunnel_config,
+    "version": cmd_version,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2) or --help (0): argparse already printed why
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return COMMANDS[args.command](args, sys.stdout)
+    except ZtunnelConfigError as exc:
+        sys.stderr.write(f"ambientctl {args.command}: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,720 @@
+"""The embedded mesh: istiod_lite, one ztunnel per node and the sample apps as child processes.
+
+``ambientctl up`` and the demo run a whole mesh on one machine without Kubernetes: the config
+directory holds the Kubernetes objects (Nodes give each ztunnel its loopback address, Pods their
+IPs and ports), istiod_lite serves them, and this module starts and watches the processes.
+
+Process rules: every child runs in its own process group (a Ctrl-C in the terminal reaches only
+the supervisor, which then drains the children in order instead of having them all die at
+once); a child that dies on its own is logged loudly with the tail of its log; shutdown sends
+SIGTERM to every child, waits up to a drain timeout, then SIGKILLs what is left. The pids are
+recorded in ``children.json`` so that a supervisor killed with SIGKILL leaves nothing behind
+after the next ``ambientctl up`` on the same state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+import yaml
+
+from ambientctl.apps import http_get
+
+log = structlog.get_logger()
+
+ISTIOD_LISTEN_HOST = "127.0.9.1"
+ISTIOD_LISTEN_PORT = 15012
+READINESS_PORT = 15021
+DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_READY_TIMEOUT = 30.0
+POLL_INTERVAL = 0.1
+LOG_TAIL_LINES = 20
+
+
+class EmbeddedError(Exception):
+    """The embedded mesh could not start or is not healthy; the message says what to fix."""
+
+
+class EmbeddedConfigError(EmbeddedError):
+    """The config directory does not describe a mesh we can run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run, read from the config directory (sans-IO apart from reading the files)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One sample app process: a pod's container port."""
+
+    namespace: str
+    pod: str
+    address: str
+    port: int
+    kind: str  # "http" | "tcp"
+
+    @property
+    def process_name(self) -> str:
+        return f"app-{self.namespace}-{self.pod}-{self.port}"
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    nodes: tuple[NodeSpec, ...]
+    apps: tuple[AppSpec, ...]
+    pods: Mapping[str, str]  # "namespace/name" -> pod IP
+
+
+def app_kind_for_port(port: Mapping[str, Any]) -> str | None:
+    """Ports named ``tcp*`` run the TCP echo, other TCP ports the HTTP echo, UDP nothing."""
+    if str(port.get("protocol", "TCP")).upper() != "TCP":
+        return None
+    return "tcp" if str(port.get("name", "")).lower().startswith("tcp") else "http"
+
+
+def layout_from_objects(objects: Iterable[tuple[str, Mapping[str, Any]]]) -> MeshLayout:
+    """Nodes, pods and app processes from ``(source, object)`` pairs; errors name the source."""
+    nodes: dict[str, NodeSpec] = {}
+    apps: list[AppSpec] = []
+    pods: dict[str, str] = {}
+    for source, obj in objects:
+        kind = obj.get("kind")
+        metadata = obj.get("metadata") or {}
+        name = metadata.get("name")
+        if kind not in ("Node", "Pod"):
+            continue
+        if not isinstance(name, str) or not name:
+            raise EmbeddedConfigError(f"{source}: {kind} without metadata.name")
+        status = obj.get("status") or {}
+        if kind == "Node":
+            addresses = [
+                a.get("address")
+                for a in status.get("addresses") or ()
+                if isinstance(a, Mapping) and a.get("type") == "InternalIP"
+            ]
+            if not addresses or not isinstance(addresses[0], str):
+                raise EmbeddedConfigError(
+                    f"{source}: Node {name} has no status.addresses entry of type InternalIP"
+                )
+            if name in nodes:
+                raise EmbeddedConfigError(f"{source}: Node {name} is defined twice")
+            nodes[name] = NodeSpec(name, addresses[0])
+            continue
+        namespace = metadata.get("namespace") or "default"
+        pod_ip = status.get("podIP")
+        if not isinstance(pod_ip, str) or not pod_ip:
+            log.warning("pod has no status.podIP; not starting its apps", pod=name, file=source)
+            continue
+        pods[f"{namespace}/{name}"] = pod_ip
+        for container in (obj.get("spec") or {}).get("containers") or ():
+            for port in container.get("ports") or ():
+                app_kind = app_kind_for_port(port)
+                number = port.get("containerPort")
+                if app_kind is None:
+                    continue
+                if not isinstance(number, int) or not 0 < number < 65536:
+                    raise EmbeddedConfigError(
+                        f"{source}: Pod {namespace}/{name} has an invalid containerPort {number!r}"
+                    )
+                apps.append(AppSpec(namespace, name, pod_ip, number, app_kind))
+    seen: dict[str, str] = {}
+    for node in nodes.values():
+        if node.address in seen:
+            raise EmbeddedConfigError(
+                f"Nodes {seen[node.address]} and {node.name} share the address {node.address}"
+            )
+        seen[node.address] = node.name
+    return MeshLayout(tuple(nodes.values()), tuple(apps), pods)
+
+
+def load_layout(config_dir: Path) -> MeshLayout:
+    """Read every ``*.yaml``/``*.yml`` below ``config_dir`` (``kind: List`` is unpacked)."""
+    if not config_dir.is_dir():
+        raise EmbeddedConfigError(f"config directory {config_dir} does not exist")
+    objects: list[tuple[str, Mapping[str, Any]]] = []
+    files = sorted(p for p in config_dir.rglob("*") if p.suffix in (".yaml", ".yml"))
+    for path in files:
+        try:
+            documents = list(yaml.safe_load_all(path.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise EmbeddedConfigError(f"{path}: {exc}") from None
+        for document in documents:
+            if document is None:
+                continue
+            if not isinstance(document, Mapping):
+                raise EmbeddedConfigError(f"{path}: a document is not a mapping")
+            items = document.get("items") if document.get("kind") == "List" else [document]
+            objects.extend((str(path), item) for item in items or () if isinstance(item, Mapping))
+    layout = layout_from_objects(objects)
+    if not layout.nodes:
+        raise EmbeddedConfigError(f"{config_dir} defines no Node; a mesh needs at least one")
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# State directory and command lines
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def istiod_dir(self) -> Path:
+        return self.root / "istiod"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.istiod_dir / "root-cert.pem"
+
+    @property
+    def bootstrap_tokens(self) -> Path:
+        return self.root / "bootstrap-tokens.yaml"
+
+    @property
+    def tokens_dir(self) -> Path:
+        return self.root / "tokens"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def mesh_file(self) -> Path:
+        return self.root / "mesh.json"
+
+    @property
+    def children_file(self) -> Path:
+        return self.root / "children.json"
+
+    def token_file(self, node: str) -> Path:
+        return self.tokens_dir / node
+
+    def create(self) -> None:
+        for directory in (self.root, self.istiod_dir, self.tokens_dir, self.logs_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.tokens_dir.chmod(0o700)
+
+
+def istiod_argv(config_dir: Path, paths: StatePaths, listen: str) -> list[str]:
+    return [
+        sys.executable, "-m", "istiod_lite",
+        "--config-dir", str(config_dir),
+        "--state-dir", str(paths.istiod_dir),
+        "--bootstrap-tokens", str(paths.bootstrap_tokens),
+        "--listen", listen,
+        "--log-format", "json",
+    ]  # fmt: skip
+
+
+def ztunnel_argv(node: NodeSpec, paths: StatePaths, xds_address: str) -> list[str]:
+    """The ztunnel command line, in one place so a change of its flags is one edit."""
+    return [
+        sys.executable, "-m", "ztunnel",
+        "--node", node.name,
+        "--node-address", node.address,
+        "--xds-address", xds_address,
+        "--root-cert", str(paths.root_cert),
+        "--token-file", str(paths.token_file(node.name)),
+        "--log-format", "json",
+    ]  # fmt: skip
+
+
+def app_argv(app: AppSpec) -> list[str]:
+    return [
+        sys.executable, "-m", "ambientctl.apps", app.kind,
+        "--address", app.address,
+        "--port", str(app.port),
+        "--name", app.pod,
+        "--log-format", "json",
+    ]  # fmt: skip
+
+
+def write_private_file(path: Path, content: str) -> None:
+    """Create or replace ``path`` readable by its owner only (0600 from the first byte)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(content)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def write_bootstrap_tokens(paths: StatePaths, nodes: Sequence[NodeSpec]) -> dict[str, str]:
+    """Fresh per-node tokens: istiod reads the map, each ztunnel only its own file."""
+    tokens = {node.name: secrets.token_urlsafe(32) for node in nodes}
+    write_private_file(paths.bootstrap_tokens, yaml.safe_dump(tokens, sort_keys=True))
+    for name, token in tokens.items():
+        write_private_file(paths.token_file(name), token)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Process supervision
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    name: str
+    returncode: int
+    expected: bool
+
+
+@dataclass
+class _Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: trio.Process | None = None
+    stopping: bool = False
+    exited: trio.Event = field(default_factory=trio.Event)
+
+
+class Supervisor:
+    """Starts named child processes in a nursery and stops them without leaving orphans.
+
+    Use through ``open_supervisor``; children outlive nothing: leaving the context (normally,
+    by cancellation or by an error) stops every child.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        logs_dir: Path,
+        *,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        pid_file: Path | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._logs_dir = logs_dir
+        self._drain_timeout = drain_timeout
+        self._pid_file = pid_file
+        self._children: dict[str, _Child] = {}
+        self.exits: list[ChildExit] = []
+
+    @property
+    def unexpected_exits(self) -> list[ChildExit]:
+        return [e for e in self.exits if not e.expected]
+
+    def log_path(self, name: str) -> Path:
+        return self._logs_dir / f"{name}.log"
+
+    def process(self, name: str) -> trio.Process:
+        child = self._children.get(name)
+        if child is None or child.process is None:
+            raise KeyError(f"no process named {name!r}")
+        return child.process
+
+    def is_running(self, name: str) -> bool:
+        child = self._children.get(name)
+        return bool(child and child.process and child.process.returncode is None)
+
+    def names(self) -> list[str]:
+        return list(self._children)
+
+    async def start(self, name: str, argv: Sequence[str]) -> trio.Process:
+        """Start ``argv`` as ``name``; its output goes to ``<logs>/<name>.log``."""
+        if self.is_running(name):
+            raise EmbeddedError(f"process {name!r} is already running")
+        child = _Child(name, list(argv), self.log_path(name))
+        self._children[name] = child
+        process: trio.Process = await self._nursery.start(self._run_child, child)
+        self._record_pids()
+        return process
+
+    async def restart(self, name: str) -> trio.Process:
+        child = self._children.get(name)
+        if child is None:
+            raise KeyError(f"no process named {name!r}")
+        await self.stop(name)
+        return await self.start(name, child.argv)
+
+    async def stop(self, name: str) -> int:
+        """SIGTERM, wait up to the drain timeout, SIGKILL; returns the exit code."""
+        child = self._children.get(name)
+        if child is None or child.process is None:
+            raise KeyError(f"no process named {name!r}")
+        child.stopping = True
+        await self._terminate(child.process, name)
+        await child.exited.wait()
+        returncode = child.process.returncode
+        assert returncode is not None
+        return returncode
+
+    async def wait_exit(self, name: str) -> int:
+        child = self._children[name]
+        await child.exited.wait()
+        assert child.process is not None and child.process.returncode is not None
+        return child.process.returncode
+
+    async def shutdown(self) -> None:
+        """Stop every child at once, so the whole mesh drains within one drain timeout."""
+        async with trio.open_nursery() as nursery:
+            for name, child in list(self._children.items()):
+                if child.process is not None and child.process.returncode is None:
+                    nursery.start_soon(self.stop, name)
+        self._record_pids()
+
+    async def _run_child(
+        self, child: _Child, *, task_status: trio.TaskStatus[trio.Process]
+    ) -> None:
+        with child.log_path.open("ab") as log_file:
+            process = await trio.lowlevel.open_process(
+                child.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+            )
+        child.process = process
+        log.info("started", process=child.name, pid=process.pid, log=str(child.log_path))
+        task_status.started(process)
+        try:
+            await process.wait()
+        except trio.Cancelled:
+            child.stopping = True
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._terminate(process, child.name)
+                returncode = process.returncode
+                assert returncode is not None
+                self.exits.append(ChildExit(child.name, returncode, child.stopping))
+                if child.stopping:
+                    log.info("stopped", process=child.name, returncode=returncode)
+                else:
+                    log.error(
+                        "PROCESS EXITED UNEXPECTEDLY",
+                        process=child.name,
+                        returncode=returncode,
+                        log=str(child.log_path),
+                        log_tail=tail(child.log_path, LOG_TAIL_LINES),
+                    )
+                self._record_pids()
+                child.exited.set()
+
+    async def _terminate(self, process: trio.Process, name: str) -> None:
+        if process.returncode is not None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        with trio.move_on_after(self._drain_timeout):
+            await process.wait()
+            return
+        log.warning(
+            "did not stop within the drain timeout; killing",
+            process=name,
+            drain_timeout=self._drain_timeout,
+        )
+        _signal_group(process.pid, signal.SIGKILL)
+        await process.wait()
+
+    def _record_pids(self) -> None:
+        if self._pid_file is None:
+            return
+        running = {
+            name: {"pid": child.process.pid, "argv": child.argv}
+            for name, child in self._children.items()
+            if child.process is not None and child.process.returncode is None
+        }
+        self._pid_file.write_text(json.dumps(running, indent=2) + "\n")
+
+
+def _signal_group(pid: int, signum: signal.Signals) -> None:
+    """Signal the child's process group (its pgid is its pid), reaching its own children too."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        os.kill(pid, signum)
+
+
+@asynccontextmanager
+async def open_supervisor(
+    logs_dir: Path,
+    *,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    pid_file: Path | None = None,
+) -> AsyncIterator[Supervisor]:
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery, logs_dir, drain_timeout=drain_timeout, pid_file=pid_file)
+        try:
+            yield supervisor
+        finally:
+            with trio.CancelScope(shield=True):
+                await supervisor.shutdown()
+
+
+async def reap_stale_children(pid_file: Path, timeout: float = 5.0) -> list[int]:
+    """Stop children a killed supervisor left behind; only pids whose command line still
+    matches what was recorded, so a reused pid is never touched. Returns the pids stopped."""
+    try:
+        recorded = json.loads(pid_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    stale = [
+        entry["pid"]
+        for entry in recorded.values()
+        if isinstance(entry, dict) and live_cmdline(entry.get("pid")) == entry.get("argv")
+    ]
+    for pid in stale:
+        log.warning("stopping a child left by an earlier supervisor", pid=pid)
+        _signal_group(pid, signal.SIGTERM)
+    with trio.move_on_after(timeout):
+        while any(live_cmdline(pid) is not None for pid in stale):
+            await trio.sleep(POLL_INTERVAL)
+    for pid in stale:
+        if live_cmdline(pid) is not None:
+            _signal_group(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return stale
+
+
+def live_cmdline(pid: Any) -> list[str] | None:
+    """The live process's argv, or None when it is gone (or a zombie)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return raw.rstrip(b"\0").decode(errors="replace").split("\0")
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Readiness probes
+
+
+async def wait_for_port(
+    host: str, port: int, timeout: float, *, process: trio.Process | None = None, what: str
+) -> None:
+    """Poll until ``host:port`` accepts a connection; fail fast if ``process`` exits."""
+    last_error = "no attempt"
+    with trio.move_on_after(timeout):
+        while True:
+            if process is not None and process.returncode is not None:
+                raise EmbeddedError(
+                    f"{what} exited with code {process.returncode} before listening"
+                )
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                last_error = str(exc)
+            else:
+                await stream.aclose()
+                return
+            await trio.sleep(POLL_INTERVAL)
+    raise EmbeddedError(f"{what} is not listening on {host}:{port} after {timeout}s: {last_error}")
+
+
+async def probe_ready(address: str, port: int = READINESS_PORT) -> tuple[bool, str]:
+    """One readiness probe: (ready?, why not)."""
+    try:
+        stream = await trio.open_tcp_stream(address, port)
+    except OSError as exc:
+        return False, str(exc)
+    try:
+        async with stream:
+            status, _headers, body = await http_get(stream, address, "/healthz/ready")
+    except (OSError, trio.BrokenResourceError) as exc:
+        return False, str(exc)
+    if status == 200:
+        return True, ""
+    return False, f"answered {status}: {body[:200].decode(errors='replace').strip()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh
+
+
+@dataclass
+class EmbeddedMesh:
+    """Handle to a running embedded mesh, for ``ambientctl up``, the demo and tests."""
+
+    config_dir: Path
+    paths: StatePaths
+    layout: MeshLayout
+    supervisor: Supervisor
+    istiod_host: str = ISTIOD_LISTEN_HOST
+    istiod_port: int = ISTIOD_LISTEN_PORT
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+
+    @property
+    def istiod_address(self) -> str:
+        return f"{self.istiod_host}:{self.istiod_port}"
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        return {node.name: node.address for node in self.layout.nodes}
+
+    @property
+    def pods(self) -> dict[str, str]:
+        return dict(self.layout.pods)
+
+    @staticmethod
+    def ztunnel_process_name(node: str) -> str:
+        return f"ztunnel-{node}"
+
+    async def start_istiod(self) -> None:
+        """Start istiod and wait for its root certificate and its port."""
+        process = await self.supervisor.start(
+            "istiod", istiod_argv(self.config_dir, self.paths, self.istiod_address)
+        )
+        with trio.move_on_after(self.ready_timeout):
+            while not self.paths.root_cert.exists():
+                if process.returncode is not None:
+                    raise EmbeddedError(
+                        f"istiod exited with code {process.returncode} during startup; "
+                        f"see {self.supervisor.log_path('istiod')}:\n"
+                        + tail(self.supervisor.log_path("istiod"), LOG_TAIL_LINES)
+                    )
+                await trio.sleep(POLL_INTERVAL)
+        if not self.paths.root_cert.exists():
+            raise EmbeddedError(
+                f"istiod wrote no {self.paths.root_cert} within {self.ready_timeout}s"
+            )
+        await wait_for_port(
+            self.istiod_host, self.istiod_port, self.ready_timeout, process=process, what="istiod"
+        )
+
+    async def start_ztunnels(self) -> None:
+        for node in self.layout.nodes:
+            await self.supervisor.start(
+                self.ztunnel_process_name(node.name),
+                ztunnel_argv(node, self.paths, self.istiod_address),
+            )
+
+    async def start_apps(self) -> None:
+        for app in self.layout.apps:
+            await self.supervisor.start(app.process_name, app_argv(app))
+        for app in self.layout.apps:
+            await wait_for_port(
+                app.address,
+                app.port,
+                self.ready_timeout,
+                process=self.supervisor.process(app.process_name),
+                what=app.process_name,
+            )
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Poll every ztunnel's ``/healthz/ready`` until all answer 200."""
+        timeout = self.ready_timeout if timeout is None else timeout
+        pending = dict(self.nodes)
+        reasons: dict[str, str] = {}
+        with trio.move_on_after(timeout):
+            while pending:
+                for name, address in list(pending.items()):
+                    process_name = self.ztunnel_process_name(name)
+                    if not self.supervisor.is_running(process_name):
+                        raise EmbeddedError(
+                            f"ztunnel of node {name} is not running; see "
+                            f"{self.supervisor.log_path(process_name)}"
+                        )
+                    ready, reasons[name] = await probe_ready(address)
+                    if ready:
+                        del pending[name]
+                if pending:
+                    await trio.sleep(POLL_INTERVAL)
+            return
+        details = "; ".join(f"{n} ({self.nodes[n]}): {reasons.get(n, '')}" for n in pending)
+        raise EmbeddedError(f"ztunnels not ready after {timeout}s: {details}")
+
+    async def restart_istiod(self) -> None:
+        await self.supervisor.stop("istiod")
+        await self.start_istiod()
+
+    async def stop_process(self, name: str) -> int:
+        return await self.supervisor.stop(name)
+
+    async def restart_process(self, name: str) -> None:
+        await self.supervisor.restart(name)
+
+    def mesh_state(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "istiod": self.istiod_address,
+            "nodes": self.nodes,
+            "pods": self.pods,
+            "logs": str(self.paths.logs_dir),
+        }
+
+    def write_mesh_state(self) -> None:
+        tmp = self.paths.mesh_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.mesh_state(), indent=2) + "\n")
+        os.replace(tmp, self.paths.mesh_file)
+
+
+async def run_embedded(
+    config_dir: Path,
+    state_dir: Path,
+    *,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT,
+    istiod_host: str = ISTIOD_LISTEN_HOST,
+    task_status: trio.TaskStatus[EmbeddedMesh] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the mesh until cancelled; ``task_status.started(mesh)`` once every ztunnel is ready.
+
+    On cancellation every child is drained (SIGTERM, then SIGKILL after ``drain_timeout``)
+    and ``mesh.json`` is removed, so tools stop pointing at a mesh that is gone.
+    """
+    layout = load_layout(config_dir)
+    paths = StatePaths(state_dir)
+    paths.create()
+    await reap_stale_children(paths.children_file)
+    paths.mesh_file.unlink(missing_ok=True)
+    write_bootstrap_tokens(paths, layout.nodes)
+    async with open_supervisor(
+        paths.logs_dir, drain_timeout=drain_timeout, pid_file=paths.children_file
+    ) as supervisor:
+        mesh = EmbeddedMesh(
+            config_dir.resolve(),
+            paths,
+            layout,
+            supervisor,
+            istiod_host=istiod_host,
+            ready_timeout=ready_timeout,
+        )
+        try:
+            await mesh.start_apps()
+            await mesh.start_istiod()
+            await mesh.start_ztunnels()
+            await mesh.wait_ready()
+            mesh.write_mesh_state()
+            log.info("embedded mesh ready", istiod=mesh.istiod_address, nodes=mesh.nodes)
+            task_status.started(mesh)
+            await trio.sleep_forever()
+        finally:
+            paths.mesh_file.unlink(missing_ok=True)

@@ -655,7 +655,8 @@ def test_pki_helper_issues_verifiable_certs_and_foreign_ones_fail(tmp_path: Path
     issued = pki.issue("default", "sleep")
     assert issued.identity == SpiffeId("cluster.local", "default", "sleep")
     assert issued.cert == load(issued.cert_pem)
-    assert issued.not_after - issued.not_before == timedelta(hours=1) + timedelta(seconds=60)  # skew allowance
+    # TTL from now, valid from a minute back (the clock-skew allowance).
+    assert issued.not_after - issued.not_before == timedelta(hours=1, seconds=60)
     now = datetime.now(UTC)
     verify_client(issued.chain_pem, pki.trust_bundle, at=now)
 

@@ -30,6 +30,7 @@ import structlog
 import trio
 import yaml
 
+from ambient_common.files import write_atomically
 from ambientctl.apps import http_get
 
 log = structlog.get_logger()
@@ -248,22 +249,12 @@ def app_argv(app: AppSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def write_private_file(path: Path, content: str) -> None:
-    """Create or replace ``path`` readable by its owner only (0600 from the first byte)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(content)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 def write_bootstrap_tokens(paths: StatePaths, nodes: Sequence[NodeSpec]) -> dict[str, str]:
     """Fresh per-node tokens: istiod reads the map, each ztunnel only its own file."""
     tokens = {node.name: secrets.token_urlsafe(32) for node in nodes}
-    write_private_file(paths.bootstrap_tokens, yaml.safe_dump(tokens, sort_keys=True))
+    write_atomically(paths.bootstrap_tokens, yaml.safe_dump(tokens, sort_keys=True))
     for name, token in tokens.items():
-        write_private_file(paths.token_file(name), token)
+        write_atomically(paths.token_file(name), token)
     return tokens
 
 

@@ -8,7 +8,6 @@ ends every discovery stream and lets in-flight requests finish (a second signal 
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import structlog
 import trio
 
 from ambient_common.errors import describe
+from ambient_common.files import write_atomically
 from ambient_common.logging import configure_logging
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.auth import (
@@ -64,20 +64,6 @@ class RunningIstiod:
         self._stop.set()
 
 
-def write_private_file(path: Path, content: str, mode: int = 0o600) -> None:
-    """Write atomically with ``mode`` from the start (never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(content)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def load_ca(config: IstiodConfig) -> CertificateAuthority:
     try:
         if config.ca_plugin_dir is not None:
@@ -108,9 +94,9 @@ def prepare_state_dir(config: IstiodConfig, ca: CertificateAuthority) -> tuple[P
     key_path = config.state_dir / SERVING_KEY_FILE
     chain_path = config.state_dir / SERVING_CHAIN_FILE
     root_path = config.state_dir / ROOT_CERT_FILE
-    write_private_file(key_path, key_pem)
-    write_private_file(chain_path, "".join(chain))
-    write_private_file(root_path, "".join(ca.trust_bundle), 0o644)
+    write_atomically(key_path, key_pem)
+    write_atomically(chain_path, "".join(chain))
+    write_atomically(root_path, "".join(ca.trust_bundle), 0o644)
     return key_path, chain_path, root_path
 
 

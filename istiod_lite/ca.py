@@ -9,7 +9,6 @@ IO; only loading and saving the CA's own files touches the disk.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ambient_common.files import write_atomically
 from istiod_lite.api.identity import InvalidSpiffeId, SpiffeId
 from istiod_lite.api.model import Workload
 
@@ -280,20 +280,6 @@ def _read_key(path: Path) -> SigningKey:
     return key
 
 
-def _write_file(path: Path, content: str, mode: int) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(content)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _subject_o(cert: x509.Certificate) -> str | None:
     values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return str(values[0].value) if values else None
@@ -420,11 +406,11 @@ class CertificateAuthority:
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             root_pem = _pem(root)
-            _write_file(state_dir / CA_KEY_FILE, _key_pem(key), 0o600)
-            _write_file(state_dir / ROOT_CERT_FILE, root_pem, 0o644)
-            _write_file(state_dir / CERT_CHAIN_FILE, root_pem, 0o644)
+            write_atomically(state_dir / CA_KEY_FILE, _key_pem(key), 0o600)
+            write_atomically(state_dir / ROOT_CERT_FILE, root_pem, 0o644)
+            write_atomically(state_dir / CERT_CHAIN_FILE, root_pem, 0o644)
             # Written last: its presence is what marks the directory as complete.
-            _write_file(state_dir / CA_CERT_FILE, root_pem, 0o644)
+            write_atomically(state_dir / CA_CERT_FILE, root_pem, 0o644)
         return cls(
             trust_domain=trust_domain,
             signing_cert=root,

@@ -26,6 +26,7 @@ import trio
 from cryptography import x509
 from hypercorn.config import Config as HypercornConfig
 
+from ambient_common.asgi import answer_lifespan
 from ambient_common.hypercorn_serving import serve_isolated
 from istiod_lite.api import codec
 from istiod_lite.api.discovery import (
@@ -144,19 +145,10 @@ class IstiodApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await answer_lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
         # Other scope types (websocket) are not spoken here; returning closes them.
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]

@@ -20,6 +20,7 @@ import structlog
 import trio
 from hypercorn.config import Config
 
+from ambient_common.asgi import answer_lifespan
 from ambient_common.hypercorn_serving import serve_isolated
 from istiod_lite.api.identity import SpiffeId
 
@@ -104,13 +105,8 @@ def make_asgi_app(routes: Routes) -> Callable[[dict[str, Any], ASGIReceive, ASGI
 
     async def app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = bytearray()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -209,3 +209,29 @@ def _private_pem_files(cert: CertifiedKey) -> Iterator[tuple[str, str]]:
 
 def _ensure_newline(pem: str) -> str:
     return pem if pem.endswith("\n") else pem + "\n"
+
+
+async def mutual_handshake(
+    tls: trio.SSLStream[Any],
+    timeout: float,
+    check_peer: Callable[[TlsConnection], SpiffeId],
+    what: str,
+) -> SpiffeId:
+    """Handshake, require ALPN h2, and check the peer's SPIFFE id with ``check_peer``.
+
+    Every failure closes the stream and becomes PeerIdentityError with a one-line reason.
+    """
+    try:
+        with trio.fail_after(timeout):
+            await tls.do_handshake()
+        check_alpn(tls)
+        return check_peer(tls)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(tls)
+        raise PeerIdentityError(f"TLS handshake {what} took longer than {timeout}s") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(tls)
+        raise PeerIdentityError(describe_tls_error(exc)) from exc
+    except PeerIdentityError:
+        await trio.aclose_forcefully(tls)
+        raise

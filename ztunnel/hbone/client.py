@@ -14,7 +14,7 @@ import trio
 from istiod_lite.api.identity import SpiffeId
 from ztunnel.hbone.protocol import DEFAULT_MAX_CONCURRENT_STREAMS, REASON_HEADER
 from ztunnel.hbone.session import H2Session, HboneStream
-from ztunnel.tls import PeerIdentityError, check_alpn, describe_tls_error, verify_peer
+from ztunnel.tls import mutual_handshake, verify_peer
 
 _CONNECT_TIMEOUT = 10.0
 
@@ -204,20 +204,10 @@ async def connect_tls(
     with trio.fail_after(connect_timeout):
         tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
     tls = trio.SSLStream(tcp, ssl_context, server_side=False)
-    try:
-        with trio.fail_after(connect_timeout):
-            await tls.do_handshake()
-        check_alpn(tls)
-        verify_peer(tls, expected_identity)
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(tls)
-        raise PeerIdentityError(f"TLS handshake with {address}:{port} timed out") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        await trio.aclose_forcefully(tls)
-        raise PeerIdentityError(describe_tls_error(exc)) from exc
-    except PeerIdentityError:
-        await trio.aclose_forcefully(tls)
-        raise
+    await mutual_handshake(
+        tls, connect_timeout, lambda c: verify_peer(c, expected_identity),
+        f"with {address}:{port}",
+    )
     return tls
 
 

@@ -22,9 +22,9 @@ from ztunnel.hbone.protocol import (
 from ztunnel.hbone.session import H2Session, HboneStream
 from ztunnel.tls import (
     PeerIdentityError,
-    check_alpn,
+    TlsConnection,
     check_trust_domain,
-    describe_tls_error,
+    mutual_handshake,
     peer_identity,
 )
 
@@ -191,22 +191,14 @@ async def accept_tls(
     Raises PeerIdentityError with the reason on any failure (the TCP stream is then closed).
     """
     tls = trio.SSLStream(tcp_stream, ssl_context, server_side=True)
-    try:
-        with trio.fail_after(handshake_timeout):
-            await tls.do_handshake()
-        check_alpn(tls)
-        identity = peer_identity(tls)
+
+    def check_client(connection: TlsConnection) -> SpiffeId:
+        identity = peer_identity(connection)
         if accepted_trust_domains is not None:
             check_trust_domain(identity, accepted_trust_domains)
-    except trio.TooSlowError:
-        await trio.aclose_forcefully(tls)
-        raise PeerIdentityError(f"TLS handshake took longer than {handshake_timeout}s") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        await trio.aclose_forcefully(tls)
-        raise PeerIdentityError(describe_tls_error(exc)) from exc
-    except PeerIdentityError:
-        await trio.aclose_forcefully(tls)
-        raise
+        return identity
+
+    identity = await mutual_handshake(tls, handshake_timeout, check_client, "with a client")
     return tls, identity
 
 

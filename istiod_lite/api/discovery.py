@@ -31,6 +31,8 @@ class DiscoveryRequest:
     node: str
     # resource key ("kind/name") -> version the client already holds.
     initial_resource_versions: dict[str, str] = field(default_factory=dict)
+    # The kinds to receive (see kinds.py); empty means the L4 kinds a ztunnel needs.
+    kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

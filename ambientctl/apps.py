@@ -21,6 +21,7 @@ import signal
 import struct
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import h11
@@ -68,21 +69,44 @@ def _header_dict(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     return out
 
 
+class EchoBehaviour:
+    """What the echo answers besides 200: httpbin's ``/status/<code>``, and, to play a flaky
+    backend in the demo, a 503 on every ``fail_every``-th request (deterministic, so a retry
+    policy's effect can be shown exactly)."""
+
+    def __init__(self, fail_every: int = 0) -> None:
+        self.fail_every = fail_every
+        self.requests = 0
+
+    def status_for(self, path: str) -> int:
+        self.requests += 1
+        if path.startswith("/status/"):
+            code = path.removeprefix("/status/").split("?")[0].split("/")[0]
+            if code.isdigit() and 200 <= int(code) <= 599:
+                return int(code)
+        if self.fail_every and self.requests % self.fail_every == 0:
+            return 503
+        return 200
+
+
 async def serve_http_echo(
     address: str,
     port: int,
     name: str,
     *,
+    fail_every: int = 0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; ``task_status.started(bound_port)`` once listening."""
     listeners = await trio.open_tcp_listeners(port, host=address)
     bound_port = listeners[0].socket.getsockname()[1]
-    log.info("http echo listening", app=name, address=address, port=bound_port)
+    log.info("http echo listening", app=name, address=address, port=bound_port,
+             fail_every=fail_every)
+    behaviour = EchoBehaviour(fail_every)
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            await _serve_http_connection(stream, name)
+            await _serve_http_connection(stream, name, behaviour)
         except Exception:
             # A bug must cost one connection, not the whole server.
             log.exception("http echo connection failed", app=name)
@@ -92,7 +116,9 @@ async def serve_http_echo(
         task_status.started(bound_port)
 
 
-async def _serve_http_connection(stream: trio.SocketStream, pod: str) -> None:
+async def _serve_http_connection(
+    stream: trio.SocketStream, pod: str, behaviour: EchoBehaviour | None = None
+) -> None:
     """One keep-alive connection. Any failure ends this connection only, never the server."""
     peer = _peer_text(stream)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
@@ -104,7 +130,8 @@ async def _serve_http_connection(stream: trio.SocketStream, pod: str) -> None:
                     return
                 body_length = await _drain_body(stream, conn)
                 answer = echo_response_body(pod, request, body_length, peer)
-                await _send_json(stream, conn, 200, answer)
+                status = (behaviour or EchoBehaviour()).status_for(answer["path"])
+                await _send_json(stream, conn, status, answer)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -409,16 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", required=True, help="the pod IP to listen on")
     parser.add_argument("--port", required=True, type=int, help="the container port")
     parser.add_argument("--name", default="app", help="the pod name the http echo reports")
+    parser.add_argument("--fail-every", type=int, default=0, metavar="N",
+                        help="http echo: answer 503 to every N-th request (a flaky backend)")
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     return parser
 
 
-async def _run_app(kind: str, address: str, port: int, name: str) -> None:
+async def _run_app(kind: str, address: str, port: int, name: str, fail_every: int = 0) -> None:
     """Serve until SIGTERM/SIGINT, then return so the process exits 0 (a clean stop)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             if kind == "http":
-                await nursery.start(serve_http_echo, address, port, name)
+                await nursery.start(
+                    partial(serve_http_echo, fail_every=fail_every), address, port, name
+                )
             else:
                 await nursery.start(serve_tcp_echo, address, port)
             async for signum in signals:
@@ -432,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt: LogFormat = args.log_format
     configure_logging(fmt)
     try:
-        trio.run(_run_app, args.kind, args.address, args.port, args.name)
+        trio.run(_run_app, args.kind, args.address, args.port, args.name, args.fail_every)
     except* OSError as group:
         error = group.exceptions[0]
         log.error("cannot listen", address=args.address, port=args.port, error=str(error))

@@ -220,3 +220,16 @@ def test_app_process_reports_a_port_in_use(loopback: LoopbackAllocator) -> None:
         )  # fmt: skip
     assert result.returncode == 1
     assert b"cannot listen" in result.stderr
+
+
+async def test_http_echo_status_path_and_flaky_mode(
+    nursery: trio.Nursery, loopback: LoopbackAllocator
+) -> None:
+    address = loopback.new()
+    port = await nursery.start(partial(serve_http_echo, fail_every=2), address, 0, "flaky")
+    statuses = []
+    for path in ("/a", "/b", "/c", "/d", "/status/418"):
+        async with await trio.open_tcp_stream(address, port) as stream:
+            status, _headers, _body = await http_get(stream, "flaky", path)
+            statuses.append(status)
+    assert statuses == [200, 503, 200, 503, 418]

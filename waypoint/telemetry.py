@@ -29,14 +29,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from ambient_common.metrics import CONTENT_TYPE, render_registry
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import Service, Workload
-from ztunnel.metrics import CONTENT_TYPE, UNKNOWN, connection_labels
+from ztunnel.metrics import UNKNOWN, connection_labels
 
 # Shared with ztunnel rather than copied; a candidate for ambient_common (see module report).
-from ztunnel.metrics import _WithoutCreatedSeries as WithoutCreatedSeries
 
 __all__ = [
     "CONTENT_TYPE",
@@ -239,7 +239,7 @@ class WaypointMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition for ``/metrics`` (content type ``CONTENT_TYPE``)."""
-        return generate_latest(WithoutCreatedSeries(self.registry))  # type: ignore[arg-type]
+        return render_registry(self.registry)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,18 +10,16 @@ and in the embedded mode). Labels are computed once per connection by the pure f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client import CollectorRegistry, Counter
 
+from ambient_common.metrics import render_registry
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import Service, TunnelProtocol, Workload
 
 UNKNOWN = "unknown"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Reporter = Literal["source", "destination"]
 
@@ -129,19 +127,6 @@ def connection_labels(
     )
 
 
-class _WithoutCreatedSeries:
-    """A view of a registry without the ``*_created`` series prometheus_client adds to
-    counters: Istio does not expose them, and dashboards only expect the ``_total`` ones."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        for metric in self._registry.collect():
-            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
-            yield metric
-
-
 class ZtunnelMetrics:
     """The ``istio_tcp_*`` counters of one ztunnel."""
 
@@ -197,4 +182,4 @@ class ZtunnelMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition for ``/metrics``."""
-        return generate_latest(_WithoutCreatedSeries(self.registry))  # type: ignore[arg-type]
+        return render_registry(self.registry)

@@ -1,6 +1,12 @@
 """Outbound: a local workload's connection leaves the node, over HBONE when the destination
 is in the mesh and as plain TCP when it is not.
 
+Waypoints (issue 3): when the destination is a Service VIP whose Service has a waypoint, or a
+pod address whose Workload has one, the connection goes over HBONE to an instance of the
+waypoint instead, with ``:authority`` the original destination (VIP or pod IP and the port the
+client asked for); the waypoint chooses the endpoint. A waypoint that cannot be resolved
+refuses the connection (fail closed): traffic never goes around it.
+
 The entry today is SOCKS5 on ``<node>:15080`` (the source workload is known by its source
 address); transparent capture on 15001 (issue 5) will feed the same ``Outbound.forward``.
 ``plan_outbound`` is the plain decision; the Trio code around it is a thin shell.
@@ -17,7 +23,7 @@ import structlog
 import trio
 
 from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Workload
+from istiod_lite.api.model import GatewayAddress, Workload
 from ztunnel import socks5
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import (
@@ -35,6 +41,7 @@ from ztunnel.state import (
     Destination,
     ProxyState,
     ResolveError,
+    address_of,
     canonical_ip,
     identity_of,
     is_hbone,
@@ -64,13 +71,49 @@ class OutboundRefused(Exception):
 
 @dataclass(frozen=True)
 class OutboundPlan:
+    """Who calls, where the connection goes and through which HBONE peer.
+
+    Without a waypoint, ``destination`` is the chosen endpoint (ip and target port), which
+    is also the CONNECT authority. With one, ``destination`` is what the client addressed
+    (the VIP and service port, or the pod IP and port: the authority the waypoint serves),
+    ``via_waypoint`` the waypoint instance we tunnel to and ``waypoint_address`` its HBONE
+    address (``<ip>:<GatewayAddress.hbone_port>``).
+    """
+
     source: Workload
     destination: Destination
+    via_waypoint: Workload | None = None
+    waypoint_address: tuple[str, int] | None = None
+
+    @property
+    def use_hbone(self) -> bool:
+        return self.via_waypoint is not None or self.destination.use_hbone
+
+    @property
+    def authority(self) -> str:
+        """The CONNECT ``:authority``: the original destination through a waypoint, else
+        the endpoint."""
+        return format_authority(self.destination.ip, self.destination.port)
+
+    @property
+    def peer_workload(self) -> Workload | None:
+        """The workload our connection actually reaches: the waypoint, else the endpoint."""
+        return self.via_waypoint or self.destination.workload
 
     @property
     def destination_identity(self) -> SpiffeId | None:
+        """The SPIFFE id the HBONE peer must present (None for plaintext)."""
+        if self.via_waypoint is not None:
+            return identity_of(self.via_waypoint)
         workload = self.destination.workload
         return identity_of(workload) if workload and self.destination.use_hbone else None
+
+    def hbone_address(self, default_port: int) -> tuple[str, int]:
+        """Where the HBONE connection is dialled: the waypoint, else the endpoint's
+        ``ip:<default_port>`` (15008)."""
+        if self.waypoint_address is not None:
+            return self.waypoint_address
+        return (self.destination.ip, default_port)
 
 
 def plan_outbound(
@@ -95,6 +138,9 @@ def plan_outbound(
                 socks5.HOST_UNREACHABLE, f"{host} is not a mesh service", FLAG_NO_ROUTE
             )
         ip = service.addresses[0].address
+    via_waypoint = _plan_via_waypoint(state, source, ip, port)
+    if via_waypoint is not None:
+        return via_waypoint
     try:
         destination = state.resolve(ip, port)
     except ResolveError as exc:
@@ -102,6 +148,42 @@ def plan_outbound(
             socks5.HOST_UNREACHABLE, exc.reason, FLAG_NO_HEALTHY_UPSTREAM
         ) from None
     return OutboundPlan(source, destination)
+
+
+def _plan_via_waypoint(
+    state: ProxyState, source: Workload, ip: str, port: int
+) -> OutboundPlan | None:
+    """The plan through the destination's waypoint, None when it has none.
+
+    A Service VIP uses the Service's waypoint; a pod address (workload-addressed traffic)
+    the Workload's. As Istio's ztunnel, traffic from the waypoint itself is not sent back
+    to it. The waypoint picks the endpoint, so the destination service's own endpoints do
+    not matter here. An unresolvable waypoint refuses the connection (fail closed).
+    """
+    ip = canonical_ip(ip) or ip
+    service = state.service_by_address(ip)
+    gateway: GatewayAddress | None
+    if service is not None:
+        gateway = service.waypoint
+        destination = Destination(kind="service", ip=ip, port=port, service=service,
+                                  use_hbone=True, waypoint=gateway)
+    else:
+        workload = state.workload_by_address(ip)
+        gateway = workload.waypoint if workload is not None else None
+        destination = Destination(kind="workload", ip=ip, port=port, workload=workload,
+                                  use_hbone=True, waypoint=gateway)
+    if gateway is None or state.is_waypoint_instance(source, gateway):
+        return None
+    try:
+        waypoint = state.waypoint_workload(gateway)
+    except ResolveError as exc:
+        raise OutboundRefused(
+            socks5.HOST_UNREACHABLE,
+            f"waypoint {gateway.destination} is unavailable: {exc.reason}",
+            FLAG_NO_HEALTHY_UPSTREAM,
+        ) from None
+    return OutboundPlan(source, destination, via_waypoint=waypoint,
+                        waypoint_address=(address_of(waypoint), gateway.hbone_port))
 
 
 def _reply_for_status(status: int | None) -> int:
@@ -178,10 +260,13 @@ class Outbound:
             plan = plan_outbound(self._state, node=self._node, source_ip=peer_ip,
                                  host=request.host, port=request.port)
             record.source_identity = identity_of(plan.source)
-            record.destination_workload = plan.destination.workload
+            # Through a waypoint we report the service the client addressed but the waypoint
+            # as the destination workload and principal: that is the peer we connected to
+            # and authenticated (the waypoint reports the hop to the real endpoint).
+            record.destination_workload = plan.peer_workload
             record.destination_service = plan.destination.service
             record.destination_identity = plan.destination_identity
-            record.mtls = plan.destination.use_hbone
+            record.mtls = plan.use_hbone
             upstream = await self._open_upstream(plan, f"{peer_ip}:{peer_port}")
         except OutboundRefused as refused:
             self._telemetry.refused(record, reason=refused.reason,
@@ -233,23 +318,24 @@ class Outbound:
         self, plan: OutboundPlan, forwarded_for: str
     ) -> trio.abc.HalfCloseableStream:
         destination = plan.destination
-        if not destination.use_hbone:
+        if not plan.use_hbone:
             return await self._open_plain(plan)
-        assert destination.workload is not None and plan.destination_identity is not None
+        assert plan.destination_identity is not None
         source_identity = identity_of(plan.source)
         try:
             await self._certs.wait_for(source_identity, self._certificate_timeout)
         except (TimeoutError, KeyError) as exc:
             raise OutboundRefused(socks5.GENERAL_FAILURE, str(exc)) from None
         service = destination.service
+        peer_ip, peer_port = plan.hbone_address(self._hbone_port)
         key = PoolKey(
             source_identity=source_identity,
             destination_identity=plan.destination_identity,
             source_ip=plan.source.addresses[0],
-            destination_address=(destination.ip, self._hbone_port),
+            destination_address=(peer_ip, peer_port),
         )
         headers = connect_headers(
-            format_authority(destination.ip, destination.port),
+            plan.authority,
             forwarded_for=forwarded_for,
             service_host=service.hostname if service else None,
             baggage=self._baggage(plan.source),
@@ -263,11 +349,11 @@ class Outbound:
                 FLAG_UNAUTHORIZED if exc.status == 401 else FLAG_UPSTREAM_CONNECT_FAILURE,
             ) from None
         except PeerIdentityError as exc:
-            raise OutboundRefused(socks5.GENERAL_FAILURE, f"mTLS with {destination.ip}: "
+            raise OutboundRefused(socks5.GENERAL_FAILURE, f"mTLS with {peer_ip}: "
                                   f"{exc.reason}", FLAG_UPSTREAM_CONNECT_FAILURE) from None
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             raise OutboundRefused(socks5.HOST_UNREACHABLE,
-                                  f"HBONE to {destination.ip}:{self._hbone_port}: {exc}",
+                                  f"HBONE to {format_authority(peer_ip, peer_port)}: {exc}",
                                   FLAG_UPSTREAM_CONNECT_FAILURE) from None
         return stream
 

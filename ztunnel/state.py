@@ -6,6 +6,11 @@ the proxy keeps serving its last good state, as Istio's ztunnel does). Indexes a
 date on every apply so the per-connection lookups (``resolve``, ``policies_for``) are dict
 reads, not scans.
 
+Every kind of ``istiod_lite.api.kinds`` is accepted, so a waypoint reuses this state: the L4
+kinds (workloads, services, authorizations, nodes) are indexed for the lookups below; the L7
+kinds (routes, traffic policies, ...) are stored as they come, under the same all-or-nothing
+apply and versioning, and read with ``resources(kind)`` / ``resource(kind, key)``.
+
 Addresses are indexed per network (``(network, ip)``), the way Istio keys its address
 lookups; every lookup takes ``network`` (default ``""``, the embedded mode's only network).
 When two workloads claim one address (pod IP reuse under churn) the most recently written one
@@ -15,11 +20,11 @@ wins, and the other becomes visible again if the winner is removed.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from istiod_lite.api import codec, model
+from istiod_lite.api import codec, kinds
 from istiod_lite.api.codec import DecodeError
 from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
 from istiod_lite.api.identity import SpiffeId
@@ -38,7 +43,9 @@ WORKLOAD = "workload"
 SERVICE = "service"
 AUTHORIZATION = "authorization"
 NODE = "node"
-KINDS = (WORKLOAD, SERVICE, AUTHORIZATION, NODE)
+L4_KINDS = (WORKLOAD, SERVICE, AUTHORIZATION, NODE)
+# Every kind the state holds: the indexed L4 ones first, then the rest in name order.
+KINDS: tuple[str, ...] = L4_KINDS + tuple(sorted(set(kinds.TYPE_BY_KIND) - set(L4_KINDS)))
 
 _AddressKey = tuple[str, str]  # (network, canonical ip)
 
@@ -59,7 +66,8 @@ class Destination:
     ``port`` its target port), ``"workload"`` (a pod address) or ``"passthrough"`` (not in the
     mesh: plain TCP to the original address). ``use_hbone`` says whether to tunnel to the
     workload's ztunnel (``ip:15008``) or connect in plaintext. ``waypoint`` is the service's
-    (else the workload's) waypoint, for the outbound proxy to honour.
+    waypoint for a service, the workload's for a pod address (as Istio's ztunnel, a workload's
+    waypoint is not used for traffic addressed to one of its services).
     """
 
     kind: Literal["service", "workload", "passthrough"]
@@ -103,10 +111,22 @@ class AppliedChange:
     services: KindChange = field(default_factory=KindChange)
     authorizations: KindChange = field(default_factory=KindChange)
     nodes: KindChange = field(default_factory=KindChange)
+    # Every kind's change, the L4 ones included (kinds that did not change may be absent).
+    by_kind: Mapping[str, KindChange] = field(default_factory=dict)
+
+    def of(self, kind: str) -> KindChange:
+        """The change of one kind (``"httproute"``, ``"workload"``, ...)."""
+        return self.by_kind.get(kind, KindChange())
 
     @property
     def empty(self) -> bool:
-        return not (self.workloads or self.services or self.authorizations or self.nodes)
+        return not (
+            self.workloads
+            or self.services
+            or self.authorizations
+            or self.nodes
+            or any(self.by_kind.values())
+        )
 
 
 def canonical_ip(value: str) -> str | None:
@@ -125,6 +145,11 @@ def identity_of(workload: Workload) -> SpiffeId:
     return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account)
 
 
+def address_of(workload: Workload) -> str:
+    """The address to connect to a workload on (its first, canonical)."""
+    return canonical_ip(workload.addresses[0]) or workload.addresses[0]
+
+
 def is_hbone(workload: Workload) -> bool:
     return workload.tunnel_protocol is TunnelProtocol.HBONE
 
@@ -138,6 +163,10 @@ class ProxyState:
         self._services: dict[str, Service] = {}
         self._authorizations: dict[str, Authorization] = {}
         self._nodes: dict[str, Node] = {}
+        # The L7 kinds, stored but not indexed: kind -> key -> resource.
+        self._unindexed: dict[str, dict[str, Any]] = {
+            kind: {} for kind in KINDS if kind not in L4_KINDS
+        }
         self._versions: dict[str, str] = {}
         # Insertion-ordered "sets" (dict keys) so the latest writer of an address wins.
         self._workload_by_address: dict[_AddressKey, dict[str, None]] = {}
@@ -199,6 +228,7 @@ class ProxyState:
             services=kind_change(SERVICE),
             authorizations=kind_change(AUTHORIZATION),
             nodes=kind_change(NODE),
+            by_kind={kind: kind_change(kind) for kind in KINDS if any(changes[kind])},
         )
 
     def known_versions(self) -> dict[str, str]:
@@ -218,7 +248,7 @@ class ProxyState:
         removals: list[tuple[str, str]] = []
         for removal in update.removed:
             where = f"{removal.kind}/{removal.name}"
-            if removal.kind not in model.TYPE_BY_KIND:
+            if removal.kind not in kinds.TYPE_BY_KIND:
                 raise DecodeError(f"{where}: unknown resource kind {removal.kind!r}")
             if (removal.kind, removal.name) in upserts:
                 raise DecodeError(f"{where}: both updated and removed in one update")
@@ -235,7 +265,8 @@ class ProxyState:
             AUTHORIZATION: self._authorizations,
             NODE: self._nodes,
         }
-        return tables[kind]
+        table = tables.get(kind)
+        return self._unindexed[kind] if table is None else table
 
     def _put(self, kind: str, name: str, previous: Any, resource: Any) -> None:
         if previous is not None:
@@ -294,6 +325,21 @@ class ProxyState:
 
     def node(self, name: str) -> Node | None:
         return self._nodes.get(name)
+
+    def resources(self, kind: str) -> list[Any]:
+        """Every resource of ``kind`` (any kind of ``kinds.TYPE_BY_KIND``), sorted by key;
+        KeyError for a kind that does not exist."""
+        table = self._table_for_lookup(kind)
+        return [table[key] for key in sorted(table)]
+
+    def resource(self, kind: str, key: str) -> Any | None:
+        """One resource of ``kind`` by its discovery key, or None."""
+        return self._table_for_lookup(kind).get(key)
+
+    def _table_for_lookup(self, kind: str) -> dict[str, Any]:
+        if kind not in kinds.TYPE_BY_KIND:
+            raise KeyError(f"unknown resource kind {kind!r}")
+        return self._table(kind)
 
     def workloads(self) -> list[Workload]:
         return [self._workloads[uid] for uid in sorted(self._workloads)]
@@ -389,26 +435,71 @@ class ProxyState:
         mapping = next((p for p in service.ports if p.service_port == port), None)
         if mapping is None:
             raise ResolveError(f"service {service.key} has no port {port}")
+        chosen = self._pick_endpoint(service)
+        if chosen is None:
+            raise ResolveError(f"service {service.key} has no healthy endpoint")
+        return Destination(
+            kind="service",
+            ip=address_of(chosen),
+            port=mapping.target_port or mapping.service_port,
+            workload=chosen,
+            service=service,
+            use_hbone=is_hbone(chosen),
+            # Only the service's own waypoint: the endpoint's (workload) waypoint is for
+            # traffic addressed to the pod, as in Istio's ztunnel.
+            waypoint=service.waypoint,
+        )
+
+    def _pick_endpoint(self, service: Service) -> Workload | None:
+        """The next healthy endpoint with an address, round-robin per service."""
         candidates = [
             w
             for w in self.endpoints(service.key)
             if w.status is WorkloadStatus.HEALTHY and w.addresses
         ]
         if not candidates:
-            raise ResolveError(f"service {service.key} has no healthy endpoint")
+            return None
         turn = self._round_robin.get(service.key, 0)
         self._round_robin[service.key] = turn + 1
-        chosen = candidates[turn % len(candidates)]
-        target_ip = canonical_ip(chosen.addresses[0]) or chosen.addresses[0]
-        return Destination(
-            kind="service",
-            ip=target_ip,
-            port=mapping.target_port or mapping.service_port,
-            workload=chosen,
-            service=service,
-            use_hbone=is_hbone(chosen),
-            waypoint=service.waypoint or chosen.waypoint,
-        )
+        return candidates[turn % len(candidates)]
+
+    def waypoint_workload(self, gateway: GatewayAddress, *, network: str = "") -> Workload:
+        """The waypoint instance to send a connection to: a healthy endpoint (round-robin)
+        of the Service ``gateway.destination`` names (``<gw>.<ns>.svc.cluster.local``, or
+        its VIP), or the workload at that IP. ResolveError saying why when there is none,
+        so the caller can fail closed."""
+        service = self._waypoint_service(gateway, network)
+        if service is None:
+            ip = canonical_ip(gateway.destination)
+            if ip is None:
+                raise ResolveError(f"no service {gateway.destination}")
+            workload = self.workload_by_address(ip, network=network)
+            if workload is None:
+                raise ResolveError(f"no service or workload has address {ip}")
+            if workload.status is not WorkloadStatus.HEALTHY:
+                raise ResolveError(f"workload {workload.uid} is not healthy")
+            return workload
+        chosen = self._pick_endpoint(service)
+        if chosen is None:
+            raise ResolveError(f"service {service.key} has no healthy endpoint")
+        return chosen
+
+    def is_waypoint_instance(
+        self, workload: Workload, gateway: GatewayAddress, *, network: str = ""
+    ) -> bool:
+        """Whether ``workload`` is one of the waypoint's instances (whose own traffic must
+        not be sent back to the waypoint)."""
+        service = self._waypoint_service(gateway, network)
+        if service is not None:
+            return service.key in workload.services
+        ip = canonical_ip(gateway.destination)
+        return ip is not None and ip in {canonical_ip(a) for a in workload.addresses}
+
+    def _waypoint_service(self, gateway: GatewayAddress, network: str) -> Service | None:
+        ip = canonical_ip(gateway.destination)
+        if ip is not None:
+            return self.service_by_address(ip, network=network)
+        return service_for_hostname(self, gateway.destination)
 
     # -- admin -------------------------------------------------------------------------
 
@@ -420,13 +511,19 @@ class ProxyState:
             "services": [codec.to_jsonable(s) for s in self.services()],
             "policies": [codec.to_jsonable(a) for a in self.authorizations()],
             "nodes": [codec.to_jsonable(n) for n in self.nodes()],
+            # L7 kinds only when held (a waypoint's state), so a ztunnel's dump is unchanged.
+            **{
+                kind: [codec.to_jsonable(r) for r in self.resources(kind)]
+                for kind, table in self._unindexed.items()
+                if table
+            },
         }
 
 
 def _decode_resource(item: ResourceUpdate) -> Any:
     """Decode and validate one resource; raises DecodeError naming kind/name."""
     where = f"{item.kind}/{item.name}"
-    cls = model.TYPE_BY_KIND.get(item.kind)
+    cls = kinds.TYPE_BY_KIND.get(item.kind)
     if cls is None:
         raise DecodeError(f"{where}: unknown resource kind {item.kind!r}")
     if not isinstance(item.resource, dict):
@@ -437,7 +534,7 @@ def _decode_resource(item: ResourceUpdate) -> Any:
         raise
     except (TypeError, ValueError) as exc:  # e.g. an unhashable value where an enum goes
         raise DecodeError(f"{where}: {exc}") from None
-    key = model.resource_key(resource)
+    key = kinds.resource_key(resource)
     if key != item.name:
         raise DecodeError(f"{where}: the resource's key is {key!r}, not {item.name!r}")
     _validate(resource, where)

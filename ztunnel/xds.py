@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from istiod_lite.api import codec
+from istiod_lite.api import kinds as resource_kinds
 from istiod_lite.api.discovery import (
     ACK_PATH,
     DISCOVERY_PATH,
@@ -84,8 +85,10 @@ def parse_stream_line(line: str) -> ParsedLine | None:
 
 
 class DiscoveryClient(Generic[ChangeT]):
-    """One ztunnel's subscription to istiod_lite. ``on_change`` runs after every applied
-    update (may be sync or async), e.g. to refresh the wanted certificates."""
+    """One proxy's subscription to istiod_lite. ``on_change`` runs after every applied
+    update (may be sync or async), e.g. to refresh the wanted certificates. ``kinds`` are
+    the resource kinds asked for, always named explicitly on the request: a ztunnel wants
+    ``kinds.L4_KINDS`` (the default), a waypoint ``kinds.ALL_KINDS``."""
 
     def __init__(
         self,
@@ -96,7 +99,9 @@ class DiscoveryClient(Generic[ChangeT]):
         *,
         backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
+        kinds: Iterable[str] = resource_kinds.L4_KINDS,
     ) -> None:
+        self.kinds = _checked_kinds(kinds)
         self._connection = connection
         self.node = node
         self._state = state
@@ -144,7 +149,9 @@ class DiscoveryClient(Generic[ChangeT]):
     async def _follow_stream(self) -> bool:
         """One stream's life; returns whether it delivered at least one update."""
         request = DiscoveryRequest(
-            node=self.node, initial_resource_versions=dict(self._state.known_versions())
+            node=self.node,
+            initial_resource_versions=dict(self._state.known_versions()),
+            kinds=self.kinds,
         )
         delivered = False
         async with self._connection.stream_json(DISCOVERY_PATH, request) as response:
@@ -238,9 +245,24 @@ class DiscoveryClient(Generic[ChangeT]):
     def status(self) -> dict[str, Any]:
         """For the config dump / readiness: how the subscription is doing."""
         return {
+            "kinds": list(self.kinds),
             "connected": self.connected,
             "synced": self.synced.is_set(),
             "updatesApplied": self.updates_applied,
             "updatesRejected": self.updates_rejected,
             "lastError": self.last_error,
         }
+
+
+def _checked_kinds(wanted: Iterable[str]) -> tuple[str, ...]:
+    """The kinds to ask for, sorted (a stable request); ValueError naming an unknown one."""
+    if isinstance(wanted, str):
+        raise TypeError("kinds must be a collection of kind names, not one string")
+    chosen = tuple(sorted(set(wanted)))
+    unknown = [kind for kind in chosen if kind not in resource_kinds.TYPE_BY_KIND]
+    if unknown:
+        known = ", ".join(sorted(resource_kinds.TYPE_BY_KIND))
+        raise ValueError(f"unknown resource kind(s) {', '.join(unknown)}; known: {known}")
+    if not chosen:
+        raise ValueError("kinds must name at least one resource kind")
+    return chosen

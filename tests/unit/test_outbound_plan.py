@@ -4,14 +4,16 @@ SOCKS5 reply for every refusal -- without sockets."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
 from istiod_lite.api import codec
-from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate
+from istiod_lite.api.discovery import DeltaUpdate, ResourceRemoval, ResourceUpdate
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import (
     KIND_BY_TYPE,
+    GatewayAddress,
     NetworkAddress,
     PortMapping,
     Resource,
@@ -225,3 +227,104 @@ def test_address_unknown_to_the_mesh_is_passthrough(state: ProxyState) -> None:
     assert chosen.destination.address == ("192.0.2.7", 443)
     assert not chosen.destination.use_hbone
     assert chosen.destination_identity is None
+
+
+# -- through a waypoint -----------------------------------------------------------------------
+
+WAYPOINT_HOST = "waypoint.demo.svc.cluster.local"
+WAYPOINT_KEY = f"demo/{WAYPOINT_HOST}"
+WAYPOINT = GatewayAddress(WAYPOINT_HOST, hbone_port=15008)
+WAYPOINT_SVC = service("waypoint", "10.96.0.9", 15008, 15008)
+# A waypoint instance is reached directly on its HBONE port, enrolled or not.
+WAYPOINT_POD = pod("waypoint", "10.0.9.1", node="node-3", services=(WAYPOINT_KEY,),
+                   protocol=TunnelProtocol.NONE)
+API_KEY = "demo/api.demo.svc.cluster.local"
+API = replace(service("api", "10.96.0.5", 80, 8080), waypoint=WAYPOINT)
+API_POD = replace(pod("api-0", "10.0.5.1", node="node-2", services=(API_KEY,), sa="api"),
+                  waypoint=WAYPOINT)
+
+
+def with_waypoint(state: ProxyState, *resources: Resource) -> ProxyState:
+    state.apply(delta(WAYPOINT_SVC, WAYPOINT_POD, API, API_POD, *resources))
+    return state
+
+
+def assert_via_waypoint(chosen: OutboundPlan, authority: str) -> None:
+    assert chosen.via_waypoint == WAYPOINT_POD
+    assert chosen.hbone_address(15008) == ("10.0.9.1", 15008)
+    assert chosen.authority == authority
+    assert chosen.use_hbone
+    assert chosen.destination_identity == SpiffeId("cluster.local", "demo", "waypoint")
+    assert chosen.peer_workload == WAYPOINT_POD
+
+
+@pytest.mark.parametrize("host", ["10.96.0.5", "api.demo.svc"])
+def test_service_with_a_waypoint_goes_to_the_waypoint_with_the_vip_as_authority(
+    state: ProxyState, host: str
+) -> None:
+    chosen = plan(with_waypoint(state), host, 80)
+    assert_via_waypoint(chosen, "10.96.0.5:80")  # the VIP and the service port
+    assert chosen.destination.kind == "service"
+    assert chosen.destination.service == API
+    assert chosen.destination.workload is None  # the waypoint picks the endpoint
+
+
+def test_pod_with_a_waypoint_goes_to_the_waypoint_with_the_pod_as_authority(
+    state: ProxyState,
+) -> None:
+    chosen = plan(with_waypoint(state), "10.0.5.1", 8080)
+    assert_via_waypoint(chosen, "10.0.5.1:8080")
+    assert chosen.destination.kind == "workload"
+    assert chosen.destination.workload == API_POD
+    assert chosen.destination.service is None
+
+
+def test_waypoint_is_used_even_when_the_service_has_no_healthy_endpoint(
+    state: ProxyState,
+) -> None:
+    sick = replace(API_POD, status=WorkloadStatus.UNHEALTHY)
+    chosen = plan(with_waypoint(state, sick), "10.96.0.5", 80)
+    assert_via_waypoint(chosen, "10.96.0.5:80")
+
+
+def test_endpoints_waypoint_is_not_used_for_service_traffic(state: ProxyState) -> None:
+    api = replace(API, waypoint=None)
+    chosen = plan(with_waypoint(state, api), "10.96.0.5", 80)
+    assert chosen.via_waypoint is None
+    assert chosen.hbone_address(15008) == ("10.0.5.1", 15008)
+    assert chosen.authority == "10.0.5.1:8080"
+    assert chosen.destination_identity == SpiffeId("cluster.local", "demo", "api")
+
+
+@pytest.mark.parametrize(
+    ("missing", "detail"),
+    [((("service", WAYPOINT_KEY),), f"no service {WAYPOINT_HOST}"),
+     ((("workload", WAYPOINT_POD.uid),), f"service {WAYPOINT_KEY} has no healthy endpoint")],
+)
+@pytest.mark.parametrize(("host", "port"), [("10.96.0.5", 80), ("10.0.5.1", 8080)])
+def test_unavailable_waypoint_refuses_and_never_bypasses(
+    state: ProxyState, missing: tuple[tuple[str, str], ...], detail: str, host: str, port: int
+) -> None:
+    with_waypoint(state)
+    upd = delta()
+    state.apply(DeltaUpdate(upd.nonce, upd.system_version,
+                            removed=tuple(ResourceRemoval(k, n) for k, n in missing)))
+    refused = refusal(state, host, port)
+    assert refused.reply_code == socks5.HOST_UNREACHABLE
+    assert refused.reason == f"waypoint {WAYPOINT_HOST} is unavailable: {detail}"
+    assert refused.response_flags == FLAG_NO_HEALTHY_UPSTREAM == "UH"
+
+
+def test_unhealthy_waypoint_refuses(state: ProxyState) -> None:
+    sick = replace(WAYPOINT_POD, status=WorkloadStatus.UNHEALTHY)
+    refused = refusal(with_waypoint(state, sick), "10.96.0.5", 80)
+    assert refused.reply_code == socks5.HOST_UNREACHABLE
+    assert refused.reason.startswith(f"waypoint {WAYPOINT_HOST} is unavailable")
+
+
+def test_the_waypoint_itself_is_not_sent_back_to_the_waypoint(state: ProxyState) -> None:
+    local_waypoint = replace(WAYPOINT_POD, node=NODE, tunnel_protocol=TunnelProtocol.HBONE)
+    chosen = plan(with_waypoint(state, local_waypoint), "10.96.0.5", 80, source_ip="10.0.9.1")
+    assert chosen.via_waypoint is None
+    assert chosen.destination.workload == API_POD
+    assert chosen.authority == "10.0.5.1:8080"

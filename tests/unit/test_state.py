@@ -6,12 +6,11 @@ import json
 
 import pytest
 
-from istiod_lite.api import codec
+from istiod_lite.api import codec, kinds, l7
 from istiod_lite.api.codec import DecodeError
 from istiod_lite.api.discovery import DeltaUpdate, ResourceRemoval, ResourceUpdate, versioned_key
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import (
-    KIND_BY_TYPE,
     Authorization,
     AuthorizationAction,
     AuthorizationScope,
@@ -21,21 +20,21 @@ from istiod_lite.api.model import (
     NetworkAddress,
     Node,
     PortMapping,
-    Resource,
     Rule,
     Service,
     TunnelProtocol,
     Workload,
     WorkloadStatus,
-    resource_key,
 )
 from ztunnel.authz import ConnectionAttributes, evaluate
-from ztunnel.state import ProxyState, ResolveError
+from ztunnel.state import KINDS, ProxyState, ResolveError
 
 _nonce = 0
 
 
-def update(*resources: Resource, removed: tuple[tuple[str, str], ...] = ()) -> DeltaUpdate:
+def update(
+    *resources: kinds.AnyResource, removed: tuple[tuple[str, str], ...] = ()
+) -> DeltaUpdate:
     global _nonce
     _nonce += 1
     return DeltaUpdate(
@@ -43,8 +42,8 @@ def update(*resources: Resource, removed: tuple[tuple[str, str], ...] = ()) -> D
         system_version=_nonce,
         resources=tuple(
             ResourceUpdate(
-                kind=KIND_BY_TYPE[type(r)],
-                name=resource_key(r),
+                kind=kinds.KIND_BY_TYPE[type(r)],
+                name=kinds.resource_key(r),
                 version=codec.content_version(r),
                 resource=codec.to_jsonable(r),
             )
@@ -439,3 +438,140 @@ def test_dump_is_json_and_stable(state: ProxyState) -> None:
                               "cluster_id": "Kubernetes",
                               "locality": {"region": "", "zone": "", "subzone": ""}}]
     assert dump["generation"] == state.generation
+
+
+# -- every kind of the discovery stream (the waypoint reuses this state) -------------------
+
+ROUTE_B = l7.HttpRoute("b-route", "demo", parents=(WEB_KEY,),
+                       rules=(l7.RouteRule(backends=(l7.BackendRef(WEB_KEY, 80),)),))
+ROUTE_A = l7.HttpRoute("a-route", "demo", parents=(WEB_KEY,))
+TCP_ROUTE = l7.TcpRoute("tcp", "demo", parents=(WEB_KEY,))
+TRAFFIC = l7.TrafficPolicy("web", "demo", WEB_KEY,
+                           connection_pool=l7.ConnectionPool(max_connections=3))
+LIMIT = l7.RateLimit("web", "demo", (WEB_KEY,), max_tokens=5, tokens_per_fill=1,
+                     fill_interval=1.0)
+L7_AUTHZ = l7.WaypointAuthorization(
+    "web", "demo", l7.WaypointAuthorizationAction.ALLOW, (WEB_KEY,),
+    (l7.L7Rule((l7.L7Clause((l7.L7Match(methods=("GET",)),)),)),))
+JWT = l7.JwtPolicy("web", "demo", (WEB_KEY,), (l7.JwtProvider("https://issuer"),))
+L7_RESOURCES = (ROUTE_B, ROUTE_A, TCP_ROUTE, TRAFFIC, LIMIT, L7_AUTHZ, JWT)
+
+
+def test_every_kind_is_known_to_the_state() -> None:
+    assert set(KINDS) == set(kinds.TYPE_BY_KIND)
+
+
+def test_l7_kinds_are_stored_versioned_and_listed_by_key(state: ProxyState) -> None:
+    change = state.apply(update(*L7_RESOURCES))
+    assert change.of("httproute").added == {ROUTE_A.key, ROUTE_B.key}
+    assert change.of("jwtpolicy").added == {JWT.key}
+    assert not change.of("workload") and not change.workloads and not change.empty
+    assert state.resources("httproute") == [ROUTE_A, ROUTE_B]  # "demo/HTTPRoute/a-route" first
+    assert state.resources("tcproute") == [TCP_ROUTE]
+    assert state.resources("trafficpolicy") == [TRAFFIC]
+    assert state.resources("ratelimit") == [LIMIT]
+    assert state.resources("waypointauthorization") == [L7_AUTHZ]
+    assert state.resources("jwtpolicy") == [JWT]
+    assert state.resource("httproute", ROUTE_B.key) == ROUTE_B
+    assert state.resource("httproute", "demo/HTTPRoute/nope") is None
+    # The L4 kinds read through the same accessors.
+    assert state.resources("workload") == state.workloads()
+    assert state.resource("service", WEB_KEY) == WEB
+    versions = state.known_versions()
+    assert versions[versioned_key("ratelimit", LIMIT.key)] == codec.content_version(LIMIT)
+    assert len(versions) == 5 + len(L7_RESOURCES)
+    with pytest.raises(KeyError, match="unknown resource kind 'gateway'"):
+        state.resources("gateway")
+
+
+def test_l7_changes_removals_and_dump(state: ProxyState) -> None:
+    assert "httproute" not in state.dump()  # a ztunnel's dump shows only what it holds
+    state.apply(update(*L7_RESOURCES))
+    generation = state.generation
+    assert state.apply(update(ROUTE_A)).empty  # identical content
+    assert state.generation == generation
+    changed = l7.HttpRoute("a-route", "demo", hostnames=("web.example",))
+    change = state.apply(update(changed, removed=(("tcproute", TCP_ROUTE.key),)))
+    assert change.of("httproute").updated == {ROUTE_A.key}
+    assert change.of("tcproute").removed == {TCP_ROUTE.key}
+    assert state.resources("httproute") == [changed, ROUTE_B]
+    assert state.resources("tcproute") == []
+    assert versioned_key("tcproute", TCP_ROUTE.key) not in state.known_versions()
+    dump = state.dump()
+    assert json.loads(json.dumps(dump)) == dump
+    assert [r["name"] for r in dump["httproute"]] == ["a-route", "b-route"]
+    assert "tcproute" not in dump
+
+
+def test_bad_l7_resource_rejects_the_whole_update(state: ProxyState) -> None:
+    before = (state.dump(), state.known_versions(), state.generation)
+    good = update(ROUTE_A, pod("new", "10.0.0.50"))
+    bad = ResourceUpdate("ratelimit", "demo/broken", "v1",
+                         {"name": "broken", "namespace": "demo", "targets": [WEB_KEY]})
+    with pytest.raises(DecodeError, match="ratelimit/demo/broken: missing required field"):
+        state.apply(DeltaUpdate("n", 1, resources=good.resources + (bad,)))
+    assert (state.dump(), state.known_versions(), state.generation) == before
+    assert state.resources("httproute") == []
+    misnamed = ResourceUpdate("httproute", "demo/other", "v1", codec.to_jsonable(ROUTE_A))
+    with pytest.raises(DecodeError, match="httproute/demo/other: the resource's key is "
+                                          "'demo/HTTPRoute/a-route'"):
+        state.apply(DeltaUpdate("n", 2, resources=(misnamed,)))
+
+
+# -- waypoints -------------------------------------------------------------------------------
+
+WAYPOINT_HOST = "waypoint.demo.svc.cluster.local"
+WAYPOINT_KEY = f"demo/{WAYPOINT_HOST}"
+WAYPOINT_SVC = svc("waypoint", "10.96.0.99", (15008, 15008))
+WAYPOINT_1 = pod("waypoint-1", "10.0.9.1", services=(WAYPOINT_KEY,), sa="waypoint")
+WAYPOINT_2 = pod("waypoint-2", "10.0.9.2", services=(WAYPOINT_KEY,), sa="waypoint")
+
+
+def test_waypoint_workload_round_robins_healthy_instances() -> None:
+    proxy_state = ProxyState()
+    sick = pod("waypoint-0", "10.0.9.0", services=(WAYPOINT_KEY,), sa="waypoint",
+               status=WorkloadStatus.UNHEALTHY)
+    proxy_state.apply(update(WAYPOINT_SVC, sick, WAYPOINT_1, WAYPOINT_2))
+    gateway = GatewayAddress(WAYPOINT_HOST)
+    chosen = [proxy_state.waypoint_workload(gateway) for _ in range(3)]
+    assert chosen == [WAYPOINT_1, WAYPOINT_2, WAYPOINT_1]
+    # The short mesh name and the VIP name the same service.
+    assert proxy_state.waypoint_workload(GatewayAddress("waypoint.demo")) in (WAYPOINT_1,
+                                                                             WAYPOINT_2)
+    assert proxy_state.waypoint_workload(GatewayAddress("10.96.0.99")) in (WAYPOINT_1,
+                                                                          WAYPOINT_2)
+    # A waypoint given as a workload address.
+    assert proxy_state.waypoint_workload(GatewayAddress("10.0.9.2")) == WAYPOINT_2
+    assert proxy_state.is_waypoint_instance(WAYPOINT_1, gateway)
+    assert proxy_state.is_waypoint_instance(WAYPOINT_2, GatewayAddress("10.0.9.2"))
+    assert not proxy_state.is_waypoint_instance(WAYPOINT_1, GatewayAddress("10.0.9.2"))
+
+
+@pytest.mark.parametrize(
+    ("destination", "reason"),
+    [("missing.demo.svc.cluster.local", "no service missing.demo.svc.cluster.local"),
+     ("example.com", "no service example.com"),
+     (WAYPOINT_HOST, f"service {WAYPOINT_KEY} has no healthy endpoint"),
+     ("10.0.9.9", "no service or workload has address 10.0.9.9"),
+     ("10.0.9.3", "workload Kubernetes//Pod/demo/waypoint-3 is not healthy")],
+)
+def test_unresolvable_waypoint_says_why(destination: str, reason: str) -> None:
+    proxy_state = ProxyState()
+    sick = pod("waypoint-3", "10.0.9.3", services=(WAYPOINT_KEY,), sa="waypoint",
+               status=WorkloadStatus.UNHEALTHY)
+    proxy_state.apply(update(WAYPOINT_SVC, sick))
+    with pytest.raises(ResolveError) as caught:
+        proxy_state.waypoint_workload(GatewayAddress(destination))
+    assert caught.value.reason == reason
+
+
+def test_endpoint_waypoint_is_not_the_service_waypoint() -> None:
+    """Workload waypoints are for pod-addressed traffic only (as Istio's ztunnel)."""
+    proxy_state = ProxyState()
+    gateway = GatewayAddress(WAYPOINT_HOST)
+    endpoint = Workload(uid="Kubernetes//Pod/demo/api-0", name="api-0", namespace="demo",
+                        addresses=("10.0.4.1",), service_account="api", node="node-1",
+                        services=("demo/api.demo.svc.cluster.local",), waypoint=gateway)
+    proxy_state.apply(update(svc("api", "10.96.0.41", (80, 8080)), endpoint))
+    assert proxy_state.resolve("10.96.0.41", 80).waypoint is None
+    assert proxy_state.resolve("10.0.4.1", 8080).waypoint == gateway

@@ -61,8 +61,16 @@ class CsrRejected(CaError):
         self.reason = reason
 
 
-class NodeAuthorizationError(CaError):
+class CsrAuthorizationError(CaError):
+    """The caller may not obtain the identity its CSR asks for (answered 403)."""
+
+
+class NodeAuthorizationError(CsrAuthorizationError):
     """A node asked for an identity that has no workload on that node."""
+
+
+class IdentityAuthorizationError(CsrAuthorizationError):
+    """A caller authenticated as a service account asked for another identity."""
 
 
 def utc_now() -> datetime:
@@ -149,7 +157,7 @@ def csr_identity(csr_pem: str | bytes) -> SpiffeId:
     return _validate_csr(csr_pem).identity
 
 
-# --------------------------------------------------------------------------- node authorization
+# --------------------------------------------------------------------------- caller authorization
 
 
 def authorize_node(node: str, identity: SpiffeId, workloads: Iterable[Workload]) -> None:
@@ -167,6 +175,15 @@ def authorize_node(node: str, identity: SpiffeId, workloads: Iterable[Workload])
     raise NodeAuthorizationError(
         f"no instances of {identity.namespace}/{identity.service_account} on node {node}"
     )
+
+
+def authorize_service_account(caller: SpiffeId, identity: SpiffeId) -> None:
+    """Let a caller authenticated as a service account (a waypoint) obtain only its own
+    identity: its token proves who it is, not where anything else runs."""
+    if identity != caller:
+        raise IdentityAuthorizationError(
+            f"caller {caller} may only obtain its own identity, not {identity}"
+        )
 
 
 # --------------------------------------------------------------------------- helpers

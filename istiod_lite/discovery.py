@@ -7,6 +7,10 @@ gets the diff between that and what is current *now*. Several changes that happe
 subscriber is busy therefore collapse into one delta, and a slow subscriber never queues
 stale intermediate states.
 
+Each subscriber names the kinds it wants (``istiod_lite.api.kinds``): a ztunnel the L4 kinds,
+a waypoint all of them. It is sent, and told to remove, resources of those kinds only, so a
+change to an L7 resource never sends a ztunnel an update.
+
 The diff itself is the plain function :func:`compute_delta`; the Trio part is only "wait until
 the store changes".
 """
@@ -32,6 +36,14 @@ from istiod_lite.api.discovery import (
     ResourceRemoval,
     ResourceUpdate,
     versioned_key,
+)
+from istiod_lite.api.kinds import (
+    ALL_KINDS,
+    KIND_BY_TYPE,
+    L4_KINDS,
+    TYPE_BY_KIND,
+    AnyResource,
+    resource_key,
 )
 
 log = structlog.get_logger()
@@ -69,6 +81,25 @@ def split_versioned_key(key: str) -> tuple[str, str]:
     return kind, name
 
 
+def check_kinds(names: Iterable[str]) -> frozenset[str]:
+    """The kinds named, or ValueError naming the unknown ones (and the known ones)."""
+    requested = frozenset(names)
+    unknown = requested - ALL_KINDS
+    if unknown:
+        raise ValueError(
+            f"unknown kinds {', '.join(repr(k) for k in sorted(unknown))} "
+            f"(known: {', '.join(sorted(ALL_KINDS))})"
+        )
+    return requested
+
+
+def requested_kinds(names: Iterable[str]) -> frozenset[str]:
+    """``DiscoveryRequest.kinds`` -> the kinds to send: none named means the L4 kinds a
+    ztunnel needs. Raises ValueError naming unknown kinds."""
+    requested = check_kinds(names)
+    return requested or L4_KINDS
+
+
 @dataclass(frozen=True)
 class StoredResource:
     """A resource as it travels: kind, key, content version and its JSON form (encoded once,
@@ -77,7 +108,7 @@ class StoredResource:
     kind: str
     name: str
     version: str
-    resource: model.Resource
+    resource: AnyResource
     encoded: dict[str, Any]
 
     @property
@@ -85,15 +116,15 @@ class StoredResource:
         return versioned_key(self.kind, self.name)
 
     @classmethod
-    def of(cls, resource: model.Resource) -> StoredResource:
+    def of(cls, resource: AnyResource) -> StoredResource:
         try:
-            kind = model.KIND_BY_TYPE[type(resource)]
+            kind = KIND_BY_TYPE[type(resource)]
         except KeyError:
             raise TypeError(f"{type(resource).__name__} is not a discovery resource") from None
         encoded = codec.to_jsonable(resource)
         return cls(
             kind=kind,
-            name=model.resource_key(resource),
+            name=resource_key(resource),
             version=codec.content_version(resource),
             resource=resource,
             encoded=encoded,
@@ -107,6 +138,7 @@ class SubscriberStatus:
     id: int
     node: str
     connected_at: datetime
+    kinds: frozenset[str] = L4_KINDS
     updates_sent: int = 0
     last_sent_nonce: str | None = None
     last_sent_system_version: int | None = None
@@ -125,6 +157,7 @@ class SubscriberStatus:
         return {
             "id": self.id,
             "node": self.node,
+            "kinds": sorted(self.kinds),
             "connected_at": iso(self.connected_at),
             "updates_sent": self.updates_sent,
             "last_sent_nonce": self.last_sent_nonce,
@@ -154,6 +187,9 @@ class ResourceStore:
         self._initialized = trio.Event()
         self._subscriber_ids = count(1)
         self._subscribers: dict[int, SubscriberStatus] = {}
+        # kinds -> the current resources of those kinds, built once per change and shared by
+        # every subscriber asking for the same kinds.
+        self._snapshots: dict[frozenset[str], dict[str, tuple[str, StoredResource]]] = {}
 
     # -- the resource set ----------------------------------------------------------------
 
@@ -166,7 +202,7 @@ class ResourceStore:
     async def wait_initialized(self) -> None:
         await self._initialized.wait()
 
-    def replace_all(self, resources: Iterable[model.Resource]) -> bool:
+    def replace_all(self, resources: Iterable[AnyResource]) -> bool:
         """Make ``resources`` the complete current set. Returns whether anything changed;
         only then is ``system_version`` bumped and are subscribers woken."""
         new: dict[str, StoredResource] = {}
@@ -180,6 +216,7 @@ class ResourceStore:
         if not changed:
             return False
         self._current = new
+        self._snapshots.clear()
         self.system_version += 1
         self._initialized.set()
         woken, self._changed = self._changed, trio.Event()
@@ -196,11 +233,11 @@ class ResourceStore:
         """key ("kind/name") -> content version of everything current."""
         return _versions(self._current)
 
-    def get(self, kind: str, name: str) -> model.Resource | None:
+    def get(self, kind: str, name: str) -> AnyResource | None:
         stored = self._current.get(versioned_key(kind, name))
         return stored.resource if stored else None
 
-    def resources(self, kind: str | None = None) -> list[model.Resource]:
+    def resources(self, kind: str | None = None) -> list[AnyResource]:
         return [s.resource for s in self._current.values() if kind is None or s.kind == kind]
 
     def workloads(self) -> list[model.Workload]:
@@ -210,16 +247,31 @@ class ResourceStore:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, node: str, initial_versions: Mapping[str, str]) -> Subscription:
+    def subscribe(
+        self,
+        node: str,
+        initial_versions: Mapping[str, str],
+        kinds: frozenset[str] = L4_KINDS,
+    ) -> Subscription:
         """Open a subscription for a proxy on ``node`` that already holds
-        ``initial_versions``. Use it as a context manager so it is unregistered when the
-        stream ends. Raises ValueError naming a malformed key of ``initial_versions``."""
+        ``initial_versions`` and wants resources of ``kinds`` only (a ztunnel: the L4 kinds;
+        a waypoint: all). Use it as a context manager so it is unregistered when the stream
+        ends. Raises ValueError naming an unknown kind, or a key of ``initial_versions`` that
+        is malformed or of a kind not subscribed to."""
+        kinds = check_kinds(kinds)
         for key in initial_versions:
             kind, _name = split_versioned_key(key)
-            if kind not in model.TYPE_BY_KIND:
-                known = ", ".join(sorted(model.TYPE_BY_KIND))
+            if kind not in TYPE_BY_KIND:
+                known = ", ".join(sorted(TYPE_BY_KIND))
                 raise ValueError(f"resource key {key!r}: unknown kind {kind!r} (known: {known})")
-        status = SubscriberStatus(id=next(self._subscriber_ids), node=node, connected_at=_now())
+            if kind not in kinds:
+                raise ValueError(
+                    f"resource key {key!r}: kind {kind!r} is not among the subscribed kinds "
+                    f"({', '.join(sorted(kinds))})"
+                )
+        status = SubscriberStatus(
+            id=next(self._subscriber_ids), node=node, connected_at=_now(), kinds=kinds
+        )
         self._subscribers[status.id] = status
         return Subscription(self, status, dict(initial_versions))
 
@@ -246,8 +298,15 @@ class ResourceStore:
                 status.last_nack_at = _now()
         return matched
 
-    def _snapshot(self) -> dict[str, tuple[str, StoredResource]]:
-        return {key: (s.version, s) for key, s in self._current.items()}
+    def _snapshot(self, kinds: frozenset[str]) -> dict[str, tuple[str, StoredResource]]:
+        """The current resources of ``kinds``: what a subscriber to them should hold."""
+        snapshot = self._snapshots.get(kinds)
+        if snapshot is None:
+            snapshot = {
+                key: (s.version, s) for key, s in self._current.items() if s.kind in kinds
+            }
+            self._snapshots[kinds] = snapshot
+        return snapshot
 
 
 def _versions(resources: Mapping[str, StoredResource]) -> dict[str, str]:
@@ -293,7 +352,7 @@ class Subscription:
         sync)."""
         if not self._store.initialized:
             return None
-        updates, removals = compute_delta(self._held, self._store._snapshot())
+        updates, removals = compute_delta(self._held, self._store._snapshot(self.status.kinds))
         if self._sent_first and not updates and not removals:
             return None
         self._sent_first = True

@@ -3,9 +3,11 @@ hypercorn's trio worker over TLS.
 
 Endpoints (see ``istiod_lite.api.discovery``):
 
-- ``POST /v1/discovery``: a stream of NDJSON ``DeltaUpdate`` lines for the caller's node.
+- ``POST /v1/discovery``: a stream of NDJSON ``DeltaUpdate`` lines for the caller's node (or,
+  for a waypoint, its ``serviceaccount:<ns>/<sa>``), of the kinds it asks for.
 - ``POST /v1/discovery/ack``: ACK/NACK of an update (204).
-- ``POST /v1/certificate``: sign a workload CSR after node authorization.
+- ``POST /v1/certificate``: sign a workload CSR after authorization: a node's ztunnel may
+  obtain the identities running on its node, a waypoint only its own.
 - ``GET /ready``: 200 once the first resource set is loaded, else 503.
 - ``GET /debug/syncz``: the open discovery streams and their ACK state.
 
@@ -44,12 +46,13 @@ from istiod_lite.auth import AuthenticationError, Authenticator, Caller
 from istiod_lite.ca import (
     CaError,
     CertificateAuthority,
+    CsrAuthorizationError,
     CsrRejected,
-    NodeAuthorizationError,
     authorize_node,
+    authorize_service_account,
     csr_identity,
 )
-from istiod_lite.discovery import ResourceStore
+from istiod_lite.discovery import ResourceStore, requested_kinds
 
 log = structlog.get_logger()
 
@@ -232,29 +235,23 @@ class IstiodApp:
     async def _discovery(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         caller = await self._authenticate(scope)
         request = decode_body(DiscoveryRequest, body)
-        if request.node != caller.node:
-            log.warning(
-                "discovery refused: node mismatch",
-                authenticated_node=caller.node,
-                requested_node=request.node,
-            )
-            raise HttpError(
-                403,
-                f"caller is authenticated as node {caller.node!r} "
-                f"but asked for node {request.node!r}",
-            )
+        check_principal(caller, request.node, "asked for")
         if self.shutting_down.is_set():
             raise HttpError(503, "istiod_lite is shutting down")
         try:
-            subscription = self.store.subscribe(caller.node, request.initial_resource_versions)
+            kinds = requested_kinds(request.kinds)
+            subscription = self.store.subscribe(
+                caller.principal, request.initial_resource_versions, kinds
+            )
         except ValueError as error:
             raise HttpError(400, f"invalid DiscoveryRequest: {error}") from None
 
         with subscription:
             log.info(
                 "discovery stream opened",
-                node=caller.node,
+                node=caller.principal,
                 subscriber=subscription.status.id,
+                kinds=sorted(kinds),
                 initial_resources=len(request.initial_resource_versions),
             )
             await send(
@@ -289,7 +286,7 @@ class IstiodApp:
                         )
                         log.debug(
                             "delta sent",
-                            node=caller.node,
+                            node=caller.principal,
                             nonce=update.nonce,
                             system_version=update.system_version,
                             resources=len(update.resources),
@@ -301,7 +298,7 @@ class IstiodApp:
                 nursery.start_soon(stream_updates)
             log.info(
                 "discovery stream closed",
-                node=caller.node,
+                node=caller.principal,
                 subscriber=subscription.status.id,
                 reason=ended_by,
             )
@@ -312,12 +309,7 @@ class IstiodApp:
     async def _ack(self, scope: Scope, body: bytes, send: Send) -> None:
         caller = await self._authenticate(scope)
         ack = decode_body(Ack, body)
-        if ack.node != caller.node:
-            raise HttpError(
-                403,
-                f"caller is authenticated as node {caller.node!r} "
-                f"but acknowledged for node {ack.node!r}",
-            )
+        check_principal(caller, ack.node, "acknowledged for")
         known = self.store.record_ack(ack)
         if ack.error is not None:
             log.warning("update NACKed", node=ack.node, nonce=ack.nonce, error=ack.error)
@@ -336,14 +328,17 @@ class IstiodApp:
         try:
             identity = csr_identity(request.csr)
         except CsrRejected as error:
-            log.warning("CSR rejected", node=caller.node, reason=error.reason)
+            log.warning("CSR rejected", caller=caller.principal, reason=error.reason)
             raise HttpError(400, f"CSR rejected: {error.reason}") from None
         try:
-            authorize_node(caller.node, identity, self.store.workloads())
-        except NodeAuthorizationError as error:
+            if caller.service_account is not None:
+                authorize_service_account(caller.service_account, identity)
+            else:
+                authorize_node(caller.node or "", identity, self.store.workloads())
+        except CsrAuthorizationError as error:
             log.warning(
-                "CSR refused by node authorization",
-                node=caller.node, identity=str(identity), reason=str(error),
+                "CSR refused by caller authorization",
+                caller=caller.principal, identity=str(identity), reason=str(error),
             )
             raise HttpError(403, str(error)) from None
         ttl: timedelta | None = None
@@ -357,15 +352,18 @@ class IstiodApp:
             chain = self.ca.sign_csr(request.csr, ttl)
         except CsrRejected as error:
             log.warning(
-                "CSR rejected", node=caller.node, identity=str(identity), reason=error.reason
+                "CSR rejected", caller=caller.principal, identity=str(identity),
+                reason=error.reason,
             )
             raise HttpError(400, f"CSR rejected: {error.reason}") from None
         except CaError as error:
-            log.error("CA cannot sign", node=caller.node, identity=str(identity), error=str(error))
+            log.error(
+                "CA cannot sign", caller=caller.principal, identity=str(identity), error=str(error)
+            )
             raise HttpError(500, f"the CA cannot sign: {error}") from None
         log.info(
             "certificate issued",
-            node=caller.node, identity=str(identity), serial=certificate_serial(chain),
+            caller=caller.principal, identity=str(identity), serial=certificate_serial(chain),
         )
         response = CertificateResponse(tuple(chain), tuple(self.ca.trust_bundle))
         await send_json(send, 200, codec.to_jsonable(response))
@@ -386,6 +384,23 @@ class IstiodApp:
                 "subscribers": [s.to_json() for s in self.store.subscribers()],
             },
         )
+
+
+def check_principal(caller: Caller, requested: str, verb: str) -> None:
+    """A caller speaks only for itself: ``DiscoveryRequest.node`` / ``Ack.node`` must be its
+    node, or ``serviceaccount:<ns>/<sa>`` for a service-account caller (403 otherwise)."""
+    if requested == caller.principal:
+        return
+    log.warning(
+        "request refused: caller mismatch",
+        authenticated=caller.principal,
+        requested=requested,
+    )
+    raise HttpError(
+        403,
+        f"caller is authenticated as {caller.describe()} but {verb} node {requested!r} "
+        f"(it may only use {caller.principal!r})",
+    )
 
 
 def _client(scope: Scope) -> str | None:

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from istiod_lite.__main__ import RunningIstiod, run_istiod
-from istiod_lite.api import codec
+from istiod_lite.api import codec, kinds
 from istiod_lite.api.discovery import (
     ACK_PATH,
     CERTIFICATE_PATH,
@@ -29,10 +29,16 @@ from istiod_lite.api.discovery import (
     DeltaUpdate,
     versioned_key,
 )
+from istiod_lite.api.l7 import WaypointAuthorization, WaypointAuthorizationAction
 from istiod_lite.config import IstiodConfig
 from tests.pki import new_key_and_csr
 
-TOKENS = {"node-1": "token-node-1-0123456789abcdef", "node-2": "token-node-2-0123456789abcdef"}
+WAYPOINT_PRINCIPAL = "serviceaccount:default/waypoint"
+TOKENS = {
+    "node-1": "token-node-1-0123456789abcdef",
+    "node-2": "token-node-2-0123456789abcdef",
+    WAYPOINT_PRINCIPAL: "token-waypoint-0123456789abcdef",
+}
 SLEEP_UID = "Kubernetes//Pod/default/sleep"
 HTTPBIN_UID = "Kubernetes//Pod/default/httpbin"
 
@@ -345,6 +351,109 @@ async def test_csr_errors(client: httpx.AsyncClient) -> None:
     foreign = new_key_and_csr("spiffe://other.domain/ns/default/sa/sleep")[1]
     refused = await client.post(CERTIFICATE_PATH, json={"csr": foreign}, headers=auth("node-1"))
     assert refused.status_code == 403
+
+
+# -- waypoint (service-account) callers -------------------------------------------------------
+
+
+async def test_service_account_caller_obtains_only_its_own_identity(
+    client: httpx.AsyncClient,
+) -> None:
+    _key, own = new_key_and_csr("spiffe://cluster.local/ns/default/sa/waypoint")
+    response = await client.post(
+        CERTIFICATE_PATH, json={"csr": own}, headers=auth(WAYPOINT_PRINCIPAL)
+    )
+    assert response.status_code == 200, response.text
+    answer = codec.from_jsonable(CertificateResponse, response.json())
+    leaf = x509.load_pem_x509_certificate(answer.cert_chain[0].encode())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/ns/default/sa/waypoint"
+    ]
+    # Not even an identity that does run in the mesh (sleep, on node-1).
+    _key, other = new_key_and_csr("spiffe://cluster.local/ns/default/sa/sleep")
+    refused = await client.post(
+        CERTIFICATE_PATH, json={"csr": other}, headers=auth(WAYPOINT_PRINCIPAL)
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"] == (
+        "caller spiffe://cluster.local/ns/default/sa/waypoint may only obtain its own "
+        "identity, not spiffe://cluster.local/ns/default/sa/sleep"
+    )
+    # ...and a node's ztunnel cannot obtain the waypoint's identity (no such workload).
+    by_node = await client.post(CERTIFICATE_PATH, json={"csr": own}, headers=auth("node-1"))
+    assert by_node.status_code == 403
+    assert "no instances of default/waypoint on node node-1" in by_node.json()["error"]
+
+
+async def test_waypoint_subscribes_to_all_kinds_and_ztunnels_do_not_see_l7(
+    istiod: RunningIstiod, client: httpx.AsyncClient
+) -> None:
+    policy = WaypointAuthorization(
+        name="deny-admin",
+        namespace="default",
+        action=WaypointAuthorizationAction.DENY,
+        targets=("waypoint:default/waypoint",),
+    )
+    istiod.store.replace_all([*istiod.store.resources(), policy])
+    policy_key = "waypointauthorization/default/deny-admin"
+    request = {"node": WAYPOINT_PRINCIPAL, "kinds": sorted(kinds.ALL_KINDS)}
+    async with client_for(istiod) as streaming:
+        async with streaming.stream(
+            "POST", DISCOVERY_PATH, json=request, headers=auth(WAYPOINT_PRINCIPAL)
+        ) as response:
+            assert response.status_code == 200
+            update = await next_update(response.aiter_lines())
+            assert {policy_key, f"workload/{SLEEP_UID}"} <= resource_keys(update)
+            sent = next(r for r in update.resources if r.kind == "waypointauthorization")
+            assert codec.from_jsonable(WaypointAuthorization, sent.resource) == policy
+            [status] = await syncz(client)
+            assert status["node"] == WAYPOINT_PRINCIPAL
+            assert status["kinds"] == sorted(kinds.ALL_KINDS)
+            ack = await client.post(
+                ACK_PATH, json={"node": WAYPOINT_PRINCIPAL, "nonce": update.nonce},
+                headers=auth(WAYPOINT_PRINCIPAL),
+            )
+            assert ack.status_code == 204
+        async with streaming.stream(
+            "POST", DISCOVERY_PATH, json={"node": "node-1"}, headers=auth("node-1")
+        ) as response:
+            update = await next_update(response.aiter_lines())
+            assert f"workload/{SLEEP_UID}" in resource_keys(update)
+            assert {r.kind for r in update.resources} <= kinds.L4_KINDS
+
+
+async def test_service_account_and_kinds_checks(client: httpx.AsyncClient) -> None:
+    as_node = await client.post(
+        DISCOVERY_PATH, json={"node": "node-1"}, headers=auth(WAYPOINT_PRINCIPAL)
+    )
+    assert as_node.status_code == 403
+    assert as_node.json()["error"] == (
+        "caller is authenticated as service account default/waypoint but asked for node "
+        "'node-1' (it may only use 'serviceaccount:default/waypoint')"
+    )
+    as_waypoint = await client.post(
+        DISCOVERY_PATH, json={"node": WAYPOINT_PRINCIPAL}, headers=auth("node-1")
+    )
+    assert as_waypoint.status_code == 403
+    ack_as_node = await client.post(
+        ACK_PATH, json={"node": "node-1", "nonce": "x"}, headers=auth(WAYPOINT_PRINCIPAL)
+    )
+    assert ack_as_node.status_code == 403
+    unknown = await client.post(
+        DISCOVERY_PATH,
+        json={"node": WAYPOINT_PRINCIPAL, "kinds": ["httproute", "virtualservice", "pod"]},
+        headers=auth(WAYPOINT_PRINCIPAL),
+    )
+    assert unknown.status_code == 400
+    assert "unknown kinds 'pod', 'virtualservice'" in unknown.json()["error"]
+    unsubscribed = await client.post(
+        DISCOVERY_PATH,
+        json={"node": "node-1", "initial_resource_versions": {"httproute/default/x": "1"}},
+        headers=auth("node-1"),
+    )
+    assert unsubscribed.status_code == 400
+    assert "kind 'httproute' is not among the subscribed kinds" in unsubscribed.json()["error"]
 
 
 async def test_ca_plugin_dir_and_bad_startup(istiod_config: IstiodConfig, tmp_path: Path) -> None:

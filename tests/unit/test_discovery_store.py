@@ -6,10 +6,16 @@ import pytest
 import trio
 import trio.testing
 
-from istiod_lite.api import codec
+from istiod_lite.api import codec, kinds
 from istiod_lite.api.discovery import Ack, DeltaUpdate, versioned_key
+from istiod_lite.api.l7 import HttpRoute, PathMatch, PathMatchType, RouteMatch, RouteRule
 from istiod_lite.api.model import Node, Service, Workload
-from istiod_lite.discovery import ResourceStore, compute_delta, split_versioned_key
+from istiod_lite.discovery import (
+    ResourceStore,
+    compute_delta,
+    requested_kinds,
+    split_versioned_key,
+)
 
 
 def workload(uid: str, address: str = "127.0.20.1", node: str = "node-1") -> Workload:
@@ -239,3 +245,75 @@ async def test_ack_and_nack_are_recorded_per_subscriber() -> None:
         assert store.record_ack(Ack(node="node-1", nonce="unknown")) is False
         assert other.status.last_acked_nonce is None
     assert store.subscribers() == []
+
+
+# -- kinds -----------------------------------------------------------------------------------
+
+
+def http_route(name: str, path: str = "/") -> HttpRoute:
+    return HttpRoute(
+        name=name,
+        namespace="default",
+        parents=("default/echo.default.svc.cluster.local",),
+        rules=(RouteRule(matches=(RouteMatch(path=PathMatch(PathMatchType.PATH_PREFIX, path)),)),),
+    )
+
+
+async def test_ztunnel_subscriber_never_sees_l7_kinds() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), http_route("r1")])
+    with store.subscribe("node-1", {}) as sub:
+        first = await sub.next_update()
+        assert keys(first) == ["workload/w1"]
+        # A change to L7 resources only: nothing for a ztunnel.
+        store.replace_all([workload("w1"), http_route("r1", "/v2"), http_route("r2")])
+        assert sub.poll() is None
+        store.replace_all([workload("w2")])
+        update = await sub.next_update()
+        assert keys(update) == ["workload/w2"]
+        assert removed(update) == ["workload/w1"]
+    assert sub.status.kinds == kinds.L4_KINDS
+
+
+async def test_waypoint_subscriber_sees_every_kind_and_its_removals() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), http_route("r1")])
+    with store.subscribe("serviceaccount:default/waypoint", {}, kinds.ALL_KINDS) as sub:
+        first = await sub.next_update()
+        assert keys(first) == ["httproute/default/HTTPRoute/r1", "workload/w1"]
+        route = next(r for r in first.resources if r.kind == "httproute")
+        assert codec.from_jsonable(HttpRoute, route.resource) == http_route("r1")
+        assert sub.status.to_json()["kinds"] == sorted(kinds.ALL_KINDS)
+        store.replace_all([workload("w1"), http_route("r2")])
+        update = await sub.next_update()
+        assert keys(update) == ["httproute/default/HTTPRoute/r2"]
+        assert removed(update) == ["httproute/default/HTTPRoute/r1"]
+
+
+async def test_resume_respects_kinds() -> None:
+    """A waypoint resuming with what it held gets only what changed; an L7-only subscriber
+    is not told to remove workloads it never asked for."""
+    store = ResourceStore()
+    store.replace_all([workload("w1"), http_route("r1"), http_route("r2")])
+    held = {k: v for k, v in store.versions().items() if k.startswith("httproute/")}
+    store.replace_all([workload("w1"), http_route("r1", "/changed")])
+    with store.subscribe("waypoint", held, frozenset({"httproute"})) as sub:
+        update = await sub.next_update()
+    assert keys(update) == ["httproute/default/HTTPRoute/r1"]
+    assert removed(update) == ["httproute/default/HTTPRoute/r2"]
+
+
+def test_subscribe_rejects_unknown_kinds_and_versions_of_unsubscribed_kinds() -> None:
+    store = ResourceStore()
+    with pytest.raises(ValueError, match="unknown kinds 'bogus', 'pods'"):
+        store.subscribe("node-1", {}, frozenset({"workload", "bogus", "pods"}))
+    with pytest.raises(ValueError, match="kind 'httproute' is not among the subscribed kinds"):
+        store.subscribe("node-1", {"httproute/default/HTTPRoute/r1": "v1"})
+    assert store.subscribers() == []
+
+
+def test_requested_kinds() -> None:
+    assert requested_kinds(()) == kinds.L4_KINDS
+    assert requested_kinds(["httproute", "workload"]) == frozenset({"httproute", "workload"})
+    with pytest.raises(ValueError, match="unknown kinds 'nope'"):
+        requested_kinds(["nope", "workload"])

@@ -1,0 +1,581 @@
+"""L7 security objects -> waypoint resources: ``AuthorizationPolicy`` and
+``RequestAuthentication`` with ``targetRefs`` become ``WaypointAuthorization`` and
+``JwtPolicy`` (``istiod_lite.api.l7``).
+
+Decisions worth knowing (Istio's behaviour unless said otherwise):
+
+* Only policies with ``targetRefs`` (or the singular ``targetRef``) reach waypoints; the L4
+  translator (``translate.py``) skips exactly those. A target is a waypoint ``Gateway``
+  (group ``gateway.networking.k8s.io``) -> ``waypoint:<ns>/<name>``, or a ``Service`` ->
+  ``<ns>/<name>.<ns>.svc.<cluster domain>``; other kinds are skipped with a warning, and a
+  target in another namespace than the policy's is refused (Istio requires the same one).
+  A target naming an object that does not exist is kept, with a warning: it takes effect when
+  the object appears.
+* Principals are stored without ``spiffe://`` (as in ``translate.py``); ``serviceAccounts:
+  [ns/sa]`` become principals ``<trust domain>/ns/<ns>/sa/<sa>``.
+* An ALLOW rule using something a waypoint cannot check (an unknown ``when`` key, an unknown
+  source/operation field, a malformed value) is dropped: it can never match, so it fails
+  closed. In DENY and AUDIT rules such parts are left out, so the rule matches (denies) more.
+  ALLOW with no rules (``spec: {}``) denies everything at its targets. CUSTOM is not supported.
+* ``RequestAuthentication`` JWKS come inline (``jwks``) or from an absolute ``file://`` path,
+  read at translation time and inlined. Fetching over the network is not supported; such a
+  provider, or one whose JWKS is not a JSON object with a ``keys`` list, is left out with a
+  warning, so tokens of its issuer are rejected (401) rather than trusted. A policy whose every
+  provider was left out is still sent, so that any presented token is rejected.
+
+Broken objects are logged and skipped; translation never fails because of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from istiod_lite.api import l7
+from istiod_lite.sources.objects import ClusterObjects
+
+if TYPE_CHECKING:  # translate.py imports this module; import it only for types.
+    from istiod_lite.translate import MeshConfig
+
+logger = structlog.get_logger(__name__)
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+SecurityResource = l7.WaypointAuthorization | l7.JwtPolicy
+ReadFile = Callable[[str], str]
+
+
+def read_text_file(path: str) -> str:
+    """The default ``read_file``: the file's text (raises OSError)."""
+    return Path(path).read_text()
+
+
+def security_resources(
+    objects: ClusterObjects, mesh: MeshConfig, read_file: ReadFile = read_text_file
+) -> list[SecurityResource]:
+    """Every waypoint authorization and JWT policy, sorted by kind then key (stable output).
+    ``read_file`` reads a ``jwksUri: file://`` path (injected so tests need no files)."""
+    authorizations: list[SecurityResource] = []
+    for key in sorted(objects.authorization_policies):
+        policy = objects.authorization_policies[key]
+        converted = _guarded(key, policy, lambda p: _authorization(p, objects, mesh))
+        if converted is not None:
+            authorizations.append(converted)
+    jwt_policies: list[SecurityResource] = []
+    for key in sorted(objects.request_authentications):
+        policy = objects.request_authentications[key]
+        jwt_policy = _guarded(key, policy, lambda p: _jwt_policy(p, objects, mesh, read_file))
+        if jwt_policy is not None:
+            jwt_policies.append(jwt_policy)
+    return authorizations + jwt_policies
+
+
+# -- shared --------------------------------------------------------------------------------
+
+
+def _guarded(
+    key: str,
+    obj: dict[str, Any],
+    convert: Callable[[dict[str, Any]], SecurityResource | None],
+) -> SecurityResource | None:
+    """Convert one object; a broken one is logged and skipped, never fatal."""
+    try:
+        return convert(obj)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        logger.warning(
+            "object not translated",
+            kind=obj.get("kind") if isinstance(obj, dict) else None,
+            key=key,
+            reason=f"{type(exc).__name__}: {exc}",
+        )
+        return None
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def _namespace(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"].get("namespace", "default"))
+
+
+def _target_refs(spec: Mapping[str, Any]) -> list[Any]:
+    refs = spec.get("targetRefs")
+    if refs is None and spec.get("targetRef") is not None:
+        refs = [spec["targetRef"]]
+    if refs is None:
+        return []
+    if not isinstance(refs, list):
+        raise ValueError("spec.targetRefs must be a list")
+    return refs
+
+
+def _targets(
+    refs: Iterable[Any], namespace: str, where: str, objects: ClusterObjects, mesh: MeshConfig
+) -> tuple[str, ...]:
+    """``targetRefs`` -> target keys; unusable references are logged and left out."""
+    targets: list[str] = []
+    for index, ref in enumerate(refs):
+        field = f"targetRefs[{index}]"
+        if not isinstance(ref, Mapping) or not ref.get("name") or not ref.get("kind"):
+            logger.warning("target reference needs kind and name; ignored", policy=where,
+                           field=field)
+            continue
+        kind, name = str(ref["kind"]), str(ref["name"])
+        group = str(ref.get("group") or "")
+        ref_namespace = str(ref.get("namespace") or namespace)
+        if ref_namespace != namespace:
+            logger.warning(
+                "target reference to another namespace; ignored (it must be the policy's)",
+                policy=where, field=field, target_namespace=ref_namespace,
+            )
+            continue
+        if kind == "Gateway" and group == GATEWAY_GROUP:
+            if f"{namespace}/{name}" not in objects.gateways:
+                logger.warning("policy targets a Gateway that does not exist", policy=where,
+                               gateway=f"{namespace}/{name}")
+            targets.append(l7.waypoint_key(namespace, name))
+        elif kind == "Service" and group in ("", "core"):
+            if f"{namespace}/{name}" not in objects.services:
+                logger.warning("policy targets a Service that does not exist", policy=where,
+                               service=f"{namespace}/{name}")
+            targets.append(f"{namespace}/{name}.{namespace}.svc.{mesh.cluster_domain}")
+        else:
+            logger.warning(
+                "target kind not supported; ignored (use a waypoint Gateway or a Service)",
+                policy=where, field=field, group=group, kind=kind,
+            )
+    return tuple(dict.fromkeys(targets))
+
+
+# -- AuthorizationPolicy ---------------------------------------------------------------------
+
+
+def _authorization(
+    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig
+) -> l7.WaypointAuthorization | None:
+    name, namespace = _name(policy), _namespace(policy)
+    where = f"{namespace}/{name}"
+    spec = policy.get("spec") or {}
+    refs = _target_refs(spec)
+    if not refs:
+        return None  # an L4 policy: translate.py's
+    if spec.get("selector"):
+        logger.warning("policy has both selector and targetRefs; the selector is ignored",
+                       policy=where)
+    action_name = str(spec.get("action", "ALLOW"))
+    if action_name not in {a.value for a in l7.WaypointAuthorizationAction}:
+        logger.warning("authorization policy action not supported; policy ignored",
+                       policy=where, action=action_name)
+        return None
+    action = l7.WaypointAuthorizationAction(action_name)
+    targets = _targets(refs, namespace, where, objects, mesh)
+    if not targets:
+        logger.warning("policy has no usable target; ignored", policy=where)
+        return None
+    raw_rules = spec.get("rules") or []
+    rules: list[l7.L7Rule] = []
+    if not isinstance(raw_rules, list):
+        # Skipping the policy would open an ALLOW policy's targets: fail closed instead.
+        fallback = (
+            "no rule (denies all)"
+            if action is l7.WaypointAuthorizationAction.ALLOW
+            else "one rule matching every request"
+        )
+        logger.warning(f"spec.rules must be a list; the policy gets {fallback}", policy=where)
+        if action is not l7.WaypointAuthorizationAction.ALLOW:
+            rules.append(l7.L7Rule())
+        raw_rules = []
+    for index, rule in enumerate(raw_rules):
+        converted = convert_rule(rule, action, f"{where} rules[{index}]", mesh)
+        if converted is not None:
+            rules.append(converted)
+    return l7.WaypointAuthorization(
+        name=name, namespace=namespace, action=action, targets=targets, rules=tuple(rules)
+    )
+
+
+class _Unsupported(Exception):
+    """A part of a rule the waypoint cannot check (or that is malformed)."""
+
+
+def _strings(value: Any, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        raise _Unsupported(f"{field} must be a list of strings")
+    return tuple(str(v) for v in value)
+
+
+def _ports(value: Any, field: str) -> tuple[int, ...]:
+    ports = []
+    for text in _strings(value, field):
+        try:
+            port = int(text)
+        except ValueError:
+            raise _Unsupported(f"{field}: {text!r} is not a port number") from None
+        if not 0 < port < 65536:
+            raise _Unsupported(f"{field}: {port} is not a port number")
+        ports.append(port)
+    return tuple(ports)
+
+
+def _principal(value: str) -> str:
+    return value.removeprefix("spiffe://")
+
+
+def _service_account_principals(value: Any, field: str, mesh: MeshConfig) -> tuple[str, ...]:
+    principals = []
+    for entry in _strings(value, field):
+        namespace, _, account = entry.partition("/")
+        if not namespace or not account or "/" in account:
+            raise _Unsupported(f"{field}: {entry!r} is not namespace/name")
+        principals.append(f"{mesh.trust_domain}/ns/{namespace}/sa/{account}")
+    return tuple(principals)
+
+
+# source / operation field -> the L7Match field it fills
+_SOURCE_FIELDS: dict[str, str] = {
+    "principals": "principals",
+    "notPrincipals": "not_principals",
+    "requestPrincipals": "request_principals",
+    "notRequestPrincipals": "not_request_principals",
+    "namespaces": "namespaces",
+    "notNamespaces": "not_namespaces",
+    "ipBlocks": "source_ips",
+    "notIpBlocks": "not_source_ips",
+    "remoteIpBlocks": "source_ips",
+    "notRemoteIpBlocks": "not_source_ips",
+    "serviceAccounts": "principals",
+    "notServiceAccounts": "not_principals",
+}
+_OPERATION_FIELDS: dict[str, str] = {
+    "hosts": "hosts",
+    "notHosts": "not_hosts",
+    "ports": "ports",
+    "notPorts": "not_ports",
+    "methods": "methods",
+    "notMethods": "not_methods",
+    "paths": "paths",
+    "notPaths": "not_paths",
+}
+# when key -> (L7Match field for values, for notValues)
+_WHEN_FIELDS: dict[str, tuple[str, str]] = {
+    "source.ip": ("source_ips", "not_source_ips"),
+    "remote.ip": ("source_ips", "not_source_ips"),
+    "source.namespace": ("namespaces", "not_namespaces"),
+    "source.principal": ("principals", "not_principals"),
+    "request.auth.principal": ("request_principals", "not_request_principals"),
+    "destination.port": ("ports", "not_ports"),
+}
+_CONDITION_KEY = re.compile(
+    r"^(request\.headers\[[^\[\]]+\]|request\.auth\.claims(\[[^\[\]]+\])+"
+    r"|request\.auth\.audiences|request\.auth\.presenter)$"
+)
+
+
+def _convert_values(
+    target_field: str, raw: Any, field: str, mesh: MeshConfig, *, service_accounts: bool
+) -> tuple[Any, ...]:
+    if service_accounts:
+        return _service_account_principals(raw, field, mesh)
+    if target_field in ("ports", "not_ports"):
+        return _ports(raw, field)
+    values = _strings(raw, field)
+    if target_field in ("principals", "not_principals"):
+        return tuple(_principal(v) for v in values)
+    return values
+
+
+def _match(
+    entry: Mapping[str, Any],
+    fields: Mapping[str, str],
+    prefix: str,
+    mesh: MeshConfig,
+    problems: list[str],
+) -> l7.L7Match:
+    """One source or operation -> an L7Match; unusable fields are named in ``problems``."""
+    values: dict[str, tuple[Any, ...]] = {}
+    if entry.get("ipBlocks") and entry.get("remoteIpBlocks") and prefix == "from.source":
+        # Both must hold, but a match can only OR the values of one field.
+        problems.append(f"{prefix}: ipBlocks together with remoteIpBlocks")
+        entry = {k: v for k, v in entry.items() if k not in ("ipBlocks", "remoteIpBlocks")}
+    for key, raw in entry.items():
+        field = f"{prefix}.{key}"
+        target = fields.get(key)
+        if target is None:
+            problems.append(f"{field}: not supported")
+            continue
+        try:
+            converted = _convert_values(
+                target, raw, field, mesh,
+                service_accounts=key in ("serviceAccounts", "notServiceAccounts"),
+            )
+        except _Unsupported as exc:
+            problems.append(str(exc))
+            continue
+        values[target] = values.get(target, ()) + converted
+    return l7.L7Match(**values)
+
+
+def _when_clause(condition: Any, index: int, mesh: MeshConfig) -> l7.L7Clause:
+    field = f"when[{index}]"
+    if not isinstance(condition, Mapping) or not isinstance(condition.get("key"), str):
+        raise _Unsupported(f"{field}: a condition needs a key")
+    key: str = condition["key"]
+    raw_values, raw_not_values = condition.get("values"), condition.get("notValues")
+    if not raw_values and not raw_not_values:
+        raise _Unsupported(f"{field} {key}: needs values or notValues")
+    if key in _WHEN_FIELDS:
+        values_field, not_values_field = _WHEN_FIELDS[key]
+        fields = {
+            values_field: _convert_values(
+                values_field, raw_values, f"{field}.values", mesh, service_accounts=False
+            ),
+            not_values_field: _convert_values(
+                not_values_field, raw_not_values, f"{field}.notValues", mesh,
+                service_accounts=False,
+            ),
+        }
+        return l7.L7Clause(matches=(l7.L7Match(**fields),))
+    if _CONDITION_KEY.match(key):
+        condition_match = l7.Condition(
+            key=key,
+            values=_strings(raw_values, f"{field}.values"),
+            not_values=_strings(raw_not_values, f"{field}.notValues"),
+        )
+        return l7.L7Clause(matches=(l7.L7Match(conditions=(condition_match,)),))
+    raise _Unsupported(f"{field}: condition key {key!r} not supported")
+
+
+def convert_rule(
+    rule: Any, action: l7.WaypointAuthorizationAction, where: str, mesh: MeshConfig
+) -> l7.L7Rule | None:
+    """One Istio rule -> an L7Rule (``from``, ``to`` and each ``when`` condition are AND'd
+    clauses), or None for an ALLOW rule with parts the waypoint cannot check (fail closed);
+    other actions keep the rule without those parts, so it matches more."""
+    problems: list[str] = []
+    clauses: list[l7.L7Clause] = []
+    if not isinstance(rule, Mapping):
+        problems.append("a rule must be a mapping")
+        rule = {}
+    for section, inner, fields in (
+        ("from", "source", _SOURCE_FIELDS),
+        ("to", "operation", _OPERATION_FIELDS),
+    ):
+        entries = rule.get(section)
+        if not entries:
+            continue
+        if not isinstance(entries, list):
+            problems.append(f"{section} must be a list")
+            continue
+        matches = []
+        for entry in entries:
+            body = entry.get(inner) if isinstance(entry, Mapping) else None
+            if not isinstance(body, Mapping):
+                problems.append(f"{section}: each entry needs a {inner} mapping")
+                continue
+            matches.append(_match(body, fields, f"{section}.{inner}", mesh, problems))
+        if matches:
+            clauses.append(l7.L7Clause(matches=tuple(matches)))
+    conditions = rule.get("when") or []
+    if not isinstance(conditions, list):
+        problems.append("when must be a list")
+        conditions = []
+    for index, condition in enumerate(conditions):
+        try:
+            clauses.append(_when_clause(condition, index, mesh))
+        except _Unsupported as exc:
+            problems.append(str(exc))
+    unknown = sorted(set(rule) - {"from", "to", "when"})
+    problems += [f"{key}: not a rule field" for key in unknown]
+    if problems:
+        if action is l7.WaypointAuthorizationAction.ALLOW:
+            logger.warning(
+                "ALLOW rule uses something the waypoint cannot check; rule dropped",
+                rule=where, problems=problems,
+            )
+            return None
+        logger.warning(
+            f"{action.value} rule uses something the waypoint cannot check; "
+            "those parts are left out (it matches more)",
+            rule=where, problems=problems,
+        )
+    return l7.L7Rule(clauses=tuple(clauses))
+
+
+# -- RequestAuthentication -------------------------------------------------------------------
+
+
+def _jwt_policy(
+    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig, read_file: ReadFile
+) -> l7.JwtPolicy | None:
+    name, namespace = _name(policy), _namespace(policy)
+    where = f"{namespace}/{name}"
+    spec = policy.get("spec") or {}
+    refs = _target_refs(spec)
+    if not refs:
+        if spec.get("selector"):
+            logger.warning(
+                "RequestAuthentication with a selector is not supported in ambient mode "
+                "(Istio: use targetRefs to a waypoint or Service); ignored",
+                policy=where,
+            )
+        else:
+            logger.warning(
+                "RequestAuthentication without targetRefs applies to no waypoint; ignored "
+                "(Istio: use targetRefs to a waypoint or Service)",
+                policy=where,
+            )
+        return None
+    targets = _targets(refs, namespace, where, objects, mesh)
+    if not targets:
+        logger.warning("policy has no usable target; ignored", policy=where)
+        return None
+    rules = spec.get("jwtRules") or []
+    if not isinstance(rules, list):
+        logger.warning("spec.jwtRules must be a list; no provider, so every token is rejected",
+                       policy=where)
+        return l7.JwtPolicy(name=name, namespace=namespace, targets=targets, providers=())
+    if not rules:
+        logger.info("RequestAuthentication has no jwtRules; nothing to enforce", policy=where)
+        return None
+    providers = []
+    for index, rule in enumerate(rules):
+        provider = jwt_provider(rule, f"{where} jwtRules[{index}]", read_file)
+        if provider is not None:
+            providers.append(provider)
+    return l7.JwtPolicy(
+        name=name, namespace=namespace, targets=targets, providers=tuple(providers)
+    )
+
+
+def jwt_provider(rule: Any, where: str, read_file: ReadFile) -> l7.JwtProvider | None:
+    """One ``jwtRules`` entry -> a JwtProvider, or None (logged) when it cannot be used."""
+    if not isinstance(rule, Mapping):
+        logger.warning("jwtRules entry is not a mapping; provider skipped", rule=where)
+        return None
+    issuer = rule.get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        logger.warning("jwtRules entry has no issuer; provider skipped", rule=where)
+        return None
+    jwks = _jwks(rule, where, read_file)
+    if jwks is None:
+        return None
+    for unsupported in ("fromParams", "fromCookies", "outputPayloadToHeader"):
+        if rule.get(unsupported):
+            logger.warning(f"jwtRules {unsupported} is not supported; ignored", rule=where)
+    try:
+        audiences = _strings(rule.get("audiences"), "audiences")
+        from_headers = _from_headers(rule.get("fromHeaders"))
+        claim_headers = _claim_headers(rule.get("outputClaimToHeaders"))
+    except _Unsupported as exc:
+        logger.warning("jwtRules entry is malformed; provider skipped", rule=where,
+                       reason=str(exc))
+        return None
+    extraction: dict[str, Any] = {} if from_headers is None else {"from_headers": from_headers}
+    return l7.JwtProvider(
+        issuer=issuer,
+        audiences=audiences,
+        jwks=jwks,
+        forward_original_token=bool(rule.get("forwardOriginalToken", False)),
+        output_claim_to_headers=claim_headers,
+        **extraction,
+    )
+
+
+def _jwks(rule: Mapping[str, Any], where: str, read_file: ReadFile) -> str | None:
+    """The provider's JWKS document, validated, or None (logged) when unusable."""
+    inline, uri = rule.get("jwks"), rule.get("jwksUri")
+    if inline:
+        if not isinstance(inline, str):
+            logger.warning("jwks must be a string holding a JWKS document; provider skipped",
+                           rule=where)
+            return None
+        source, text = "jwks", inline
+    elif uri:
+        uri = str(uri)
+        if uri.startswith(("http://", "https://")):
+            logger.warning(
+                "fetching JWKS over the network is not supported; provider skipped "
+                "(inline the keys with jwks, or use a file:// jwksUri)",
+                rule=where, jwks_uri=uri,
+            )
+            return None
+        if not uri.startswith("file://"):
+            logger.warning("jwksUri scheme not supported (use file://); provider skipped",
+                           rule=where, jwks_uri=uri)
+            return None
+        path = uri.removeprefix("file://")
+        if not path.startswith("/"):
+            logger.warning("jwksUri file:// path must be absolute; provider skipped",
+                           rule=where, jwks_uri=uri)
+            return None
+        try:
+            text = read_file(path)
+        except OSError as exc:
+            logger.warning("cannot read jwksUri; provider skipped", rule=where, path=path,
+                           reason=exc.strerror or str(exc))
+            return None
+        source = uri
+    else:
+        logger.warning(
+            "jwtRules entry has neither jwks nor jwksUri (OIDC discovery over the network is "
+            "not supported); provider skipped",
+            rule=where,
+        )
+        return None
+    problem = jwks_problem(text)
+    if problem is not None:
+        logger.warning("invalid JWKS; provider skipped", rule=where, source=source,
+                       reason=problem)
+        return None
+    return text
+
+
+def jwks_problem(text: str) -> str | None:
+    """Why ``text`` is not a usable JWKS document (a JSON object with a ``keys`` list of
+    objects), or None when it is."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        return 'not a JWKS: expected a JSON object with a "keys" list'
+    if not all(isinstance(key, dict) for key in document["keys"]):
+        return 'not a JWKS: every entry of "keys" must be a JSON object'
+    return None
+
+
+def _from_headers(value: Any) -> tuple[tuple[str, str], ...] | None:
+    if not value:
+        return None
+    if not isinstance(value, list):
+        raise _Unsupported("fromHeaders must be a list")
+    headers = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise _Unsupported("each fromHeaders entry needs a name")
+        headers.append((entry["name"].lower(), str(entry.get("prefix") or "")))
+    return tuple(headers)
+
+
+def _claim_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    if not value:
+        return ()
+    if not isinstance(value, list):
+        raise _Unsupported("outputClaimToHeaders must be a list")
+    pairs = []
+    for entry in value:
+        if (
+            not isinstance(entry, Mapping)
+            or not isinstance(entry.get("header"), str)
+            or not isinstance(entry.get("claim"), str)
+        ):
+            raise _Unsupported("each outputClaimToHeaders entry needs a header and a claim")
+        pairs.append((entry["header"].lower(), entry["claim"]))
+    return tuple(pairs)

@@ -126,7 +126,9 @@ async def run_istiod(
     except OSError as error:
         raise StartupError(f"cannot create --state-dir {config.state_dir}: {error}") from None
     try:
-        authenticator = BootstrapTokenAuthenticator(load_bootstrap_tokens(config.bootstrap_tokens))
+        authenticator = BootstrapTokenAuthenticator(
+            load_bootstrap_tokens(config.bootstrap_tokens), trust_domain=config.trust_domain
+        )
     except BootstrapTokenFileError as error:
         raise StartupError(f"--bootstrap-tokens: {error}") from None
     ca = load_ca(config)

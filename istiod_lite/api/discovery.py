@@ -8,11 +8,13 @@ The transport is HTTP/2 over TLS to istiod_lite (default port 15012, as Istio's)
   (delta xDS's ``initial_resource_versions``), later ones only what changed.
 - ``POST /v1/discovery/ack``: body is an ``Ack``; answers 204. A NACK is an Ack with ``error``.
 - ``POST /v1/certificate``: body is a ``CertificateRequest``; answers a ``CertificateResponse``
-  (200) or an ``ErrorResponse`` (400 malformed CSR, 401 unauthenticated, 403 refused by node
-  authorization).
+  (200) or an ``ErrorResponse`` (400 malformed CSR, 401 unauthenticated, 403 refused: a node
+  may only obtain identities of service accounts with a pod on it, a waypoint only its own).
 
-Every call carries ``authorization: Bearer <token>``: in the embedded mode a per-node bootstrap
-token, on Kubernetes a projected ServiceAccount token (checked with TokenReview).
+Every call carries ``authorization: Bearer <token>``: in the embedded mode a bootstrap token
+bound to a node (ztunnel) or to a service account (waypoint, principal
+``serviceaccount:<ns>/<sa>``); on Kubernetes a projected ServiceAccount token (TokenReview).
+``DiscoveryRequest.node`` and ``Ack.node`` must name the caller's own principal.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class DiscoveryRequest:
 
 @dataclass(frozen=True)
 class ResourceUpdate:
-    kind: str  # "workload" | "service" | "authorization" | "node"
+    kind: str  # a name from kinds.KIND_BY_TYPE ("workload", "service", ..., "httproute", ...)
     name: str  # the resource's key, see model.resource_key
     version: str
     resource: dict[str, Any]  # codec.to_jsonable(model object)

@@ -107,8 +107,8 @@ class _Subject:
         return cls(
             principal=principal,
             namespace=None if identity is None else identity.namespace,
-            source_ip=_parse_ip(attrs.source_ip),
-            destination_ip=_parse_ip(attrs.destination_ip),
+            source_ip=parse_ip(attrs.source_ip),
+            destination_ip=parse_ip(attrs.destination_ip),
             destination_port=attrs.destination_port,
         )
 
@@ -129,29 +129,29 @@ def _clause_matches(clause: Clause, subject: _Subject) -> bool:
 
 def _match_matches(match: Match, subject: _Subject) -> bool:
     return (
-        _strings_match(match.principals, match.not_principals, subject.principal)
-        and _strings_match(match.namespaces, match.not_namespaces, subject.namespace)
-        and _ips_match(match.source_ips, match.not_source_ips, subject.source_ip)
-        and _ips_match(match.destination_ips, match.not_destination_ips, subject.destination_ip)
-        and _ports_match(
+        strings_match(match.principals, match.not_principals, subject.principal)
+        and strings_match(match.namespaces, match.not_namespaces, subject.namespace)
+        and ips_match(match.source_ips, match.not_source_ips, subject.source_ip)
+        and ips_match(match.destination_ips, match.not_destination_ips, subject.destination_ip)
+        and ports_match(
             match.destination_ports, match.not_destination_ports, subject.destination_port
         )
     )
 
 
-def _strings_match(values: Sequence[str], not_values: Sequence[str], actual: str | None) -> bool:
+def strings_match(values: Sequence[str], not_values: Sequence[str], actual: str | None) -> bool:
     if values and (actual is None or not any(string_matches(v, actual) for v in values)):
         return False
     return not (actual is not None and any(string_matches(v, actual) for v in not_values))
 
 
-def _ips_match(values: Sequence[str], not_values: Sequence[str], actual: IpAddress | None) -> bool:
+def ips_match(values: Sequence[str], not_values: Sequence[str], actual: IpAddress | None) -> bool:
     if values and (actual is None or not any(_ip_in(v, actual) for v in values)):
         return False
     return not (actual is not None and any(_ip_in(v, actual) for v in not_values))
 
 
-def _ports_match(values: Sequence[int], not_values: Sequence[int], actual: int) -> bool:
+def ports_match(values: Sequence[int], not_values: Sequence[int], actual: int) -> bool:
     if values and actual not in values:
         return False
     return actual not in not_values
@@ -171,7 +171,7 @@ def _parse_network(entry: str) -> IpNetwork | None:
         return None
 
 
-def _parse_ip(value: str) -> IpAddress | None:
+def parse_ip(value: str) -> IpAddress | None:
     """The connection's address; IPv4-mapped IPv6 (dual-stack sockets) counts as IPv4."""
     try:
         address = ipaddress.ip_address(value)

@@ -26,6 +26,11 @@ knowing (Istio's behaviour unless said otherwise):
 * A named ``targetPort`` is resolved against the first selected pod (sorted by key) that
   declares that container port name; the model carries one mapping per Service port.
 * UDP/SCTP Service ports are left out: the data plane proxies TCP only.
+* ``istio.io/use-waypoint`` (object, else namespace; ``none`` opts out) sets a waypoint only
+  if it names an existing ``istio-waypoint`` Gateway (else logged) whose
+  ``istio.io/waypoint-for`` takes that traffic: ``service`` (default) -> Services,
+  ``workload`` -> Workloads, ``all`` -> both, ``none`` -> neither. The waypoint's own pods and
+  Service (labelled ``gateway.networking.k8s.io/gateway-name``) never get one.
 
 A broken object never stops translation: it is skipped with a logged warning.
 """
@@ -35,7 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -59,6 +64,7 @@ from istiod_lite.api.model import (
     resource_key,
 )
 from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.translate_routes import waypoint_for, waypoint_gateway
 
 logger = structlog.get_logger(__name__)
 
@@ -254,7 +260,7 @@ class _Translator:
         labels = _labels(service)
         waypoint = None
         if GATEWAY_NAME_LABEL not in labels:
-            waypoint = self._waypoint(labels, namespace)
+            waypoint = self._waypoint(labels, namespace, "service", f"Service {namespace}/{name}")
         return Service(
             name=name,
             namespace=namespace,
@@ -276,10 +282,17 @@ class _Translator:
             and all(_labels(pod).get(k) == v for k, v in selector.items())
         ]
 
-    def _waypoint(self, labels: Mapping[str, str], namespace: str) -> GatewayAddress | None:
+    def _waypoint(
+        self,
+        labels: Mapping[str, str],
+        namespace: str,
+        traffic: Literal["service", "workload"],
+        subject: str,
+    ) -> GatewayAddress | None:
         """From the object's own ``istio.io/use-waypoint`` label (``none`` opts out), else the
         namespace's; ``istio.io/use-waypoint-namespace`` on the same object names another
-        namespace's waypoint."""
+        namespace's waypoint. The named Gateway must exist, be an ``istio-waypoint`` and take
+        this ``traffic`` (its ``istio.io/waypoint-for``), else there is no waypoint."""
         source = labels
         if USE_WAYPOINT not in labels:
             source = self._namespace_labels(namespace)
@@ -287,6 +300,21 @@ class _Translator:
         if not waypoint or waypoint == "none":
             return None
         waypoint_namespace = source.get(USE_WAYPOINT_NAMESPACE) or namespace
+        gateway = waypoint_gateway(self.objects, waypoint_namespace, waypoint)
+        if gateway is None:
+            logger.warning(
+                "istio.io/use-waypoint names no istio-waypoint Gateway; no waypoint used",
+                object=subject,
+                gateway=f"{waypoint_namespace}/{waypoint}",
+            )
+            return None
+        if waypoint_for(gateway) not in (traffic, "all"):
+            logger.debug(
+                "waypoint does not take this traffic (istio.io/waypoint-for)",
+                object=subject,
+                gateway=f"{waypoint_namespace}/{waypoint}",
+            )
+            return None
         return GatewayAddress(
             destination=service_hostname(waypoint, waypoint_namespace, self.mesh)
         )
@@ -317,7 +345,7 @@ class _Translator:
         node = self.objects.nodes.get(node_name) or {}
         waypoint = None
         if GATEWAY_NAME_LABEL not in labels:
-            waypoint = self._waypoint(labels, namespace)
+            waypoint = self._waypoint(labels, namespace, "workload", f"Pod {namespace}/{name}")
         services = tuple(
             f"{namespace}/{service_hostname(_name(svc), namespace, self.mesh)}"
             for _key, svc in sorted(self.objects.services.items())

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ambient_common.flags import parse_duration
+
 Severity = Literal["error", "warning"]
 
 
@@ -65,10 +67,20 @@ KIND_FIELDS: dict[tuple[str, str], str] = {
     ("security.istio.io/v1beta1", "AuthorizationPolicy"): "authorization_policies",
     ("security.istio.io/v1", "PeerAuthentication"): "peer_authentications",
     ("security.istio.io/v1beta1", "PeerAuthentication"): "peer_authentications",
+    ("security.istio.io/v1", "RequestAuthentication"): "request_authentications",
+    ("security.istio.io/v1beta1", "RequestAuthentication"): "request_authentications",
+    ("networking.istio.io/v1", "VirtualService"): "virtual_services",
+    ("networking.istio.io/v1beta1", "VirtualService"): "virtual_services",
+    ("networking.istio.io/v1alpha3", "VirtualService"): "virtual_services",
+    ("networking.istio.io/v1", "DestinationRule"): "destination_rules",
+    ("networking.istio.io/v1beta1", "DestinationRule"): "destination_rules",
+    ("networking.istio.io/v1alpha3", "DestinationRule"): "destination_rules",
     ("gateway.networking.k8s.io/v1", "Gateway"): "gateways",
     ("gateway.networking.k8s.io/v1beta1", "Gateway"): "gateways",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
     ("gateway.networking.k8s.io/v1beta1", "HTTPRoute"): "httproutes",
+    ("gateway.networking.k8s.io/v1alpha2", "TCPRoute"): "tcproutes",
+    ("policy.ambient-lite.io/v1alpha1", "LocalRateLimit"): "local_rate_limits",
 }
 CLUSTER_SCOPED_KINDS = frozenset({"Namespace", "Node"})
 AUTHORIZATION_ACTIONS = frozenset({"ALLOW", "DENY", "AUDIT", "CUSTOM"})
@@ -88,9 +100,15 @@ class ClusterObjects:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     authorization_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     peer_authentications: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Kept raw (metadata validated only) for the waypoint work to come.
+    request_authentications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Waypoints and what they enforce (issue 3): shapes validated here, meaning checked by
+    # ``translate_routes`` (which logs and skips what it cannot use).
+    virtual_services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    destination_rules: dict[str, dict[str, Any]] = field(default_factory=dict)
     gateways: dict[str, dict[str, Any]] = field(default_factory=dict)
     httproutes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tcproutes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    local_rate_limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_objects(cls, objects: Iterable[Mapping[str, Any]]) -> ClusterObjects:
@@ -344,12 +362,195 @@ def _validate_peer_authentication(obj: dict[str, Any]) -> None:
     _mapping(spec.get("portLevelMtls"), "spec.portLevelMtls")
 
 
+def _validate_gateway(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _string(spec.get("gatewayClassName"), "spec.gatewayClassName")
+    for i, listener in enumerate(_list(spec.get("listeners"), "spec.listeners")):
+        where = f"spec.listeners[{i}]"
+        listener = _mapping(listener, where)
+        _optional_string(listener.get("name"), f"{where}.name")
+        _port(listener.get("port"), f"{where}.port")
+        _string(listener.get("protocol"), f"{where}.protocol")
+    status = _mapping(obj.get("status"), "status")
+    for section, name in ((spec, "spec"), (status, "status")):
+        for i, address in enumerate(_list(section.get("addresses"), f"{name}.addresses")):
+            where = f"{name}.addresses[{i}]"
+            address = _mapping(address, where)
+            _optional_string(address.get("type"), f"{where}.type")
+            value = _string(address.get("value"), f"{where}.value")
+            if address.get("type", "IPAddress") == "IPAddress":
+                _ip(value, f"{where}.value")
+
+
+def _validate_http_route(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _parent_refs(spec.get("parentRefs"), "spec.parentRefs")
+    _string_list(spec.get("hostnames"), "spec.hostnames")
+    for i, rule in enumerate(_list(spec.get("rules"), "spec.rules")):
+        where = f"spec.rules[{i}]"
+        rule = _mapping(rule, where)
+        for j, match in enumerate(_list(rule.get("matches"), f"{where}.matches")):
+            at = f"{where}.matches[{j}]"
+            match = _mapping(match, at)
+            path = _mapping(match.get("path"), f"{at}.path")
+            _optional_string(path.get("type"), f"{at}.path.type")
+            _optional_string(path.get("value"), f"{at}.path.value")
+            for key in ("headers", "queryParams"):
+                for k, item in enumerate(_list(match.get(key), f"{at}.{key}")):
+                    item = _mapping(item, f"{at}.{key}[{k}]")
+                    _string(item.get("name"), f"{at}.{key}[{k}].name")
+                    _optional_string(item.get("value"), f"{at}.{key}[{k}].value")
+                    _optional_string(item.get("type"), f"{at}.{key}[{k}].type")
+            _optional_string(match.get("method"), f"{at}.method")
+        _backend_refs(rule.get("backendRefs"), f"{where}.backendRefs")
+        for j, route_filter in enumerate(_list(rule.get("filters"), f"{where}.filters")):
+            route_filter = _mapping(route_filter, f"{where}.filters[{j}]")
+            _string(route_filter.get("type"), f"{where}.filters[{j}].type")
+        timeouts = _mapping(rule.get("timeouts"), f"{where}.timeouts")
+        _optional_string(timeouts.get("request"), f"{where}.timeouts.request")
+        _optional_string(timeouts.get("backendRequest"), f"{where}.timeouts.backendRequest")
+        retry = _mapping(rule.get("retry"), f"{where}.retry")
+        for code in _list(retry.get("codes"), f"{where}.retry.codes"):
+            _integer(code, f"{where}.retry.codes", minimum=100)
+        if retry.get("attempts") is not None:
+            _integer(retry["attempts"], f"{where}.retry.attempts", minimum=0)
+        _optional_string(retry.get("backoff"), f"{where}.retry.backoff")
+
+
+def _validate_tcp_route(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _parent_refs(spec.get("parentRefs"), "spec.parentRefs")
+    for i, rule in enumerate(_list(spec.get("rules"), "spec.rules")):
+        rule = _mapping(rule, f"spec.rules[{i}]")
+        _backend_refs(rule.get("backendRefs"), f"spec.rules[{i}].backendRefs")
+
+
+def _parent_refs(value: Any, where: str) -> None:
+    for i, ref in enumerate(_list(value, where)):
+        ref = _mapping(ref, f"{where}[{i}]")
+        _string(ref.get("name"), f"{where}[{i}].name")
+        for key in ("group", "kind", "namespace", "sectionName"):
+            _optional_string(ref.get(key), f"{where}[{i}].{key}")
+        if ref.get("port") is not None:
+            _port(ref["port"], f"{where}[{i}].port")
+
+
+def _backend_refs(value: Any, where: str) -> None:
+    for i, ref in enumerate(_list(value, where)):
+        ref = _mapping(ref, f"{where}[{i}]")
+        _string(ref.get("name"), f"{where}[{i}].name")
+        for key in ("group", "kind", "namespace"):
+            _optional_string(ref.get(key), f"{where}[{i}].{key}")
+        if ref.get("port") is not None:
+            _port(ref["port"], f"{where}[{i}].port")
+        if ref.get("weight") is not None:
+            _integer(ref["weight"], f"{where}[{i}].weight", minimum=0)
+        _list(ref.get("filters"), f"{where}[{i}].filters")
+
+
+def _validate_virtual_service(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _string_list(spec.get("hosts"), "spec.hosts")
+    _string_list(spec.get("gateways"), "spec.gateways")
+    for i, http in enumerate(_list(spec.get("http"), "spec.http")):
+        where = f"spec.http[{i}]"
+        http = _mapping(http, where)
+        for j, match in enumerate(_list(http.get("match"), f"{where}.match")):
+            _mapping(match, f"{where}.match[{j}]")
+        for j, route in enumerate(_list(http.get("route"), f"{where}.route")):
+            route = _mapping(route, f"{where}.route[{j}]")
+            destination = _mapping(route.get("destination"), f"{where}.route[{j}].destination")
+            _string(destination.get("host"), f"{where}.route[{j}].destination.host")
+            if route.get("weight") is not None:
+                _integer(route["weight"], f"{where}.route[{j}].weight", minimum=0)
+        for key in ("fault", "retries", "rewrite", "redirect", "headers", "mirror"):
+            _mapping(http.get(key), f"{where}.{key}")
+    _list(spec.get("tcp"), "spec.tcp")
+    _list(spec.get("tls"), "spec.tls")
+
+
+def _validate_destination_rule(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _string(spec.get("host"), "spec.host")
+    policy = _mapping(spec.get("trafficPolicy"), "spec.trafficPolicy")
+    _mapping(policy.get("connectionPool"), "spec.trafficPolicy.connectionPool")
+    _mapping(policy.get("outlierDetection"), "spec.trafficPolicy.outlierDetection")
+    _list(spec.get("subsets"), "spec.subsets")
+
+
+def _validate_request_authentication(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    _workload_selector(spec.get("selector"), "spec.selector")
+    refs = _list(spec.get("targetRefs"), "spec.targetRefs")
+    if spec.get("targetRef") is not None:
+        refs = [*refs, _mapping(spec["targetRef"], "spec.targetRef")]
+    for i, ref in enumerate(refs):
+        ref = _mapping(ref, f"spec.targetRefs[{i}]")
+        _string(ref.get("kind"), f"spec.targetRefs[{i}].kind")
+        _string(ref.get("name"), f"spec.targetRefs[{i}].name")
+        _optional_string(ref.get("group"), f"spec.targetRefs[{i}].group")
+    for i, rule in enumerate(_list(spec.get("jwtRules"), "spec.jwtRules")):
+        where = f"spec.jwtRules[{i}]"
+        rule = _mapping(rule, where)
+        _string(rule.get("issuer"), f"{where}.issuer")
+        _string_list(rule.get("audiences"), f"{where}.audiences")
+        _optional_string(rule.get("jwks"), f"{where}.jwks")
+        _optional_string(rule.get("jwksUri"), f"{where}.jwksUri")
+        for j, header in enumerate(_list(rule.get("fromHeaders"), f"{where}.fromHeaders")):
+            header = _mapping(header, f"{where}.fromHeaders[{j}]")
+            _string(header.get("name"), f"{where}.fromHeaders[{j}].name")
+            _optional_string(header.get("prefix"), f"{where}.fromHeaders[{j}].prefix")
+        for j, output in enumerate(
+            _list(rule.get("outputClaimToHeaders"), f"{where}.outputClaimToHeaders")
+        ):
+            output = _mapping(output, f"{where}.outputClaimToHeaders[{j}]")
+            _string(output.get("header"), f"{where}.outputClaimToHeaders[{j}].header")
+            _string(output.get("claim"), f"{where}.outputClaimToHeaders[{j}].claim")
+        forward = rule.get("forwardOriginalToken")
+        if forward is not None and not isinstance(forward, bool):
+            raise ValueError(f"{where}.forwardOriginalToken must be true or false")
+
+
+RATE_LIMIT_TARGET_KINDS = frozenset({"Service", "Gateway"})
+
+
+def _validate_local_rate_limit(obj: dict[str, Any]) -> None:
+    spec = _mapping(obj.get("spec"), "spec")
+    refs = _list(spec.get("targetRefs"), "spec.targetRefs")
+    if not refs:
+        raise ValueError("spec.targetRefs must name at least one Service or Gateway")
+    for i, ref in enumerate(refs):
+        ref = _mapping(ref, f"spec.targetRefs[{i}]")
+        kind = ref.get("kind")
+        if kind not in RATE_LIMIT_TARGET_KINDS:
+            raise ValueError(f"spec.targetRefs[{i}].kind {kind!r} is not Service or Gateway")
+        _string(ref.get("name"), f"spec.targetRefs[{i}].name")
+        _optional_string(ref.get("group"), f"spec.targetRefs[{i}].group")
+    bucket = spec.get("tokenBucket")
+    if not isinstance(bucket, dict):
+        raise ValueError("spec.tokenBucket is missing or not a mapping")
+    _integer(bucket.get("maxTokens"), "spec.tokenBucket.maxTokens", minimum=1)
+    _integer(bucket.get("tokensPerFill"), "spec.tokenBucket.tokensPerFill", minimum=1)
+    interval = _string(bucket.get("fillInterval"), "spec.tokenBucket.fillInterval")
+    try:
+        parse_duration(interval)
+    except ValueError as exc:
+        raise ValueError(f"spec.tokenBucket.fillInterval: {exc}") from None
+
+
 _VALIDATORS = {
     "Pod": _validate_pod,
     "Service": _validate_service,
     "Node": _validate_node,
     "AuthorizationPolicy": _validate_authorization_policy,
     "PeerAuthentication": _validate_peer_authentication,
+    "RequestAuthentication": _validate_request_authentication,
+    "VirtualService": _validate_virtual_service,
+    "DestinationRule": _validate_destination_rule,
+    "Gateway": _validate_gateway,
+    "HTTPRoute": _validate_http_route,
+    "TCPRoute": _validate_tcp_route,
+    "LocalRateLimit": _validate_local_rate_limit,
 }
 
 
@@ -427,6 +628,12 @@ def _port(value: Any, where: str, *, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
     if not isinstance(value, int) or not low <= value <= 65535:
         raise ValueError(f"{where}: {value!r} is not a port number ({low}-65535)")
+    return value
+
+
+def _integer(value: Any, where: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}: {value!r} is not a whole number >= {minimum}")
     return value
 
 

@@ -44,6 +44,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
+from istiod_lite.api.kinds import AnyResource
 from istiod_lite.api.model import (
     Authorization,
     AuthorizationAction,
@@ -64,7 +65,13 @@ from istiod_lite.api.model import (
     resource_key,
 )
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate_routes import waypoint_for, waypoint_gateway
+from istiod_lite.translate_routes import (
+    route_resources,
+    waypoint_for,
+    waypoint_gateway,
+    waypoint_resources,
+)
+from istiod_lite.translate_security import security_resources
 
 logger = structlog.get_logger(__name__)
 
@@ -132,9 +139,18 @@ def service_hostname(name: str, namespace: str, mesh: MeshConfig) -> str:
     return f"{name}.{namespace}.svc.{mesh.cluster_domain}"
 
 
-def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[Resource]:
-    """Everything the proxies should know, sorted by kind then key (stable output)."""
-    return _Translator(objects, mesh or MeshConfig()).run()
+def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[AnyResource]:
+    """Everything the proxies should know, sorted by kind then key (stable output): the L4
+    model, the waypoints' Services and Workloads, and the L7 resources waypoints read."""
+    mesh = mesh or MeshConfig()
+    l4 = _Translator(objects, mesh).run()
+    waypoints = sorted(waypoint_resources(objects, mesh), key=resource_key)
+    return [
+        *l4,
+        *waypoints,
+        *route_resources(objects, mesh),
+        *security_resources(objects, mesh),
+    ]
 
 
 # -- internals ------------------------------------------------------------------------------

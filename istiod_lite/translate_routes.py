@@ -11,9 +11,9 @@ which objects really get a waypoint. Decisions worth knowing:
   Gateway's namespace): the Gateway becomes a Service ``<name>.<ns>.svc.<domain>`` on port
   15008 with the Gateway's ``spec.addresses`` (type ``IPAddress`` or no type; else the
   ``status.addresses`` a controller such as ambientctl assigned) and a Workload
-  ``<cluster>//Gateway/<ns>/<name>`` at those addresses; without any, nothing (logged). If
-  a Kubernetes Service of that name already exists it is the waypoint's Service (not emitted
-  twice; the Workload lists it).
+  ``<cluster>//Gateway/<ns>/<name>`` at those addresses; without any, nothing (logged).
+  If a Kubernetes Service of that name exists, this is the Kubernetes shape instead: nothing
+  is emitted, the Service's selected pods are the only endpoints (none: fail closed).
 * Kubernetes mode (such pods exist): nothing is emitted here. The pods are the waypoint's
   workloads and the Service istiod's deployment controller creates for them (named like the
   Gateway, selecting ``gateway-name=<name>``) gives them their Service through the normal
@@ -158,6 +158,12 @@ def _waypoint(
     hostname = _hostname(name, namespace, mesh)
     key = f"{namespace}/{hostname}"
     has_service_object = f"{namespace}/{name}" in objects.services
+    if has_service_object:
+        # The Kubernetes shape: a Service named after the Gateway selects the waypoint's
+        # pods, which are its only endpoints. With no pods (scaled to zero, crashed) the
+        # waypoint has no endpoint and ztunnels fail closed; inventing one at the Service's
+        # address would send traffic to nowhere.
+        return None
     if _waypoint_pods(objects, namespace, name):
         if not has_service_object:
             logger.warning(
@@ -177,17 +183,15 @@ def _waypoint(
     annotations = _annotations(gateway)
     node_name = annotations.get(NODE_ANNOTATION, "")
     node_labels = _labels(objects.nodes.get(node_name) or {})
-    resources: list[Resource] = []
-    if not has_service_object:
-        resources.append(
-            Service(
-                name=name,
-                namespace=namespace,
-                hostname=hostname,
-                addresses=tuple(NetworkAddress(mesh.network, ip) for ip in addresses),
-                ports=(PortMapping(HBONE_PORT, HBONE_PORT, ""),),
-            )
+    resources: list[Resource] = [
+        Service(
+            name=name,
+            namespace=namespace,
+            hostname=hostname,
+            addresses=tuple(NetworkAddress(mesh.network, ip) for ip in addresses),
+            ports=(PortMapping(HBONE_PORT, HBONE_PORT, ""),),
         )
+    ]
     resources.append(
         Workload(
             uid=f"{mesh.cluster_id}//Gateway/{namespace}/{name}",

@@ -13,6 +13,7 @@ The timing decisions are the pure functions ``renewal_delay`` and ``next_backoff
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from istiod_lite.api.discovery import CertificateResponse
 from istiod_lite.api.identity import SpiffeId
+from ztunnel import tls
 from ztunnel.caclient import CaRefused, CaUnavailable
 from ztunnel.tls import CertifiedKey
 
@@ -361,3 +363,32 @@ class CertificateManager:
             }
             for identity, entry in sorted(self._entries.items())
         ]
+
+
+class TlsContexts:
+    """SSL contexts per identity, rebuilt only when the certificate or the bundle changes
+    (building one writes key material to a private temp file, too slow per connection)."""
+
+    def __init__(self, certs: CertificateManager) -> None:
+        self._certs = certs
+        self._cache: dict[tuple[str, SpiffeId], tuple[tuple[Any, ...], ssl.SSLContext]] = {}
+
+    def _get(self, side: str, identity: SpiffeId) -> ssl.SSLContext | None:
+        cert = self._certs.current(identity)
+        if cert is None:
+            return None
+        bundle = tuple(self._certs.trust_bundle)
+        fingerprint = (cert.serial, bundle)
+        cached = self._cache.get((side, identity))
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        build = tls.server_context if side == "server" else tls.client_context
+        context = build(cert, list(bundle))
+        self._cache[(side, identity)] = (fingerprint, context)
+        return context
+
+    def server(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        return self._get("server", identity)
+
+    def client(self, identity: SpiffeId) -> ssl.SSLContext | None:
+        return self._get("client", identity)

@@ -9,14 +9,11 @@ the services, waits up to ``drain_timeout`` for connections to finish, then canc
 from __future__ import annotations
 
 import ssl
-from typing import Any
 
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import TunnelProtocol
-from ztunnel import tls
 from ztunnel.admin import (
     StructlogLevelControl,
     admin_routes,
@@ -29,7 +26,7 @@ from ztunnel.caclient import CaClient, ControlPlaneConnection
 from ztunnel.config import ZtunnelConfig
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import HboneClient, connect
-from ztunnel.identity import CertificateManager
+from ztunnel.identity import CertificateManager, TlsContexts
 from ztunnel.inbound import Inbound
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.outbound import Outbound
@@ -41,35 +38,6 @@ from ztunnel.xds import DiscoveryClient
 log = structlog.get_logger()
 
 _CERTIFICATE_WAIT = 5.0
-
-
-class TlsContexts:
-    """SSL contexts per identity, rebuilt only when the certificate or the bundle changes
-    (building one writes key material to a private temp file, too slow per connection)."""
-
-    def __init__(self, certs: CertificateManager) -> None:
-        self._certs = certs
-        self._cache: dict[tuple[str, SpiffeId], tuple[tuple[Any, ...], ssl.SSLContext]] = {}
-
-    def _get(self, side: str, identity: SpiffeId) -> ssl.SSLContext | None:
-        cert = self._certs.current(identity)
-        if cert is None:
-            return None
-        bundle = tuple(self._certs.trust_bundle)
-        fingerprint = (cert.serial, bundle)
-        cached = self._cache.get((side, identity))
-        if cached is not None and cached[0] == fingerprint:
-            return cached[1]
-        build = tls.server_context if side == "server" else tls.client_context
-        context = build(cert, list(bundle))
-        self._cache[(side, identity)] = (fingerprint, context)
-        return context
-
-    def server(self, identity: SpiffeId) -> ssl.SSLContext | None:
-        return self._get("server", identity)
-
-    def client(self, identity: SpiffeId) -> ssl.SSLContext | None:
-        return self._get("client", identity)
 
 
 class Ztunnel:

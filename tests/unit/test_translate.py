@@ -301,6 +301,17 @@ def test_workload_name_from_owner(
         assert workload.canonical_name == expected[1]
 
 
+def waypoint_gateway(name: str, namespace: str = "demo", waypoint_for: str = "service") -> str:
+    """A waypoint Gateway as istioctl generates it: use-waypoint labels must name one."""
+    return (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        f"metadata: {{name: {name}, namespace: {namespace}, "
+        f"labels: {{istio.io/waypoint-for: {waypoint_for}}}}}\n"
+        "spec: {gatewayClassName: istio-waypoint, "
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE}]}"
+    )
+
+
 def test_waypoint_from_pod_namespace_and_opt_out() -> None:
     namespace = """
     apiVersion: v1
@@ -311,6 +322,9 @@ def test_waypoint_from_pod_namespace_and_opt_out() -> None:
     """
     found = workloads(
         namespace,
+        waypoint_gateway("ns-waypoint", waypoint_for="workload"),
+        waypoint_gateway("mine", waypoint_for="all"),
+        waypoint_gateway("shared", namespace="infra", waypoint_for="workload"),
         pod("inherits", ip="127.0.20.1"),
         pod("own", labels={"istio.io/use-waypoint": "mine"}, ip="127.0.20.2"),
         pod("elsewhere", labels={"istio.io/use-waypoint": "shared",
@@ -443,6 +457,8 @@ def test_service_waypoint_from_service_then_namespace() -> None:
         translate(
             objects(
                 namespace,
+                waypoint_gateway("ns-wp"),
+                waypoint_gateway("svc-wp", waypoint_for="all"),
                 service("a", "{}"),
                 service("bb", "{istio.io/use-waypoint: svc-wp}"),
                 service("ccc", "{istio.io/use-waypoint: none}"),

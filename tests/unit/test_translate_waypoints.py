@@ -212,10 +212,12 @@ def test_kubernetes_mode_pods_are_the_waypoint_workloads() -> None:
     assert by_key(translated, Service)[WAYPOINT_KEY].waypoint is None
 
 
-def test_an_existing_service_of_the_same_name_is_not_emitted_twice() -> None:
+def test_an_existing_service_means_kubernetes_shape_and_no_synthetic_workload() -> None:
+    # A Service named after the Gateway selects the waypoint's pods; with none (scaled to
+    # zero) the waypoint has no endpoint, and ztunnels must fail closed rather than be sent
+    # to an invented workload at the Service's address.
     found = waypoint_resources(objects(gateway(), service("waypoint")), MeshConfig())
-    assert [type(r) for r in found] == [Workload]
-    assert found[0].services == (WAYPOINT_KEY,)  # type: ignore[union-attr]
+    assert found == []
 
 
 def test_a_broken_gateway_is_skipped_not_fatal() -> None:
@@ -321,6 +323,11 @@ def test_namespace_label_other_namespace_and_opt_out() -> None:
         "Workload/inherits": AT,
         "Workload/opted-out": None,
         "Workload/plain": None,
+        # The waypoints' own Service and Workload never use a waypoint.
+        "Service/waypoint": None,
+        "Service/shared": None,
+        "Workload/waypoint": None,
+        "Workload/shared": None,
     }
 
 

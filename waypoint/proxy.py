@@ -1,0 +1,388 @@
+"""A waypoint: an HBONE server with its own identity that applies L7 policy and routing.
+
+Per CONNECT it finds what the client addressed — a Service VIP (or a pod IP) whose traffic
+this waypoint owns — answers 200, and then speaks HTTP inside the tunnel (``pipeline``) or,
+for TCP, forwards the bytes to a chosen endpoint. It reuses ztunnel's libraries: HBONE, TLS,
+certificates, the config stream and the proxy state; only the L7 logic is its own.
+
+Lifetimes as in ztunnel: the control-plane connection; the *connections* nursery (tunnels,
+the HBONE pool, mirrors); the *services* nursery (listener, discovery, certificates, admin).
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from ambient_common.metrics import CONTENT_TYPE  # noqa: F401  (documented content type)
+from istiod_lite.api import kinds, l7
+from istiod_lite.api.identity import SpiffeId
+from istiod_lite.api.model import TunnelProtocol
+from waypoint.config import WaypointConfig
+from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
+from waypoint.pipeline import Caller, Outcome, RequestPipeline, Target
+from waypoint.telemetry import Tracer, WaypointMetrics, access_log, request_labels
+from waypoint.upstream import HttpUpstream
+from ztunnel.admin import (
+    StructlogLevelControl,
+    admin_routes,
+    metrics_routes,
+    readiness_problem,
+    readiness_routes,
+    serve_admin,
+)
+from ztunnel.caclient import CaClient, ControlPlaneConnection
+from ztunnel.drain import ActiveConnections
+from ztunnel.hbone import (
+    ConnectRequest,
+    HboneClient,
+    HboneRejection,
+    HboneResponder,
+    SpliceError,
+    connect,
+    connect_headers,
+    format_authority,
+    serve_hbone_tls,
+    splice,
+)
+from ztunnel.identity import CertificateManager, TlsContexts
+from ztunnel.pool import HbonePool, PoolKey
+from ztunnel.state import ProxyState, identity_of
+
+log = structlog.get_logger("waypoint")
+
+HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc", "h2c", "grpc-web"})
+_SNIFF_TIMEOUT = 0.3
+_SNIFF_BYTES = 24  # enough for the HTTP/2 preface or an HTTP/1 request line's method
+
+
+def resolve_target(
+    state: ProxyState, *, waypoint_host: str, ip: str, port: int
+) -> Target:
+    """What a CONNECT to ``ip:port`` addresses, if this waypoint serves it (sans-IO).
+
+    Raises HboneRejection(400) when the address is not a service or workload that uses this
+    waypoint, or the service has no such port: a waypoint never forwards for others."""
+    service = state.service_by_address(ip)
+    if service is not None:
+        if service.waypoint is None or service.waypoint.destination != waypoint_host:
+            raise HboneRejection(400, f"service {service.hostname} does not use this waypoint")
+        if not any(p.service_port == port for p in service.ports):
+            raise HboneRejection(400, f"service {service.hostname} has no port {port}")
+        return Target(port=port, service=service)
+    workload = state.workload_by_address(ip)
+    if workload is not None:
+        if workload.waypoint is None or workload.waypoint.destination != waypoint_host:
+            raise HboneRejection(400, f"workload {workload.namespace}/{workload.name} does not "
+                                      "use this waypoint")
+        return Target(port=port, workload=workload)
+    raise HboneRejection(400, f"{ip} is neither a service nor a workload of this mesh")
+
+
+def protocol_of(target: Target) -> str | None:
+    """'http' or 'tcp' when the port declares it (appProtocol or port-name prefix), else
+    None: sniff the first bytes."""
+    if target.service is None:
+        return None
+    for mapping in target.service.ports:
+        if mapping.service_port == target.port and mapping.app_protocol:
+            return "http" if mapping.app_protocol.lower() in HTTP_PROTOCOLS else "tcp"
+    return None
+
+
+class Waypoint:
+    def __init__(self, config: WaypointConfig) -> None:
+        self.config = config
+        self.identity = SpiffeId(config.trust_domain, config.namespace, config.service_account)
+        self.waypoint_key = l7.waypoint_key(config.namespace, config.name)
+        self.hostname = f"{config.name}.{config.namespace}.svc.cluster.local"
+        self.state = ProxyState()
+        self.metrics = WaypointMetrics()
+        self.connections = ActiveConnections()
+        self.limits = HttpLimits(max_body_bytes=config.max_request_bytes)
+        self._shutdown = trio.Event()
+        self._log_levels = StructlogLevelControl(config.log_level)
+        self._rand = random.Random()
+        self.stopped = trio.Event()
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    def _control_plane_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.config.root_cert))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.config.xds_address
+        try:
+            async with ControlPlaneConnection(
+                f"https://{host}:{port}", self.config.token, self._control_plane_context()
+            ) as control_plane:
+                await self._run(control_plane, task_status)
+        finally:
+            self.stopped.set()
+
+    async def _run(
+        self, control_plane: ControlPlaneConnection, task_status: trio.TaskStatus[None]
+    ) -> None:
+        config = self.config
+        self.certs = CertificateManager(
+            CaClient(control_plane), bootstrap_trust_bundle=[config.root_cert.read_text()]
+        )
+        self.certs.set_wanted({self.identity})
+        self.tls_contexts = TlsContexts(self.certs)
+        self.tracer = Tracer(f"{config.name}.{config.namespace}", config.otlp_endpoint)
+        self.xds = DiscoveryClientFor(self, control_plane)
+        async with trio.open_nursery() as connections:
+            self.pool = HbonePool(self._connect_hbone)
+            await connections.start(self.pool.run)
+            self.upstream = HttpUpstream(self.pool, self.identity, config.address,
+                                         hbone_port=config.ports.hbone)
+            await connections.start(self.upstream.run)
+            self.pipeline = RequestPipeline(
+                state=self.state, waypoint_key=self.waypoint_key, upstream=self.upstream,
+                nursery=connections, rand=self._rand,
+            )
+            async with trio.open_nursery() as services:
+                await services.start(self.certs.run)
+                await services.start(self._serve_admin)
+                await services.start(self.xds.run)
+                await services.start(self._serve_hbone, connections)
+                log.info("waypoint started", name=config.name, namespace=config.namespace,
+                         address=config.address, identity=str(self.identity))
+                task_status.started()
+                await self._shutdown.wait()
+                log.info("draining", connections=self.connections.count)
+                services.cancel_scope.cancel()
+            with trio.move_on_after(config.drain_timeout):
+                await self.connections.wait_idle()
+            await self.tracer.aclose()
+            connections.cancel_scope.cancel()
+        log.info("waypoint stopped", name=config.name)
+
+    # -- config --------------------------------------------------------------------------
+
+    def _on_change(self, _change: object) -> None:
+        self.pipeline.config_changed()
+
+    # -- admin ---------------------------------------------------------------------------
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
+        address, ports = self.config.address, self.config.ports
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_admin, address, ports.admin, admin_routes(
+                {
+                    "workloads": lambda: self.state.dump()["workloads"],
+                    "services": lambda: self.state.dump()["services"],
+                    "l7": self._l7_dump,
+                    "certificates": self.certs.dump,
+                    "resilience": lambda: self.pipeline.dump(),
+                    "discovery": self.xds.client.status,
+                },
+                self._log_levels,
+                self.request_shutdown,
+            ))
+            await nursery.start(serve_admin, address, ports.metrics,
+                                metrics_routes(self.metrics.render))
+            await nursery.start(serve_admin, address, ports.readiness, readiness_routes(
+                lambda: readiness_problem(self.xds.client.synced.is_set(), self.certs.missing())
+            ))
+            task_status.started()
+
+    def _l7_dump(self) -> dict[str, Any]:
+        dump = self.state.dump()
+        return {kind: dump.get(kind, []) for kind in sorted(kinds.ALL_KINDS - kinds.L4_KINDS)}
+
+    # -- HBONE in ------------------------------------------------------------------------
+
+    async def _serve_hbone(
+        self, handler_nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.ports.hbone,
+                                                  host=self.config.address)
+        task_status.started()
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with self.connections.track():
+                context = self.tls_contexts.server(self.identity)
+                if context is None:
+                    log.warning("hbone connection refused: no certificate yet")
+                    await trio.aclose_forcefully(stream)
+                    return
+                try:
+                    await serve_hbone_tls(stream, context, self._on_connect,
+                                          accepted_trust_domains={self.config.trust_domain})
+                except Exception:
+                    log.exception("hbone connection failed")
+
+        await trio.serve_listeners(handle, listeners, handler_nursery=handler_nursery)
+
+    async def _on_connect(self, request: ConnectRequest, responder: HboneResponder) -> None:
+        try:
+            target = resolve_target(self.state, waypoint_host=self.hostname,
+                                    ip=str(request.host), port=request.port)
+        except HboneRejection as rejection:
+            log.info("connect refused", authority=request.authority, reason=rejection.reason,
+                     source=str(responder.connection.peer_identity))
+            await responder.reject(rejection.status, rejection.reason)
+            return
+        peer = responder.connection.peer_address
+        source_ip = peer[0] if peer else ""
+        caller = Caller(responder.connection.peer_identity, source_ip,
+                        self.state.workload_by_address(source_ip))
+        tunnel = await responder.accept()
+        protocol = protocol_of(target)
+        prefix = b""
+        if protocol is None:
+            with trio.move_on_after(_SNIFF_TIMEOUT):
+                while looks_like_http(prefix) is None and len(prefix) < _SNIFF_BYTES:
+                    chunk = await tunnel.receive_some(_SNIFF_BYTES - len(prefix))
+                    if not chunk:
+                        break
+                    prefix += chunk
+            protocol = "http" if looks_like_http(prefix) else "tcp"
+        if protocol == "http":
+            await serve_http(
+                tunnel, lambda r: self._handle_request(r, target, caller), self.limits,
+                initial_bytes=prefix,
+            )
+        else:
+            await self._forward_tcp(tunnel, prefix, target, caller)
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    async def _handle_request(
+        self, request: HttpRequest, target: Target, caller: Caller
+    ) -> HttpResponse:
+        started = trio.current_time()
+        span = self.tracer.start(request.header("traceparent"), request.header("tracestate"))
+        request = request.with_headers(remove=("traceparent", "tracestate"))
+        outcome = Outcome()
+        forwarded = (
+            *span.propagation_headers(),
+            ("x-forwarded-for", caller.ip),
+            ("x-forwarded-client-cert", f"By={self.identity};URI={caller.identity}"),
+        )
+        response = await self.pipeline.handle(request, target, caller, outcome, forwarded)
+        response = response.replace(response_flags=outcome.flags)
+        duration_ms = (trio.current_time() - started) * 1000
+        service = outcome.backend_service or target.service
+        labels = request_labels(
+            caller.workload, caller.identity, outcome.endpoint, service,
+            status=response.status, response_flags=outcome.flags,
+            protocol="grpc" if (request.header("content-type") or "").startswith(
+                "application/grpc") else "http",
+        )
+        self.metrics.record(labels, duration_ms, len(request.body), len(response.body))
+        self.tracer.finish(
+            span, method=request.method, path=request.path, status=response.status,
+            authority=request.authority, route_name=outcome.route_name,
+            upstream_cluster=service.hostname if service else None,
+            response_flags=outcome.flags, source_principal=str(caller.identity),
+            destination_principal=(
+                str(identity_of(outcome.endpoint)) if outcome.endpoint else None
+            ),
+            end_time_ns=time.time_ns(),
+        )
+        access_log(
+            method=request.method, authority=request.authority, path=request.path,
+            protocol=f"HTTP/{request.http_version}", status=response.status,
+            response_flags=outcome.flags, duration_ms=round(duration_ms, 1),
+            request_bytes=len(request.body), response_bytes=len(response.body),
+            upstream_host=outcome.upstream_host, source_principal=str(caller.identity),
+            route_name=outcome.route_name, trace_id=span.context.trace_id,
+        )
+        return response
+
+    # -- TCP -----------------------------------------------------------------------------
+
+    async def _forward_tcp(
+        self, tunnel: trio.abc.HalfCloseableStream, prefix: bytes, target: Target,
+        caller: Caller,
+    ) -> None:
+        """TCP through the waypoint: a TCPRoute's weighted backends, else the addressed
+        service (or workload), to one endpoint over HBONE."""
+        endpoint, port = self._tcp_destination(target)
+        if endpoint is None:
+            log.info("tcp connection dropped: no endpoint", port=target.port,
+                     service=target.service.hostname if target.service else None)
+            return
+        ip = endpoint.addresses[0]
+        key = PoolKey(self.identity, identity_of(endpoint), self.config.address,
+                      (ip, self.config.ports.hbone))
+        headers = connect_headers(format_authority(ip, port),
+                                  forwarded_for=f"{caller.ip}:0",
+                                  service_host=target.service.hostname if target.service else None)
+        try:
+            upstream = await self.pool.open_stream(key, headers)
+        except Exception as error:  # HBONE refusal, TLS, TCP: the reason is in the log
+            log.info("tcp upstream failed", endpoint=f"{ip}:{port}", error=str(error))
+            return
+        async with upstream:
+            if prefix:
+                await upstream.send_all(prefix)
+            try:
+                await splice(tunnel, upstream)
+            except SpliceError as error:
+                log.info("tcp connection broken", reason=error.reason)
+
+    def _tcp_destination(self, target: Target) -> tuple[Any, int]:
+        if target.workload is not None:
+            return target.workload, target.port
+        assert target.service is not None
+        service, port = target.service, target.port
+        for route in self.state.resources("tcproute"):
+            if service.key in route.parents or self.waypoint_key in route.parents:
+                weights = [b for b in route.backends if b.weight > 0]
+                if weights:
+                    total = sum(b.weight for b in weights)
+                    point, chosen = self._rand.random() * total, weights[-1]
+                    for backend in weights:
+                        point -= backend.weight
+                        if point < 0:
+                            chosen = backend
+                            break
+                    found = self.state.service(chosen.service)
+                    if found is not None:
+                        service, port = found, chosen.port
+                break
+        mapping = next((p for p in service.ports if p.service_port == port), None)
+        endpoints = [
+            w for w in self.state.endpoints(service.key)
+            if w.addresses and w.tunnel_protocol is TunnelProtocol.HBONE
+        ]
+        if mapping is None or not endpoints:
+            return None, port
+        return self._rand.choice(endpoints), mapping.target_port or mapping.service_port
+
+    # -- HBONE out -----------------------------------------------------------------------
+
+    async def _connect_hbone(self, key: PoolKey, nursery: trio.Nursery) -> HboneClient:
+        context = self.tls_contexts.client(self.identity)
+        if context is None:
+            raise OSError(f"no certificate for {self.identity} yet")
+        ip, port = key.destination_address
+        return await connect(ip, port, context, key.destination_identity, nursery=nursery,
+                             local_address=self.config.address)
+
+
+class DiscoveryClientFor:
+    """The waypoint's subscription: every kind, under its service-account principal."""
+
+    def __init__(self, waypoint: Waypoint, control_plane: ControlPlaneConnection) -> None:
+        from ztunnel.xds import DiscoveryClient
+
+        config = waypoint.config
+        self.client = DiscoveryClient(
+            control_plane, f"serviceaccount:{config.namespace}/{config.service_account}",
+            waypoint.state, waypoint._on_change, kinds=kinds.ALL_KINDS,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.client.run(task_status=task_status)

@@ -10,6 +10,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,11 +24,13 @@ from istiod_lite.api.identity import SpiffeId
 from istiod_lite.ca import CertificateAuthority
 from istiod_lite.config import IstiodConfig
 from tests.pki import IssuedCert, new_key_and_csr
+from waypoint.config import WaypointConfig
+from waypoint.proxy import Waypoint
 from ztunnel.config import ZtunnelConfig
 from ztunnel.proxy import Ztunnel
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
-_DEMO_ADDRESS = re.compile(r"127\.0\.(?:10|20|30)\.\d+")
+_DEMO_ADDRESS = re.compile(r"127\.0\.(?:10|20|30|40)\.\d+")
 
 # The demo topology's addresses (the names tests use) -> role.
 NODE_1, NODE_2 = "127.0.10.1", "127.0.10.2"
@@ -36,6 +39,18 @@ SLEEP, NOTSLEEP, HTTPBIN_V1, HTTPBIN_V2, LEGACY = (
 )
 HTTPBIN_VIP, ECHO_VIP = "127.0.30.1", "127.0.30.2"
 HTTP_PORT, ECHO_PORT = 8000, 9000
+# The waypoint act (examples/demo/5x-*.yaml): services behind the waypoint on port 9080.
+WAYPOINT = "127.0.40.1"
+REVIEWS_VIP, RATINGS_VIP, DETAILS_VIP = "127.0.30.3", "127.0.30.7", "127.0.30.8"
+BOOKINFO_PORT = 9080
+BOOKINFO_APPS = (  # pod address, pod name, fail every N-th request (0: never)
+    ("127.0.20.6", "reviews-v1", 0),
+    ("127.0.20.7", "reviews-v2", 0),
+    ("127.0.20.8", "reviews-shadow", 0),
+    ("127.0.20.9", "ratings-v1", 2),
+    ("127.0.20.10", "details-v1", 0),
+)
+WAYPOINT_PRINCIPAL = "serviceaccount:demo/waypoint"
 
 
 @dataclass
@@ -47,6 +62,7 @@ class Mesh:
     cert_ttl: timedelta
     istiod: RunningIstiod | None = None
     ztunnels: dict[str, Ztunnel] = field(default_factory=dict)
+    waypoint: Waypoint | None = None
     _istiod_scope: trio.CancelScope | None = None
     _istiod_done: trio.Event | None = None
 
@@ -125,12 +141,29 @@ class Mesh:
         self.ztunnels[node] = ztunnel
         return ztunnel
 
+    async def start_waypoint(self, nursery: trio.Nursery) -> Waypoint:
+        """The demo's waypoint (Gateway demo/waypoint) in-process, as its own identity."""
+        waypoint = Waypoint(WaypointConfig(
+            name="waypoint", namespace="demo", address=self.addr(WAYPOINT),
+            xds_address=(self.istiod_address, 15012),
+            root_cert=self.root / "istiod" / "root-cert.pem",
+            token=self.tokens[WAYPOINT_PRINCIPAL], connect_timeout=2.0, drain_timeout=2.0,
+            log_format="json",
+        ))
+        await nursery.start(waypoint.run)
+        self.waypoint = waypoint
+        return waypoint
+
     async def wait_ready(self, timeout: float = 15.0) -> None:
-        """Until every ztunnel answers 200 on /healthz/ready (config synced, certs held)."""
+        """Until every ztunnel (and the waypoint, if started) answers 200 on
+        /healthz/ready (config synced, certificates held)."""
+        addresses = [z.config.node_address for z in self.ztunnels.values()]
+        if self.waypoint is not None:
+            addresses.append(self.waypoint.config.address)
         with trio.fail_after(timeout):
             async with httpx.AsyncClient() as client:
-                for ztunnel in self.ztunnels.values():
-                    url = f"http://{ztunnel.config.node_address}:15021/healthz/ready"
+                for address in addresses:
+                    url = f"http://{address}:15021/healthz/ready"
                     while True:
                         try:
                             if (await client.get(url)).status_code == 200:
@@ -154,6 +187,7 @@ async def start_mesh(
     loopback: object,
     *,
     cert_ttl: timedelta = timedelta(hours=1),
+    with_waypoint: bool = False,
 ) -> Mesh:
     """Start istiod, both ztunnels and the httpbin apps (HTTP on 8000, TCP echo on 9000)."""
     new = loopback.new  # type: ignore[attr-defined]
@@ -164,7 +198,10 @@ async def start_mesh(
         text = source.read_text()
         for found in _DEMO_ADDRESS.findall(text):
             addresses.setdefault(found, new())
-    tokens = {"node-1": secrets.token_urlsafe(16), "node-2": secrets.token_urlsafe(16)}
+    tokens = {
+        principal: secrets.token_urlsafe(16)
+        for principal in ("node-1", "node-2", WAYPOINT_PRINCIPAL)
+    }
     (root / "tokens.yaml").write_text("".join(f"{n}: {t}\n" for n, t in tokens.items()))
     mesh = Mesh(root, new(), addresses, tokens, cert_ttl)
     for source in sorted(EXAMPLES.glob("*.yaml")):
@@ -173,9 +210,14 @@ async def start_mesh(
     for demo_ip, name in ((HTTPBIN_V1, "httpbin-v1"), (HTTPBIN_V2, "httpbin-v2")):
         await nursery.start(serve_http_echo, mesh.addr(demo_ip), HTTP_PORT, name)
         await nursery.start(serve_tcp_echo, mesh.addr(demo_ip), ECHO_PORT)
+    for demo_ip, name, fail_every in BOOKINFO_APPS:
+        await nursery.start(partial(serve_http_echo, fail_every=fail_every),
+                            mesh.addr(demo_ip), BOOKINFO_PORT, name)
     await mesh.start_istiod(nursery)
     await mesh.start_ztunnel(nursery, "node-1", NODE_1)
     await mesh.start_ztunnel(nursery, "node-2", NODE_2)
+    if with_waypoint:
+        await mesh.start_waypoint(nursery)
     await mesh.wait_ready()
     return mesh
 

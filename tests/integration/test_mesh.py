@@ -236,7 +236,10 @@ async def test_config_dump_lists_workloads_and_certificates(
     legacy = next(w for w in dump["workloads"] if w["name"] == "legacy-client")  # type: ignore[union-attr]
     assert legacy["tunnel_protocol"] == "NONE"
     identities = {c["identity"] for c in dump["certificates"]}  # type: ignore[union-attr, index]
+    # Exactly the service accounts with a pod on node-1 (node authorization).
     assert identities == {
         "spiffe://cluster.local/ns/demo/sa/sleep",
         "spiffe://cluster.local/ns/demo/sa/notsleep",
+        "spiffe://cluster.local/ns/demo/sa/bookinfo-reviews",
+        "spiffe://cluster.local/ns/demo/sa/bookinfo-details",
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from datetime import timedelta
+from pathlib import Path
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -48,3 +49,39 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def add_control_plane_credentials(parser: argparse.ArgumentParser, holder: str) -> None:
+    """``--root-cert`` and ``--token-file``/``--token``: how a proxy trusts and authenticates
+    to istiod_lite. ``holder`` names whose token it is in the help (``this node's``)."""
+    parser.add_argument(
+        "--root-cert",
+        type=Path,
+        required=True,
+        help="PEM root certificate(s) to trust istiod_lite (bootstrap bundle)",
+    )
+    token = parser.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token-file", type=Path, help=f"file holding {holder} bearer token")
+    token.add_argument("--token", help=f"{holder} bearer token (prefer --token-file)")
+
+
+def control_plane_credentials(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[Path, str]:
+    """The root certificate path and the bearer token from the flags that
+    ``add_control_plane_credentials`` added; a bad value ends in ``parser.error`` (exit 2)
+    naming the flag, as argparse does for its own checks."""
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            parser.error(f"--token-file {args.token_file}: {exc.strerror}")
+        if not token:
+            parser.error(f"--token-file {args.token_file} is empty")
+    else:
+        token = args.token.strip()
+        if not token:
+            parser.error("--token is empty")
+    if not args.root_cert.is_file():
+        parser.error(f"--root-cert {args.root_cert}: no such file")
+    return args.root_cert, token

@@ -23,6 +23,12 @@ import trio
 from ambient_common.logging import LogFormat, configure_logging
 from ambientctl import package_version
 from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format
+from ambientctl.waypointcmd import (
+    WaypointCommandError,
+    WaypointUsageError,
+    add_waypoint_parser,
+    run_waypoint_command,
+)
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,
     VIEWS,
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_state_dir(zc)
 
+    add_waypoint_parser(sub)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -204,6 +212,7 @@ def cmd_up(args: argparse.Namespace, out: TextIO) -> int:
             out.write(
                 f"mesh ready: istiod {mesh.istiod_address}, nodes "
                 + ", ".join(f"{n}={a}" for n, a in mesh.nodes.items())
+                + "".join(f", waypoint {w}={a}" for w, a in mesh.waypoints.items())
                 + f"; logs in {mesh.paths.logs_dir}. Ctrl-C to stop.\n"
             )
             out.flush()
@@ -232,10 +241,15 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     return result
 
 
+def cmd_waypoint(args: argparse.Namespace, out: TextIO) -> int:
+    return run_waypoint_command(args, out)
+
+
 COMMANDS = {
     "up": cmd_up,
     "demo": cmd_demo,
     "ztunnel-config": cmd_ztunnel_config,
+    "waypoint": cmd_waypoint,
     "version": cmd_version,
 }
 
@@ -248,8 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return COMMANDS[args.command](args, sys.stdout)
-    except ZtunnelConfigError as exc:
-        sys.stderr.write(f"ambientctl {args.command}: {exc}\n")
-        return 1
+    except (ZtunnelConfigError, WaypointCommandError) as exc:
+        command = args.command
+        if command == "waypoint":
+            command += f" {args.waypoint_command}"
+        sys.stderr.write(f"ambientctl {command}: {exc}\n")
+        return 2 if isinstance(exc, WaypointUsageError) else 1
     except KeyboardInterrupt:
         return 130

@@ -2,7 +2,10 @@
 
 ``ambientctl up`` and the demo run a whole mesh on one machine without Kubernetes: the config
 directory holds the Kubernetes objects (Nodes give each ztunnel its loopback address, Pods their
-IPs and ports), istiod_lite serves them, and this module starts and watches the processes.
+IPs and ports, waypoint Gateways their ``spec.addresses``), istiod_lite serves them, and this
+module starts and watches the processes: istiod, a ztunnel per Node, a waypoint per waypoint
+Gateway (followed live: ``ambientctl waypoint apply``/``delete`` while ``up`` runs starts or
+stops it within a second) and the sample apps.
 
 Process rules: every child runs in its own process group (a Ctrl-C in the terminal reaches only
 the supervisor, which then drains the children in order instead of having them all die at
@@ -14,15 +17,16 @@ after the next ``ambientctl up`` on the same state directory.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ import yaml
 
 from ambient_common.files import write_atomically
 from ambientctl.apps import http_get
+from istiod_lite.auth import service_account_principal
 
 log = structlog.get_logger()
 
@@ -41,6 +46,10 @@ READINESS_PORT = 15021
 DEFAULT_DRAIN_TIMEOUT = 10.0
 DEFAULT_READY_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
+WAYPOINT_POLL_INTERVAL = 1.0
+WAYPOINT_CLASS = "istio-waypoint"
+SERVICE_ACCOUNT_ANNOTATION = "istio.io/service-account"
+FAIL_EVERY_ANNOTATION = "ambient-lite.io/fail-every"
 LOG_TAIL_LINES = 20
 
 
@@ -71,10 +80,39 @@ class AppSpec:
     address: str
     port: int
     kind: str  # "http" | "tcp"
+    fail_every: int = 0  # http echo: answer 503 to every N-th request (0: never)
 
     @property
     def process_name(self) -> str:
         return f"app-{self.namespace}-{self.pod}-{self.port}"
+
+
+def waypoint_process_name(namespace: str, name: str) -> str:
+    """``waypoint-<ns>.<name>``: a namespace (a DNS label) has no dot, so this is unique."""
+    return f"waypoint-{namespace}.{name}"
+
+
+@dataclass(frozen=True)
+class WaypointSpec:
+    """One waypoint process: a ``gatewayClassName: istio-waypoint`` Gateway with an IP."""
+
+    namespace: str
+    name: str
+    address: str
+    service_account: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def process_name(self) -> str:
+        return waypoint_process_name(self.namespace, self.name)
+
+    @property
+    def principal(self) -> str:
+        """Its name in the bootstrap token file and on its discovery stream."""
+        return service_account_principal(self.namespace, self.service_account)
 
 
 @dataclass(frozen=True)
@@ -82,6 +120,10 @@ class MeshLayout:
     nodes: tuple[NodeSpec, ...]
     apps: tuple[AppSpec, ...]
     pods: Mapping[str, str]  # "namespace/name" -> pod IP
+    waypoints: tuple[WaypointSpec, ...] = ()
+    # What was skipped and why ("<file>: ..."); logged by whoever reads the layout, so the
+    # waypoint watcher can say each once rather than every second.
+    warnings: tuple[str, ...] = ()
 
 
 def app_kind_for_port(port: Mapping[str, Any]) -> str | None:
@@ -91,19 +133,76 @@ def app_kind_for_port(port: Mapping[str, Any]) -> str | None:
     return "tcp" if str(port.get("name", "")).lower().startswith("tcp") else "http"
 
 
+def waypoint_from_gateway(
+    source: str, gateway: Mapping[str, Any], warnings: list[str]
+) -> WaypointSpec | None:
+    """The waypoint a Gateway asks for, None for a Gateway that is not an ``istio-waypoint``
+    or has no ``spec.addresses`` entry of type IPAddress (added to ``warnings``: nothing could
+    reach it)."""
+    spec = gateway.get("spec") or {}
+    if not isinstance(spec, Mapping) or spec.get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    metadata = gateway.get("metadata") or {}
+    name = metadata["name"]
+    namespace = metadata.get("namespace") or "default"
+    addresses = [
+        a.get("value")
+        for a in spec.get("addresses") or ()
+        if isinstance(a, Mapping) and a.get("type", "IPAddress") == "IPAddress"
+    ]
+    if not addresses:
+        warnings.append(
+            f"{source}: waypoint Gateway {namespace}/{name} has no spec.addresses entry of type "
+            "IPAddress; not starting it (`ambientctl waypoint apply` assigns one)"
+        )
+        return None
+    try:
+        address = str(ipaddress.ip_address(str(addresses[0])))
+    except ValueError:
+        raise EmbeddedConfigError(
+            f"{source}: Gateway {namespace}/{name} has an invalid IPAddress {addresses[0]!r}"
+        ) from None
+    annotations = metadata.get("annotations") or {}
+    account = annotations.get(SERVICE_ACCOUNT_ANNOTATION) or name
+    return WaypointSpec(namespace, name, address, str(account))
+
+
+def _fail_every(source: str, pod: str, metadata: Mapping[str, Any]) -> int:
+    value = (metadata.get("annotations") or {}).get(FAIL_EVERY_ANNOTATION)
+    if value is None:
+        return 0
+    text = str(value).strip()
+    if not text.isdigit():
+        raise EmbeddedConfigError(
+            f"{source}: Pod {pod} annotation {FAIL_EVERY_ANNOTATION}={value!r} is not a "
+            "whole number (N: answer 503 to every N-th request)"
+        )
+    return int(text)
+
+
 def layout_from_objects(objects: Iterable[tuple[str, Mapping[str, Any]]]) -> MeshLayout:
-    """Nodes, pods and app processes from ``(source, object)`` pairs; errors name the source."""
+    """Nodes, pods, app processes and waypoints from ``(source, object)`` pairs; errors name
+    the source."""
     nodes: dict[str, NodeSpec] = {}
     apps: list[AppSpec] = []
     pods: dict[str, str] = {}
+    waypoints: dict[str, WaypointSpec] = {}
+    warnings: list[str] = []
     for source, obj in objects:
         kind = obj.get("kind")
         metadata = obj.get("metadata") or {}
         name = metadata.get("name")
-        if kind not in ("Node", "Pod"):
+        if kind not in ("Node", "Pod", "Gateway"):
             continue
         if not isinstance(name, str) or not name:
             raise EmbeddedConfigError(f"{source}: {kind} without metadata.name")
+        if kind == "Gateway":
+            waypoint = waypoint_from_gateway(source, obj, warnings)
+            if waypoint is not None:
+                if waypoint.key in waypoints:
+                    raise EmbeddedConfigError(f"{source}: Gateway {waypoint.key} is defined twice")
+                waypoints[waypoint.key] = waypoint
+            continue
         status = obj.get("status") or {}
         if kind == "Node":
             addresses = [
@@ -122,9 +221,12 @@ def layout_from_objects(objects: Iterable[tuple[str, Mapping[str, Any]]]) -> Mes
         namespace = metadata.get("namespace") or "default"
         pod_ip = status.get("podIP")
         if not isinstance(pod_ip, str) or not pod_ip:
-            log.warning("pod has no status.podIP; not starting its apps", pod=name, file=source)
+            warnings.append(
+                f"{source}: Pod {namespace}/{name} has no status.podIP; not starting its apps"
+            )
             continue
         pods[f"{namespace}/{name}"] = pod_ip
+        fail_every = _fail_every(source, f"{namespace}/{name}", metadata)
         for container in (obj.get("spec") or {}).get("containers") or ():
             for port in container.get("ports") or ():
                 app_kind = app_kind_for_port(port)
@@ -135,7 +237,7 @@ def layout_from_objects(objects: Iterable[tuple[str, Mapping[str, Any]]]) -> Mes
                     raise EmbeddedConfigError(
                         f"{source}: Pod {namespace}/{name} has an invalid containerPort {number!r}"
                     )
-                apps.append(AppSpec(namespace, name, pod_ip, number, app_kind))
+                apps.append(AppSpec(namespace, name, pod_ip, number, app_kind, fail_every))
     seen: dict[str, str] = {}
     for node in nodes.values():
         if node.address in seen:
@@ -143,28 +245,63 @@ def layout_from_objects(objects: Iterable[tuple[str, Mapping[str, Any]]]) -> Mes
                 f"Nodes {seen[node.address]} and {node.name} share the address {node.address}"
             )
         seen[node.address] = node.name
-    return MeshLayout(tuple(nodes.values()), tuple(apps), pods)
+    # A waypoint binds 15000/15020/15021 (as a node's ztunnel) and 15008 (as the ztunnel does
+    # on each pod IP) on its address: it must be nobody else's.
+    taken = {address: f"Node {name}" for address, name in seen.items()}
+    taken.update({ip: f"Pod {pod}" for pod, ip in pods.items()})
+    for waypoint in waypoints.values():
+        if waypoint.address in taken:
+            raise EmbeddedConfigError(
+                f"Gateway {waypoint.key} and {taken[waypoint.address]} share the address "
+                f"{waypoint.address}"
+            )
+        taken[waypoint.address] = f"Gateway {waypoint.key}"
+    return MeshLayout(
+        tuple(nodes.values()), tuple(apps), pods, tuple(waypoints.values()), tuple(warnings)
+    )
+
+
+def config_files(config_dir: Path) -> list[Path]:
+    """Every ``*.yaml``/``*.yml`` below ``config_dir``, sorted, as istiod_lite reads them."""
+    if not config_dir.is_dir():
+        raise EmbeddedConfigError(f"config directory {config_dir} does not exist")
+    return sorted(p for p in config_dir.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def load_documents(path: Path) -> list[Any]:
+    """The YAML documents of one file (empty ones dropped); errors name the file."""
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise EmbeddedConfigError(f"{path}: {exc}") from None
+    return [d for d in documents if d is not None]
+
+
+def objects_of(path: Path, documents: Iterable[Any]) -> list[Mapping[str, Any]]:
+    """The objects of a file's documents, ``kind: List`` unpacked."""
+    objects: list[Mapping[str, Any]] = []
+    for document in documents:
+        if not isinstance(document, Mapping):
+            raise EmbeddedConfigError(f"{path}: a document is not a mapping")
+        items = document.get("items") if document.get("kind") == "List" else [document]
+        objects.extend(item for item in items or () if isinstance(item, Mapping))
+    return objects
+
+
+def read_objects(config_dir: Path) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(file, object)`` for every object below ``config_dir``."""
+    return [
+        (str(path), obj)
+        for path in config_files(config_dir)
+        for obj in objects_of(path, load_documents(path))
+    ]
 
 
 def load_layout(config_dir: Path) -> MeshLayout:
     """Read every ``*.yaml``/``*.yml`` below ``config_dir`` (``kind: List`` is unpacked)."""
-    if not config_dir.is_dir():
-        raise EmbeddedConfigError(f"config directory {config_dir} does not exist")
-    objects: list[tuple[str, Mapping[str, Any]]] = []
-    files = sorted(p for p in config_dir.rglob("*") if p.suffix in (".yaml", ".yml"))
-    for path in files:
-        try:
-            documents = list(yaml.safe_load_all(path.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            raise EmbeddedConfigError(f"{path}: {exc}") from None
-        for document in documents:
-            if document is None:
-                continue
-            if not isinstance(document, Mapping):
-                raise EmbeddedConfigError(f"{path}: a document is not a mapping")
-            items = document.get("items") if document.get("kind") == "List" else [document]
-            objects.extend((str(path), item) for item in items or () if isinstance(item, Mapping))
-    layout = layout_from_objects(objects)
+    layout = layout_from_objects(read_objects(config_dir))
+    for warning in layout.warnings:
+        log.warning(warning)
     if not layout.nodes:
         raise EmbeddedConfigError(f"{config_dir} defines no Node; a mesh needs at least one")
     return layout
@@ -206,8 +343,10 @@ class StatePaths:
     def children_file(self) -> Path:
         return self.root / "children.json"
 
-    def token_file(self, node: str) -> Path:
-        return self.tokens_dir / node
+    def token_file(self, principal: str) -> Path:
+        """A node's token file, or a ``serviceaccount:<ns>/<sa>``'s as
+        ``serviceaccount:<ns>:<sa>`` (no Kubernetes name holds a ``:``, so no clash)."""
+        return self.tokens_dir / principal.replace("/", ":")
 
     def create(self) -> None:
         for directory in (self.root, self.istiod_dir, self.tokens_dir, self.logs_dir):
@@ -239,23 +378,66 @@ def ztunnel_argv(node: NodeSpec, paths: StatePaths, xds_address: str) -> list[st
     ]  # fmt: skip
 
 
-def app_argv(app: AppSpec) -> list[str]:
+def waypoint_argv(waypoint: WaypointSpec, paths: StatePaths, xds_address: str) -> list[str]:
+    """The waypoint command line, in one place so a change of its flags is one edit."""
     return [
+        sys.executable, "-m", "waypoint",
+        "--name", waypoint.name,
+        "--namespace", waypoint.namespace,
+        "--service-account", waypoint.service_account,
+        "--address", waypoint.address,
+        "--xds-address", xds_address,
+        "--root-cert", str(paths.root_cert),
+        "--token-file", str(paths.token_file(waypoint.principal)),
+        "--log-format", "json",
+    ]  # fmt: skip
+
+
+def app_argv(app: AppSpec) -> list[str]:
+    argv = [
         sys.executable, "-m", "ambientctl.apps", app.kind,
         "--address", app.address,
         "--port", str(app.port),
         "--name", app.pod,
         "--log-format", "json",
     ]  # fmt: skip
+    if app.kind == "http" and app.fail_every:
+        argv += ["--fail-every", str(app.fail_every)]
+    return argv
 
 
-def write_bootstrap_tokens(paths: StatePaths, nodes: Sequence[NodeSpec]) -> dict[str, str]:
-    """Fresh per-node tokens: istiod reads the map, each ztunnel only its own file."""
-    tokens = {node.name: secrets.token_urlsafe(32) for node in nodes}
-    write_atomically(paths.bootstrap_tokens, yaml.safe_dump(tokens, sort_keys=True))
-    for name, token in tokens.items():
-        write_atomically(paths.token_file(name), token)
+def write_bootstrap_tokens(
+    paths: StatePaths, nodes: Sequence[NodeSpec], waypoints: Sequence[WaypointSpec] = ()
+) -> dict[str, str]:
+    """Fresh tokens per node and per waypoint service account (``serviceaccount:<ns>/<sa>``):
+    istiod reads the map, each process only its own file."""
+    principals = [node.name for node in nodes] + [w.principal for w in waypoints]
+    tokens = {principal: secrets.token_urlsafe(32) for principal in principals}
+    _write_tokens(paths, tokens)
     return tokens
+
+
+def add_bootstrap_tokens(paths: StatePaths, principals: Iterable[str]) -> list[str]:
+    """Give the ``principals`` that have none a fresh token, keeping everyone else's (a
+    waypoint applied while the mesh runs). Returns the principals added."""
+    try:
+        tokens = yaml.safe_load(paths.bootstrap_tokens.read_text()) or {}
+    except FileNotFoundError:
+        tokens = {}
+    if not isinstance(tokens, dict):
+        raise EmbeddedError(f"{paths.bootstrap_tokens} is not a mapping of name to token")
+    added = [p for p in dict.fromkeys(principals) if p not in tokens]
+    if added:
+        tokens.update({principal: secrets.token_urlsafe(32) for principal in added})
+        _write_tokens(paths, tokens)
+    return added
+
+
+def _write_tokens(paths: StatePaths, tokens: Mapping[str, str]) -> None:
+    for principal, token in tokens.items():
+        write_atomically(paths.token_file(principal), token)
+    # The map last: istiod never knows a token whose holder cannot read it yet.
+    write_atomically(paths.bootstrap_tokens, yaml.safe_dump(dict(tokens), sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,6 +743,8 @@ class EmbeddedMesh:
     istiod_host: str = ISTIOD_LISTEN_HOST
     istiod_port: int = ISTIOD_LISTEN_PORT
     ready_timeout: float = DEFAULT_READY_TIMEOUT
+    # The waypoint command line; tests of the process lifecycle may substitute one.
+    waypoint_command: Callable[[WaypointSpec, StatePaths, str], list[str]] = waypoint_argv
 
     @property
     def istiod_address(self) -> str:
@@ -573,6 +757,11 @@ class EmbeddedMesh:
     @property
     def pods(self) -> dict[str, str]:
         return dict(self.layout.pods)
+
+    @property
+    def waypoints(self) -> dict[str, str]:
+        """``namespace/name`` -> address of each waypoint the mesh runs."""
+        return {w.key: w.address for w in self.layout.waypoints}
 
     @staticmethod
     def ztunnel_process_name(node: str) -> str:
@@ -607,6 +796,62 @@ class EmbeddedMesh:
                 ztunnel_argv(node, self.paths, self.istiod_address),
             )
 
+    async def start_waypoints(self) -> None:
+        for waypoint in self.layout.waypoints:
+            await self._start_waypoint(waypoint)
+
+    async def _start_waypoint(self, waypoint: WaypointSpec) -> None:
+        await self.supervisor.start(
+            waypoint.process_name, self.waypoint_command(waypoint, self.paths, self.istiod_address)
+        )
+
+    async def sync_waypoints(self, wanted: Sequence[WaypointSpec]) -> tuple[list[str], list[str]]:
+        """Make the running waypoints those of ``wanted``: start the new ones, stop the ones
+        gone, restart the changed ones (address, account). A new service account gets a
+        bootstrap token, and istiod, which reads the token file at start, is restarted
+        first so that it knows the token. Returns (started, stopped) process names."""
+        current = {w.key: w for w in self.layout.waypoints}
+        target = {w.key: w for w in wanted}
+        gone = [w for key, w in current.items() if target.get(key) != w]
+        new = [w for key, w in target.items() if current.get(key) != w]
+        if not gone and not new:
+            return [], []
+        for waypoint in gone:
+            if self.supervisor.is_running(waypoint.process_name):
+                await self.supervisor.stop(waypoint.process_name)
+            log.info("waypoint stopped", waypoint=waypoint.key)
+        added = add_bootstrap_tokens(self.paths, [w.principal for w in new])
+        if added and self.supervisor.is_running("istiod"):
+            log.info("restarting istiod to load new waypoint tokens", principals=added)
+            await self.restart_istiod()
+        for waypoint in new:
+            await self._start_waypoint(waypoint)
+            log.info("waypoint started", waypoint=waypoint.key, address=waypoint.address)
+        self.layout = replace(self.layout, waypoints=tuple(target.values()))
+        self.write_mesh_state()
+        return [w.process_name for w in new], [w.process_name for w in gone]
+
+    async def watch_waypoints(self, interval: float = WAYPOINT_POLL_INTERVAL) -> None:
+        """Every ``interval``, re-read the config directory's waypoints and follow them; a
+        directory that does not parse right now is logged and retried, nothing stopped. Each
+        problem is logged once, when it appears."""
+        said: set[str] = set(self.layout.warnings)
+        while True:
+            await trio.sleep(interval)
+            layout: MeshLayout | None
+            try:
+                layout = layout_from_objects(read_objects(self.config_dir))
+            except EmbeddedError as exc:
+                problems = {f"cannot read waypoints; keeping the running ones: {exc}"}
+                layout = None
+            else:
+                problems = set(layout.warnings)
+            for problem in sorted(problems - said):
+                log.warning(problem)
+            said = problems
+            if layout is not None:
+                await self.sync_waypoints(layout.waypoints)
+
     async def start_apps(self) -> None:
         for app in self.layout.apps:
             await self.supervisor.start(app.process_name, app_argv(app))
@@ -619,28 +864,37 @@ class EmbeddedMesh:
                 what=app.process_name,
             )
 
+    def readiness_targets(self) -> dict[str, tuple[str, str]]:
+        """What ``wait_ready`` probes: description -> (process name, address)."""
+        targets = {
+            f"ztunnel of node {node.name}": (self.ztunnel_process_name(node.name), node.address)
+            for node in self.layout.nodes
+        }
+        targets.update(
+            {f"waypoint {w.key}": (w.process_name, w.address) for w in self.layout.waypoints}
+        )
+        return targets
+
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Poll every ztunnel's ``/healthz/ready`` until all answer 200."""
+        """Poll every ztunnel's and waypoint's ``/healthz/ready`` until all answer 200."""
         timeout = self.ready_timeout if timeout is None else timeout
-        pending = dict(self.nodes)
+        pending = self.readiness_targets()
         reasons: dict[str, str] = {}
         with trio.move_on_after(timeout):
             while pending:
-                for name, address in list(pending.items()):
-                    process_name = self.ztunnel_process_name(name)
+                for what, (process_name, address) in list(pending.items()):
                     if not self.supervisor.is_running(process_name):
                         raise EmbeddedError(
-                            f"ztunnel of node {name} is not running; see "
-                            f"{self.supervisor.log_path(process_name)}"
+                            f"{what} is not running; see {self.supervisor.log_path(process_name)}"
                         )
-                    ready, reasons[name] = await probe_ready(address)
+                    ready, reasons[what] = await probe_ready(address)
                     if ready:
-                        del pending[name]
+                        del pending[what]
                 if pending:
                     await trio.sleep(POLL_INTERVAL)
             return
-        details = "; ".join(f"{n} ({self.nodes[n]}): {reasons.get(n, '')}" for n in pending)
-        raise EmbeddedError(f"ztunnels not ready after {timeout}s: {details}")
+        details = "; ".join(f"{w} ({a}): {reasons.get(w, '')}" for w, (_, a) in pending.items())
+        raise EmbeddedError(f"not ready after {timeout}s: {details}")
 
     async def restart_istiod(self) -> None:
         await self.supervisor.stop("istiod")
@@ -658,6 +912,7 @@ class EmbeddedMesh:
             "istiod": self.istiod_address,
             "nodes": self.nodes,
             "pods": self.pods,
+            "waypoints": self.waypoints,
             "logs": str(self.paths.logs_dir),
         }
 
@@ -686,7 +941,7 @@ async def run_embedded(
     paths.create()
     await reap_stale_children(paths.children_file)
     paths.mesh_file.unlink(missing_ok=True)
-    write_bootstrap_tokens(paths, layout.nodes)
+    write_bootstrap_tokens(paths, layout.nodes, layout.waypoints)
     async with open_supervisor(
         paths.logs_dir, drain_timeout=drain_timeout, pid_file=paths.children_file
     ) as supervisor:
@@ -702,10 +957,16 @@ async def run_embedded(
             await mesh.start_apps()
             await mesh.start_istiod()
             await mesh.start_ztunnels()
+            await mesh.start_waypoints()
             await mesh.wait_ready()
             mesh.write_mesh_state()
-            log.info("embedded mesh ready", istiod=mesh.istiod_address, nodes=mesh.nodes)
+            log.info(
+                "embedded mesh ready",
+                istiod=mesh.istiod_address,
+                nodes=mesh.nodes,
+                waypoints=mesh.waypoints,
+            )
             task_status.started(mesh)
-            await trio.sleep_forever()
+            await mesh.watch_waypoints()
         finally:
             paths.mesh_file.unlink(missing_ok=True)

@@ -6,7 +6,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ambient_common.flags import duration_seconds, parse_host_port
+from ambient_common.flags import (
+    add_control_plane_credentials,
+    control_plane_credentials,
+    duration_seconds,
+    parse_host_port,
+)
 from ambient_common.logging import LogFormat
 
 
@@ -49,11 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address the node's own listeners bind (admin, metrics, SOCKS5)")
     parser.add_argument("--xds-address", type=parse_host_port, required=True,
                         help="istiod_lite's discovery and CA address, HOST:PORT")
-    parser.add_argument("--root-cert", type=Path, required=True,
-                        help="PEM root certificate(s) to trust istiod_lite (bootstrap bundle)")
-    token = parser.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token-file", type=Path, help="file holding this node's bearer token")
-    token.add_argument("--token", help="this node's bearer token (prefer --token-file)")
+    add_control_plane_credentials(parser, "this node's")
     parser.add_argument("--trust-domain", default="cluster.local")
     parser.add_argument("--root-namespace", default="istio-system")
     parser.add_argument("--cluster-id", default="Kubernetes")
@@ -71,22 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> ZtunnelConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            parser.error(f"--token-file {args.token_file}: {exc.strerror}")
-        if not token:
-            parser.error(f"--token-file {args.token_file} is empty")
-    else:
-        token = args.token
-    if not args.root_cert.is_file():
-        parser.error(f"--root-cert {args.root_cert}: no such file")
+    root_cert, token = control_plane_credentials(parser, args)
     return ZtunnelConfig(
         node=args.node,
         node_address=args.node_address,
         xds_address=args.xds_address,
-        root_cert=args.root_cert,
+        root_cert=root_cert,
         token=token,
         trust_domain=args.trust_domain,
         root_namespace=args.root_namespace,

@@ -10,23 +10,32 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 import yaml
 
 from ambientctl import cli
 from ambientctl.apps import http_get
 from ambientctl.embedded import (
+    EmbeddedError,
     EmbeddedMesh,
+    MeshLayout,
     StatePaths,
+    WaypointSpec,
+    layout_from_objects,
     live_cmdline,
     load_layout,
     open_supervisor,
+    read_objects,
     reap_stale_children,
     run_embedded,
+    write_bootstrap_tokens,
 )
+from ambientctl.waypointcmd import apply_waypoint, delete_waypoints
 from tests.conftest import LoopbackAllocator
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
@@ -241,3 +250,206 @@ async def test_whole_embedded_mesh(
     assert not any(alive(pid) for pid in pids)
     assert mesh.supervisor.unexpected_exits == []
     assert os.stat(state / "bootstrap-tokens.yaml").st_mode & 0o077 == 0
+
+
+# -- waypoints -----------------------------------------------------------------------------------
+# Until `python -m waypoint` exists these use a stand-in process that serves the waypoint's
+# readiness and admin endpoints; they prove the supervisor's handling (start, follow the config
+# directory, stop, probe), not the waypoint.
+
+STANDIN_WAYPOINT = r"""
+import json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+address, identity = sys.argv[1], sys.argv[2]
+DUMP = {"certificates": [{"identity": identity, "state": "Available", "certChain": [
+    {"serialNumber": "1f", "validFrom": "2020-01-01T00:00:00Z",
+     "expirationTime": "2999-01-01T00:00:00Z"}]}]}
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"ready\n" if self.path == "/healthz/ready" else json.dumps(DUMP).encode()
+        self.send_response(200 if self.path in ("/healthz/ready", "/config_dump") else 404)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer.allow_reuse_address = True
+admin, readiness = (ThreadingHTTPServer((address, port), Handler) for port in (15000, 15021))
+threading.Thread(target=admin.serve_forever, daemon=True).start()
+print("serving", flush=True)
+readiness.serve_forever()
+"""
+
+
+def standin_waypoint(waypoint: WaypointSpec, _paths: StatePaths, _xds: str) -> list[str]:
+    identity = f"spiffe://cluster.local/ns/{waypoint.namespace}/sa/{waypoint.service_account}"
+    return [sys.executable, "-c", STANDIN_WAYPOINT, waypoint.address, identity]
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+async def test_waypoints_applied_while_the_mesh_runs_are_started_and_stopped(
+    tmp_path: Path, loopback: LoopbackAllocator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "ns.yaml").write_text(
+        yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}})
+    )
+    paths = StatePaths(tmp_path / "state")
+    paths.create()
+    first, second = loopback.new(), loopback.new()
+    async with open_supervisor(
+        paths.logs_dir, drain_timeout=5, pid_file=paths.children_file
+    ) as supervisor:
+        mesh = EmbeddedMesh(
+            config, paths, load_layout_without_nodes(config), supervisor, ready_timeout=15,
+            waypoint_command=standin_waypoint,
+        )  # fmt: skip
+        mesh.write_mesh_state()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mesh.watch_waypoints, 0.05)
+            apply_waypoint(config, "wp", "apps", address=first, enroll=True)
+            await wait_until(lambda: supervisor.is_running("waypoint-apps.wp"))
+            assert json.loads(paths.mesh_file.read_text())["waypoints"] == {"apps/wp": first}
+            tokens = yaml.safe_load(paths.bootstrap_tokens.read_text())
+            assert set(tokens) == {"serviceaccount:apps/wp"}
+            await mesh.wait_ready(10)
+
+            argv = ["waypoint", "status", "wp", "-n", "apps", "--state-dir", str(paths.root)]
+            capsys.readouterr()
+            assert await trio.to_thread.run_sync(cli.main, argv) == 0
+            lines = capsys.readouterr().out.splitlines()  # structlog may log here too
+            start = next(i for i, line in enumerate(lines) if line.startswith("NAMESPACE"))
+            header, row = lines[start : start + 2]
+            assert header.split()[:5] == ["NAMESPACE", "NAME", "ADDRESS", "PROCESS", "READY"]
+            identity = "spiffe://cluster.local/ns/apps/sa/wp"
+            assert row.split()[:7] == [
+                "apps",
+                "wp",
+                first,
+                "running",
+                "true",
+                identity,
+                "Available",
+            ]
+
+            # A changed address restarts the waypoint on the new one.
+            old_pid = supervisor.process("waypoint-apps.wp").pid
+            apply_waypoint(config, "wp", "apps", address=second)
+            await wait_until(
+                lambda: (
+                    supervisor.is_running("waypoint-apps.wp")
+                    and supervisor.process("waypoint-apps.wp").pid != old_pid
+                )
+            )
+            await mesh.wait_ready(10)
+            assert mesh.waypoints == {"apps/wp": second}
+
+            delete_waypoints(config, ["wp"], "apps")
+            await wait_until(lambda: not supervisor.is_running("waypoint-apps.wp"))
+            await wait_until(lambda: mesh.waypoints == {})
+            assert json.loads(paths.mesh_file.read_text())["waypoints"] == {}
+            nursery.cancel_scope.cancel()
+    assert supervisor.unexpected_exits == []
+    assert [e.name for e in supervisor.exits] == ["waypoint-apps.wp"] * 2
+
+
+def load_layout_without_nodes(config: Path) -> MeshLayout:
+    return layout_from_objects(read_objects(config))
+
+
+async def test_wait_ready_names_a_waypoint_that_died(
+    tmp_path: Path, loopback: LoopbackAllocator
+) -> None:
+    paths = StatePaths(tmp_path / "state")
+    paths.create()
+    waypoint = WaypointSpec("apps", "wp", loopback.new(), "wp")
+    layout = MeshLayout((), (), {}, (waypoint,))
+    async with open_supervisor(paths.logs_dir, drain_timeout=5) as supervisor:
+        mesh = EmbeddedMesh(
+            tmp_path, paths, layout, supervisor,
+            waypoint_command=lambda *_: [sys.executable, "-c", "raise SystemExit(4)"],
+        )  # fmt: skip
+        await mesh.start_waypoints()
+        assert await supervisor.wait_exit("waypoint-apps.wp") == 4
+        with pytest.raises(EmbeddedError, match="waypoint apps/wp is not running; see .*"):
+            await mesh.wait_ready(5)
+
+
+def test_status_probes_a_waypoint_by_address(
+    tmp_path: Path, loopback: LoopbackAllocator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens there: not ready, exit 1, the reason shown with -o wide."""
+    address = loopback.new()
+    argv = ["waypoint", "status", "wp", "-n", "apps", "--address", address, "-o", "json"]
+    assert cli.main(argv) == 1
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["address"], row["process"], row["ready"]) == (address, "unknown", False)
+    assert f"http://{address}:15021/healthz/ready" in row["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MESH_PARTS_PRESENT, reason="istiod_lite has no __main__ yet")
+async def test_a_new_waypoint_identity_restarts_istiod_with_its_token(
+    tmp_path: Path, loopback: LoopbackAllocator
+) -> None:
+    """istiod reads the bootstrap tokens at start: a waypoint with a new service account gets
+    a token and istiod is restarted before the waypoint starts; a known one changes nothing."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "ns.yaml").write_text(
+        yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}})
+    )
+    paths = StatePaths(tmp_path / "state")
+    paths.create()
+    layout = load_layout_without_nodes(config)
+    write_bootstrap_tokens(paths, layout.nodes, layout.waypoints)
+    async with open_supervisor(paths.logs_dir, drain_timeout=5) as supervisor:
+        mesh = EmbeddedMesh(
+            config.resolve(), paths, layout, supervisor, istiod_host=loopback.new(),
+            ready_timeout=30, waypoint_command=standin_waypoint,
+        )  # fmt: skip
+        await mesh.start_istiod()
+        first_istiod = supervisor.process("istiod").pid
+        waypoint = WaypointSpec("apps", "wp", loopback.new(), "wp")
+        started, stopped = await mesh.sync_waypoints([waypoint])
+        assert (started, stopped) == (["waypoint-apps.wp"], [])
+        assert supervisor.process("istiod").pid != first_istiod
+        assert "serviceaccount:apps/wp" in yaml.safe_load(paths.bootstrap_tokens.read_text())
+        second_istiod = supervisor.process("istiod").pid
+        moved = WaypointSpec("apps", "wp", loopback.new(), "wp")
+        assert await mesh.sync_waypoints([moved]) == (["waypoint-apps.wp"], ["waypoint-apps.wp"])
+        assert supervisor.process("istiod").pid == second_istiod  # same identity: no restart
+        await mesh.wait_ready(10)
+    assert supervisor.unexpected_exits == []
+
+
+async def test_the_waypoint_watcher_reports_each_problem_once(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "wp", "namespace": "apps"},
+               "spec": {"gatewayClassName": "istio-waypoint"}}  # fmt: skip
+    (config / "wp.yaml").write_text(yaml.safe_dump(gateway))
+    paths = StatePaths(tmp_path / "state")
+    paths.create()
+    async with open_supervisor(paths.logs_dir, drain_timeout=5) as supervisor:
+        mesh = EmbeddedMesh(config, paths, MeshLayout((), (), {}), supervisor)
+        with structlog.testing.capture_logs() as logs, trio.move_on_after(0.3):
+            await mesh.watch_waypoints(0.02)
+        (config / "broken.yaml").write_text("kind: [\n")
+        with structlog.testing.capture_logs() as later, trio.move_on_after(0.3):
+            await mesh.watch_waypoints(0.02)
+    assert [e["event"] for e in logs] == [
+        f"{config / 'wp.yaml'}: waypoint Gateway apps/wp has no spec.addresses entry of type "
+        "IPAddress; not starting it (`ambientctl waypoint apply` assigns one)"
+    ]
+    (problem,) = [e["event"] for e in later]
+    assert problem.startswith("cannot read waypoints; keeping the running ones: ")
+    assert "broken.yaml" in problem
+    assert supervisor.names() == []

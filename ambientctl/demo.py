@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ambient_common.errors import describe
 from ambientctl.apps import Socks5ConnectError, http_get, socks5_connect
+from ambientctl.demo_waypoint import run_waypoint_act
 from ambientctl.embedded import EmbeddedError, EmbeddedMesh, run_embedded
 from ambientctl.output import render_table
 from ambientctl.ztunnelconfig import certificate_rows
@@ -70,6 +71,15 @@ class DemoMesh:
     def __init__(self, mesh: EmbeddedMesh) -> None:
         self.mesh = mesh
         self.http = httpx.AsyncClient(trust_env=False, timeout=5.0)
+        self.waypoint_address = next(iter(mesh.waypoints.values()), "")
+        self.node_of: dict[str, str] = {}
+
+    async def learn_nodes(self) -> None:
+        """Which node each workload runs on, as the ztunnels know it."""
+        for node in self.mesh.nodes:
+            for workload in (await self.config_dump(node))["workloads"]:
+                if workload["node"]:
+                    self.node_of[workload["name"]] = workload["node"]
 
     async def config_dump(self, node: str) -> dict[str, Any]:
         response = await self.http.get(f"http://{self.mesh.nodes[node]}:15000/config_dump")
@@ -381,6 +391,8 @@ async def _run(config_dir: Path, state_dir: Path, out: TextIO) -> int:
             await act_who_talked(demo, report, httpbin.node)
             await act_certificates(demo, report)
             await act_metrics_excerpt(demo, report, httpbin.node)
+            await demo.learn_nodes()
+            await run_waypoint_act(demo, report, sleep, config_dir)
         nursery.cancel_scope.cancel()
     report.section("result")
     if report.failures:

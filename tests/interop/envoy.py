@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 import yaml
 
@@ -269,3 +271,30 @@ async def _wait_listening(process: trio.Process, address: tuple[str, int]) -> No
             continue
         await trio.aclose_forcefully(stream)
         return
+
+
+async def envoy_stat(admin: tuple[str, int], name: str) -> int:
+    """One counter from Envoy's admin /stats (0 while Envoy has not created it), so a test
+    can tell which side of a connection gave up."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        response = await client.get(
+            f"http://{admin[0]}:{admin[1]}/stats", params={"filter": f"^{re.escape(name)}$"}
+        )
+    response.raise_for_status()
+    for line in response.text.splitlines():
+        stat, _, value = line.partition(": ")
+        if stat == name:
+            return int(value)
+    return 0
+
+
+async def receive_until_closed(stream: trio.abc.ReceiveStream, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (EOF or reset both count as closed)."""
+    received = bytearray()
+    with trio.fail_after(timeout):
+        try:
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        except trio.BrokenResourceError:
+            pass
+    return bytes(received)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
@@ -53,18 +52,6 @@ def _spiffe(namespace: str, service_account: str) -> SpiffeId:
     return SpiffeId(TRUST_DOMAIN, namespace, service_account)
 
 
-async def _receive_until_closed(stream: trio.abc.ReceiveStream, timeout: float = 10.0) -> bytes:
-    """Everything the peer sends until it closes (EOF or reset both count as closed)."""
-    received = bytearray()
-    with trio.fail_after(timeout):
-        try:
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-        except trio.BrokenResourceError:
-            pass
-    return bytes(received)
-
-
 async def _wait_for_metric(
     mesh: Mesh, demo_node: str, metric: str, timeout: float = 5.0, **labels: str
 ) -> list[float]:
@@ -78,23 +65,6 @@ async def _wait_for_metric(
                 return samples
             await trio.sleep(0.1)
     raise AssertionError(f"no {metric} sample with {labels} on {demo_node}:\n{text}")
-
-
-async def _envoy_stat(admin: tuple[str, int], name: str) -> int:
-    """One counter from Envoy's admin /stats (0 when Envoy has not created it)."""
-    async with httpx.AsyncClient() as client:
-        response = await client.get(
-            f"http://{admin[0]}:{admin[1]}/stats", params={"filter": f"^{name}$"}
-        )
-    for line in response.text.splitlines():
-        stat, _, value = line.partition(": ")
-        if stat == name:
-            return int(value)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Envoy as the HBONE client, our ztunnel's inbound as the server
 
 
 async def test_envoy_hbone_client_through_our_inbound(
@@ -159,7 +129,7 @@ async def test_envoy_hbone_client_through_our_inbound(
             echoed = bytearray()
 
             async def read_echo() -> None:
-                echoed.extend(await _receive_until_closed(stream))
+                echoed.extend(await envoy.receive_until_closed(stream))
 
             async with trio.open_nursery() as transfer:
                 transfer.start_soon(read_echo)
@@ -179,7 +149,7 @@ async def test_envoy_hbone_client_through_our_inbound(
         stream = await trio.open_tcp_stream(*denied_http)
         async with stream:
             await stream.send_all(b"GET /get HTTP/1.1\r\nhost: httpbin\r\n\r\n")
-            assert await _receive_until_closed(stream) == b""
+            assert await envoy.receive_until_closed(stream) == b""
         await _wait_for_metric(
             mesh, NODE_2, OPENED, reporter="destination",
             source_principal=str(_spiffe("demo", "notsleep")), response_flags="UAEX",
@@ -321,7 +291,7 @@ async def test_our_outbound_through_envoy_hbone_server(
             echoed = bytearray()
 
             async def read_echo() -> None:
-                echoed.extend(await _receive_until_closed(stream))
+                echoed.extend(await envoy.receive_until_closed(stream))
 
             async with trio.open_nursery() as transfer:
                 transfer.start_soon(read_echo)
@@ -334,13 +304,13 @@ async def test_our_outbound_through_envoy_hbone_server(
             destination_principal=str(backend_identity),
             connection_security_policy="mutual_tls",
         )
-        assert await _envoy_stat(admin, "http.backend_hbone.downstream_rq_total") >= 1
+        assert await envoy.envoy_stat(admin, "http.backend_hbone.downstream_rq_total") >= 1
 
         # Envoy presenting sa/httpbin where sa/backend is expected: our outbound refuses.
         with pytest.raises(Socks5ConnectError) as refused:
             await mesh.connect(SLEEP, impostor_ip, ECHO_PORT)
         assert refused.value.reply_code == socks5.GENERAL_FAILURE
         # Envoy saw the TLS connection, but no CONNECT ever reached it.
-        assert await _envoy_stat(admin, f"listener.{impostor_ip}_{HBONE_PORT}"
+        assert await envoy.envoy_stat(admin, f"listener.{impostor_ip}_{HBONE_PORT}"
                                         ".downstream_cx_total") >= 1
-        assert await _envoy_stat(admin, "http.impostor_hbone.downstream_rq_total") == 0
+        assert await envoy.envoy_stat(admin, "http.impostor_hbone.downstream_rq_total") == 0

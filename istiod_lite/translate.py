@@ -64,6 +64,7 @@ from istiod_lite.api.model import (
     WorkloadStatus,
     resource_key,
 )
+from istiod_lite.convert import convert_each
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate_routes import (
     route_resources,
@@ -193,40 +194,17 @@ class _Translator:
 
     def run(self) -> list[Resource]:
         # Authorizations first: workloads list the selector-scoped ones that select them.
-        nodes: list[Resource] = [*self._each(self.objects.nodes, self._node)]
+        nodes: list[Resource] = [*convert_each(self.objects.nodes, self._node)]
         authorizations: list[Resource] = [
-            *self._each(self.objects.authorization_policies, self._authorization),
-            *self._each(self.objects.peer_authentications, self._peer_authentication),
+            *convert_each(self.objects.authorization_policies, self._authorization),
+            *convert_each(self.objects.peer_authentications, self._peer_authentication),
         ]
-        services: list[Resource] = [*self._each(self.objects.services, self._service)]
-        workloads: list[Resource] = [*self._each(self.objects.pods, self._workload)]
+        services: list[Resource] = [*convert_each(self.objects.services, self._service)]
+        workloads: list[Resource] = [*convert_each(self.objects.pods, self._workload)]
         result: list[Resource] = []
         for group in (nodes, services, authorizations, workloads):
             result.extend(sorted(group, key=resource_key))
         return result
-
-    def _each(
-        self,
-        objects: Mapping[str, dict[str, Any]],
-        convert: Callable[[dict[str, Any]], T | None],
-    ) -> list[T]:
-        """Convert each object; a broken one is logged and skipped, never fatal."""
-        converted: list[T] = []
-        for key in sorted(objects):
-            obj = objects[key]
-            try:
-                result = convert(obj)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                logger.warning(
-                    "object not translated",
-                    kind=obj.get("kind") if isinstance(obj, dict) else None,
-                    key=key,
-                    reason=f"{type(exc).__name__}: {exc}",
-                )
-                continue
-            if result is not None:
-                converted.append(result)
-        return converted
 
     def _namespace_labels(self, namespace: str) -> dict[str, str]:
         return _labels(self.objects.namespaces.get(namespace) or {})

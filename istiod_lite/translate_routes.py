@@ -53,7 +53,7 @@ stops translation (as in ``translate.py``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -71,6 +71,7 @@ from istiod_lite.api.model import (
     TunnelProtocol,
     Workload,
 )
+from istiod_lite.convert import convert_each
 from istiod_lite.sources.objects import ClusterObjects
 
 if TYPE_CHECKING:  # translate.py imports this module; no import cycle at run time
@@ -134,7 +135,7 @@ def waypoint_for(gateway: Mapping[str, Any]) -> WaypointFor:
 def waypoint_resources(objects: ClusterObjects, mesh: MeshConfig) -> list[Resource]:
     """Each waypoint Gateway's Service and Workload (embedded mode), sorted by key."""
     resources: list[Resource] = []
-    for gateway in _each(objects.gateways, lambda gw: _waypoint(gw, objects, mesh)):
+    for gateway in convert_each(objects.gateways, lambda gw: _waypoint(gw, objects, mesh)):
         resources.extend(gateway)
     return resources
 
@@ -242,11 +243,11 @@ def route_resources(objects: ClusterObjects, mesh: MeshConfig) -> list[L7Resourc
     """Every L7 resource the waypoints need, sorted by kind then key (stable output)."""
     translator = _RouteTranslator(objects, mesh)
     resources: list[L7Resource] = [
-        *_each(objects.httproutes, translator.http_route),
-        *_each(objects.virtual_services, translator.virtual_service),
-        *_each(objects.tcproutes, translator.tcp_route),
-        *_each(objects.destination_rules, translator.destination_rule),
-        *_each(objects.local_rate_limits, translator.rate_limit),
+        *convert_each(objects.httproutes, translator.http_route),
+        *convert_each(objects.virtual_services, translator.virtual_service),
+        *convert_each(objects.tcproutes, translator.tcp_route),
+        *convert_each(objects.destination_rules, translator.destination_rule),
+        *convert_each(objects.local_rate_limits, translator.rate_limit),
     ]
     return sorted(resources, key=lambda r: (KIND_BY_TYPE[type(r)], r.key))
 
@@ -1110,25 +1111,3 @@ def _created(obj: Mapping[str, Any]) -> str:
     if isinstance(value, date):
         return f"{value.isoformat()}T00:00:00Z"
     return str(value)
-
-
-def _each(
-    objects: Mapping[str, dict[str, Any]], convert: Callable[[dict[str, Any]], T | None]
-) -> list[T]:
-    """Convert each object; a broken one is logged and skipped, never fatal."""
-    converted: list[T] = []
-    for key in sorted(objects):
-        obj = objects[key]
-        try:
-            result = convert(obj)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            logger.warning(
-                "object not translated",
-                kind=obj.get("kind") if isinstance(obj, dict) else None,
-                key=key,
-                reason=f"{type(exc).__name__}: {exc}",
-            )
-            continue
-        if result is not None:
-            converted.append(result)
-    return converted

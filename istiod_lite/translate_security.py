@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from istiod_lite.api import l7
+from istiod_lite.convert import convert_each
 from istiod_lite.sources.objects import ClusterObjects
 
 if TYPE_CHECKING:  # translate.py imports this module; import it only for types.
@@ -59,40 +60,16 @@ def security_resources(
 ) -> list[SecurityResource]:
     """Every waypoint authorization and JWT policy, sorted by kind then key (stable output).
     ``read_file`` reads a ``jwksUri: file://`` path (injected so tests need no files)."""
-    authorizations: list[SecurityResource] = []
-    for key in sorted(objects.authorization_policies):
-        policy = objects.authorization_policies[key]
-        converted = _guarded(key, policy, lambda p: _authorization(p, objects, mesh))
-        if converted is not None:
-            authorizations.append(converted)
-    jwt_policies: list[SecurityResource] = []
-    for key in sorted(objects.request_authentications):
-        policy = objects.request_authentications[key]
-        jwt_policy = _guarded(key, policy, lambda p: _jwt_policy(p, objects, mesh, read_file))
-        if jwt_policy is not None:
-            jwt_policies.append(jwt_policy)
+    authorizations: list[SecurityResource] = convert_each(
+        objects.authorization_policies, lambda p: _authorization(p, objects, mesh)
+    )
+    jwt_policies: list[SecurityResource] = convert_each(
+        objects.request_authentications, lambda p: _jwt_policy(p, objects, mesh, read_file)
+    )
     return authorizations + jwt_policies
 
 
 # -- shared --------------------------------------------------------------------------------
-
-
-def _guarded(
-    key: str,
-    obj: dict[str, Any],
-    convert: Callable[[dict[str, Any]], SecurityResource | None],
-) -> SecurityResource | None:
-    """Convert one object; a broken one is logged and skipped, never fatal."""
-    try:
-        return convert(obj)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        logger.warning(
-            "object not translated",
-            kind=obj.get("kind") if isinstance(obj, dict) else None,
-            key=key,
-            reason=f"{type(exc).__name__}: {exc}",
-        )
-        return None
 
 
 def _name(obj: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import signal
 import struct
 import sys
@@ -70,13 +71,23 @@ def _header_dict(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 class EchoBehaviour:
-    """What the echo answers besides 200: httpbin's ``/status/<code>``, and, to play a flaky
-    backend in the demo, a 503 on every ``fail_every``-th request (deterministic, so a retry
-    policy's effect can be shown exactly)."""
+    """What the echo answers besides 200: httpbin's ``/status/<code>`` and
+    ``/delay/<seconds>`` (a slow backend, for timeouts and circuit breaking), and, to play a
+    flaky backend in the demo, a 503 on every ``fail_every``-th request (deterministic, so a
+    retry policy's effect can be shown exactly)."""
+
+    MAX_DELAY = 10.0  # httpbin's cap too: a sample app must not hold a connection for long
 
     def __init__(self, fail_every: int = 0) -> None:
         self.fail_every = fail_every
         self.requests = 0
+
+    @classmethod
+    def delay_for(cls, path: str) -> float:
+        """Seconds to wait before answering: ``/delay/<seconds>`` (fractions allowed,
+        capped at ``MAX_DELAY``); 0 for other paths and for a bad number (answered 400)."""
+        seconds = _delay_argument(path)
+        return 0.0 if seconds is None else min(seconds, cls.MAX_DELAY)
 
     def status_for(self, path: str) -> int:
         self.requests += 1
@@ -84,9 +95,24 @@ class EchoBehaviour:
             code = path.removeprefix("/status/").split("?")[0].split("/")[0]
             if code.isdigit() and 200 <= int(code) <= 599:
                 return int(code)
+        if path.startswith("/delay/") and _delay_argument(path) is None:
+            return 400
         if self.fail_every and self.requests % self.fail_every == 0:
             return 503
         return 200
+
+
+def _delay_argument(path: str) -> float | None:
+    """The ``<seconds>`` of ``/delay/<seconds>[/...][?...]``: a finite number >= 0, else
+    None (also for paths that are not ``/delay/``)."""
+    if not path.startswith("/delay/"):
+        return None
+    text = path.removeprefix("/delay/").split("?")[0].split("/")[0]
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 async def serve_http_echo(
@@ -130,7 +156,9 @@ async def _serve_http_connection(
                     return
                 body_length = await _drain_body(stream, conn)
                 answer = echo_response_body(pod, request, body_length, peer)
-                status = (behaviour or EchoBehaviour()).status_for(answer["path"])
+                behaviour = behaviour or EchoBehaviour()
+                await trio.sleep(behaviour.delay_for(answer["path"]))
+                status = behaviour.status_for(answer["path"])
                 await _send_json(stream, conn, status, answer)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return

@@ -62,6 +62,15 @@ FLAG_RETRY_LIMIT = "URX"
 FLAG_NO_ROUTE = "NR"
 FLAG_UNAUTHENTICATED = "UAEX"
 
+# Envoy prints the flags of one request in this fixed order (its ResponseFlag enum), not in
+# the order they happened: "UT,URX", never "URX,UT". Flags it does not know go last.
+_ENVOY_FLAG_ORDER = (
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
+    "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
+    "DO", "DR",
+)
+_ENVOY_FLAG_RANK = {flag: rank for rank, flag in enumerate(_ENVOY_FLAG_ORDER)}
+
 _MAX_MIRRORS_IN_FLIGHT = 64
 # Istio's default retry policy for mesh traffic, used when a route sets none.
 DEFAULT_RETRY = l7.RetryPolicy()
@@ -95,7 +104,9 @@ class Outcome:
 
     @property
     def flags(self) -> str:
-        return ",".join(dict.fromkeys(self.response_flags)) or "-"
+        unique = dict.fromkeys(self.response_flags)
+        ordered = sorted(unique, key=lambda f: _ENVOY_FLAG_RANK.get(f, len(_ENVOY_FLAG_ORDER)))
+        return ",".join(ordered) or "-"
 
 
 class ServiceResilience:

@@ -6,19 +6,24 @@ CA and config from the discovery stream over TLS, exactly as the processes do.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ambientctl.apps import serve_http_echo, serve_tcp_echo, socks5_connect
+from ambientctl.embedded import MeshLayout, layout_from_objects
 from istiod_lite.__main__ import RunningIstiod, run_istiod
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.ca import CertificateAuthority
@@ -282,3 +287,114 @@ async def wait_for_workload(
                 except (httpx.TransportError, ValueError):
                     pass
                 await trio.sleep(0.1)
+
+
+# -- helpers for tests that add services, pods and L7 config live -----------------------------
+
+
+async def config_dump(address: str) -> dict[str, Any]:
+    """The /config_dump of the ztunnel or waypoint whose admin listens on ``address``."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        response = await client.get(f"http://{address}:15000/config_dump")
+    response.raise_for_status()
+    dump: dict[str, Any] = response.json()
+    return dump
+
+
+async def fetch_waypoint_metrics(mesh: Mesh) -> str:
+    """The Prometheus text of the running waypoint (15020 /metrics)."""
+    assert mesh.waypoint is not None, "no waypoint started"
+    async with httpx.AsyncClient(trust_env=False) as client:
+        response = await client.get(f"http://{mesh.waypoint.config.address}:15020/metrics")
+    response.raise_for_status()
+    return response.text
+
+
+async def start_pod_apps(mesh: Mesh, nursery: trio.Nursery, yaml_text: str) -> MeshLayout:
+    """Start the sample apps of the Pods in ``yaml_text`` exactly as ``ambientctl up`` would
+    choose them (``layout_from_objects``: HTTP or TCP echo per container port, the
+    ``ambient-lite.io/fail-every`` annotation), before their config is written."""
+    text = mesh.rewrite(yaml_text)
+    objects = [("test", doc) for doc in yaml.safe_load_all(text) if doc]
+    layout = layout_from_objects(objects)
+    for app in layout.apps:
+        if app.kind == "http":
+            await nursery.start(partial(serve_http_echo, fail_every=app.fail_every),
+                                app.address, app.port, app.pod)
+        else:
+            await nursery.start(serve_tcp_echo, app.address, app.port)
+    return layout
+
+
+async def wait_for_config(
+    mesh: Mesh,
+    *,
+    l7: Mapping[str, Iterable[str]] | None = None,
+    services: Iterable[str] = (),
+    workloads: Iterable[str] = (),
+    listening: Iterable[str] = (),
+    timeout: float = 10.0,
+) -> None:
+    """Until config written live has reached the data plane: the waypoint's /config_dump
+    lists the ``l7`` resources (kind -> names, e.g. ``{"httproute": ["reviews-extra"]}``);
+    every ztunnel and the waypoint list the ``services`` and ``workloads`` (by name); and
+    each ``listening`` pod IP accepts connections on 15008 (its ztunnel's inbound)."""
+    wanted_l7 = {kind: set(names) for kind, names in (l7 or {}).items()}
+    wanted_services, wanted_workloads = set(services), set(workloads)
+    addresses = [z.config.node_address for z in mesh.ztunnels.values()]
+    if mesh.waypoint is not None:
+        addresses.append(mesh.waypoint.config.address)
+    elif wanted_l7:
+        raise ValueError("L7 config can only be awaited with a waypoint running")
+
+    def has_everything(dump: dict[str, Any], *, is_waypoint: bool) -> bool:
+        names = {s.get("name") for s in dump.get("services", [])}
+        pods = {w.get("name") for w in dump.get("workloads", [])}
+        if not wanted_services <= names or not wanted_workloads <= pods:
+            return False
+        if is_waypoint:
+            l7_dump = dump.get("l7", {})
+            return all(
+                names_wanted <= {r.get("name") for r in l7_dump.get(kind, [])}
+                for kind, names_wanted in wanted_l7.items()
+            )
+        return True
+
+    with trio.fail_after(timeout):
+        for address in addresses:
+            is_waypoint = mesh.waypoint is not None and address == mesh.waypoint.config.address
+            while True:
+                try:
+                    if has_everything(await config_dump(address), is_waypoint=is_waypoint):
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                await trio.sleep(0.05)
+        for pod_ip in listening:
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream(pod_ip, 15008)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                break
+
+
+async def start_waypoint_with(
+    mesh: Mesh, nursery: trio.Nursery, **overrides: Any
+) -> Waypoint:
+    """The demo's waypoint like ``Mesh.start_waypoint``, with ``WaypointConfig`` fields
+    overridden (e.g. ``otlp_endpoint``); start the mesh ``with_waypoint=False`` first."""
+    config = WaypointConfig(
+        name="waypoint", namespace="demo", address=mesh.addr(WAYPOINT),
+        xds_address=(mesh.istiod_address, 15012),
+        root_cert=mesh.root / "istiod" / "root-cert.pem",
+        token=mesh.tokens[WAYPOINT_PRINCIPAL], connect_timeout=2.0, drain_timeout=2.0,
+        log_format="json",
+    )
+    waypoint = Waypoint(dataclasses.replace(config, **overrides))
+    await nursery.start(waypoint.run)
+    mesh.waypoint = waypoint
+    await mesh.wait_ready()
+    return waypoint

@@ -160,6 +160,7 @@ class Waypoint:
                 await self._shutdown.wait()
                 log.info("draining", connections=self.connections.count)
                 services.cancel_scope.cancel()
+            self.connections.begin_drain()  # HBONE connections GOAWAY, end with their last tunnel
             with trio.move_on_after(config.drain_timeout):
                 await self.connections.wait_idle()
             await self.tracer.aclose()
@@ -217,7 +218,8 @@ class Waypoint:
                     return
                 try:
                     await serve_hbone_tls(stream, context, self._on_connect,
-                                          accepted_trust_domains={self.config.trust_domain})
+                                          accepted_trust_domains={self.config.trust_domain},
+                                          drain=self.connections.drain)
                 except Exception:
                     log.exception("hbone connection failed")
 
@@ -340,17 +342,21 @@ class Waypoint:
         for route in self.state.resources("tcproute"):
             if service.key in route.parents or self.waypoint_key in route.parents:
                 weights = [b for b in route.backends if b.weight > 0]
-                if weights:
-                    total = sum(b.weight for b in weights)
-                    point, chosen = self._rand.random() * total, weights[-1]
-                    for backend in weights:
-                        point -= backend.weight
-                        if point < 0:
-                            chosen = backend
-                            break
-                    found = self.state.service(chosen.service)
-                    if found is not None:
-                        service, port = found, chosen.port
+                if not weights:
+                    # Gateway API: weight 0 takes no traffic; with none left, refuse.
+                    return None, port
+                total = sum(b.weight for b in weights)
+                point, chosen = self._rand.random() * total, weights[-1]
+                for backend in weights:
+                    point -= backend.weight
+                    if point < 0:
+                        chosen = backend
+                        break
+                found = self.state.service(chosen.service)
+                if found is None:
+                    # An invalid backend's share of connections is refused, not rerouted.
+                    return None, port
+                service, port = found, chosen.port
                 break
         mapping = next((p for p in service.ports if p.service_port == port), None)
         endpoints = [

@@ -1,30 +1,85 @@
-"""Counting live connections so a shutdown can drain them instead of resetting them."""
+"""Graceful shutdown: counting live connections, and telling the ones that can end
+gracefully that a drain began.
+
+A proxy that shuts down stops listening, calls ``ActiveConnections.begin_drain()`` and waits
+(up to its drain timeout) in ``wait_idle()``. Plain TCP connections can only be waited for, but
+an HBONE server connection can do better: on the drain signal it sends HTTP/2 GOAWAY, lets the
+tunnels already on it finish and closes as soon as it has none, so idle pooled connections from
+peers end at once instead of holding the shutdown for the whole timeout (Istio/Envoy drain the
+same way). See ``ztunnel.hbone.server.serve_hbone``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import trio
 
 
+class Drain:
+    """A one-shot signal: "this proxy is shutting down, finish what you are doing"."""
+
+    def __init__(self) -> None:
+        self._started = trio.Event()
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    def start(self) -> None:
+        self._started.set()
+
+    async def wait(self) -> None:
+        """Return once the drain has started (at once if it already has)."""
+        await self._started.wait()
+
+
+# The drain of the ActiveConnections tracking the current task's connection (see track()).
+_current_drain: ContextVar[Drain | None] = ContextVar("ztunnel_current_drain", default=None)
+
+
+def current_drain() -> Drain | None:
+    """The drain signal of the connection this task serves, if an ActiveConnections tracks it.
+
+    This lets a connection handler deep inside a listener (serve_hbone in the inbound path)
+    watch for the drain without every layer in between passing it along."""
+    return _current_drain.get()
+
+
 class ActiveConnections:
+    """Live connections of one proxy, and the drain signal they watch."""
+
     def __init__(self) -> None:
         self.count = 0
+        self.drain = Drain()
         self._idle = trio.Event()
         self._idle.set()
 
     @contextmanager
     def track(self) -> Iterator[None]:
+        """Count a connection for as long as the block runs; code inside it (and tasks it
+        starts) sees ``self.drain`` as ``current_drain()``."""
         self.count += 1
         if self.count == 1:
             self._idle = trio.Event()
+        token = _current_drain.set(self.drain)
         try:
             yield
         finally:
+            _current_drain.reset(token)
             self.count -= 1
             if self.count == 0:
                 self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.started
+
+    def begin_drain(self) -> None:
+        """Shutdown began: connections that can end gracefully start doing so now."""
+        self.drain.start()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

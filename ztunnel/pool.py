@@ -4,6 +4,11 @@ One pool key is (source identity, destination identity, source IP, destination a
 connection is only ever reused for the same pair of identities and the same addresses, so a pod
 IP reused by another workload (another identity) never inherits a stale connection, and a
 connection that died is dropped instead of being handed out again.
+
+A connection whose server drains (GOAWAY) takes no new streams: the pool dials a new one for
+the next request, lets the streams on the old one finish, and forgets it when it closes (it
+closes itself after its last stream). A CONNECT the server did not process (it raced the GOAWAY,
+or was refused) is sent again on another connection instead of failing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from ztunnel.hbone import DEFAULT_MAX_CONCURRENT_STREAMS, HboneClient, HboneConn
 from ztunnel.hbone.session import HboneStream
 
 log = structlog.get_logger()
+
+# Times one open_stream sends a CONNECT again after the server did not process it; bounded so
+# a server that refuses everything costs an error, not a loop.
+_MAX_UNPROCESSED_RETRIES = 3
 
 
 class PoolKey(NamedTuple):
@@ -73,6 +82,10 @@ class HbonePool:
         """The live connections for ``key`` (for tests, admin and metrics)."""
         return [client for client in self._clients.get(key, []) if not client.is_closed]
 
+    def live_keys(self) -> list[PoolKey]:
+        """The keys that have live connections (draining ones included until they close)."""
+        return [key for key in list(self._clients) if self.connections(key)]
+
     @property
     def connection_count(self) -> int:
         return sum(len(self.connections(key)) for key in list(self._clients))
@@ -87,6 +100,7 @@ class HbonePool:
         Raises HboneConnectError for a non-200 answer, PeerIdentityError or OSError when a new
         connection cannot be established.
         """
+        unprocessed = 0
         while True:
             client = self._pick(key)
             fresh = client is None
@@ -97,6 +111,13 @@ class HbonePool:
             try:
                 return await client.open_stream(target, headers)
             except HboneConnectError as exc:
+                if exc.retryable and unprocessed < _MAX_UNPROCESSED_RETRIES:
+                    # Draining (GOAWAY) or refused: the server did nothing with it. _pick skips
+                    # a draining connection, so this goes to another one.
+                    unprocessed += 1
+                    log.debug("hbone_pool.retry_unprocessed", key=_describe(key),
+                              reason=exc.reason, draining=client.is_draining)
+                    continue
                 if exc.status is not None or not client.is_closed:
                     raise
                 self._drop(key, client)
@@ -111,6 +132,8 @@ class HbonePool:
         for client in list(clients):
             if client.is_closed:
                 self._drop(key, client)
+            elif client.is_draining:
+                continue  # its streams finish; it closes itself after the last one
             elif (client.available_streams > 0
                   and client.active_streams < self.max_streams_per_connection):
                 return client

@@ -130,6 +130,9 @@ class Ztunnel:
                 log.info("draining", connections=self.connections.count,
                          timeout=config.drain_timeout)
                 services.cancel_scope.cancel()
+            # Listeners are closed: HBONE connections send GOAWAY and end with their last
+            # tunnel, so idle pooled connections from peers do not hold the shutdown.
+            self.connections.begin_drain()
             with trio.move_on_after(config.drain_timeout) as drain:
                 await self.connections.wait_idle()
             if drain.cancelled_caught:

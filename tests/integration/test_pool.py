@@ -6,26 +6,33 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
+from istiod_lite.api.identity import SpiffeId
 from tests.integration.hbone_helpers import (
     HBONE_PORT,
     TestMesh,
     echo_handler,
     start_hbone_server,
 )
+from ztunnel.drain import Drain
 from ztunnel.hbone import (
     ConnectRequest,
     HboneClient,
     HboneConnectError,
     HboneResponder,
+    HboneStream,
     connect,
     connect_headers,
+    serve_hbone,
     serve_hbone_tls,
 )
 from ztunnel.pool import HbonePool, PoolKey
 from ztunnel.tls import PeerIdentityError
 
 pytestmark = pytest.mark.timeout(30)
+
+TEST_ID = SpiffeId("cluster.local", "test", "default")
 
 
 class Dialer:
@@ -227,3 +234,136 @@ async def test_rejections_do_not_drop_the_connection(
     assert await stream.receive_some() == b"x"
     await stream.aclose()
     assert len(dialer.calls) == 1
+
+
+# -- graceful drain: GOAWAY from the server -----------------------------------------------------
+
+
+class HeldStream(trio.abc.Stream):
+    """A transport whose received bytes can be held back, so a test decides exactly when the
+    server reads what the client sent (a CONNECT racing the server's GOAWAY)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.released = trio.Event()
+        self.released.set()
+        self.holding = trio.Event()
+
+    def hold(self) -> None:
+        self.released = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        if not self.released.is_set():
+            self.holding.set()
+            await self.released.wait()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_connect_racing_goaway_is_retried_on_a_new_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """The server drains while a CONNECT is in flight above its GOAWAY's last stream id: the
+    server refuses it unprocessed, and the pool sends it again on a new connection."""
+    handled: list[tuple[int, str]] = []
+    server_transports: list[HeldStream] = []
+    drains: list[Drain] = []
+    clients: list[HboneClient] = []
+
+    async def dial(key: PoolKey, connection_nursery: trio.Nursery) -> HboneClient:
+        index = len(server_transports)
+        client_end, server_end = trio.testing.memory_stream_pair()
+        held = HeldStream(server_end)
+        drain = Drain()
+        server_transports.append(held)
+        drains.append(drain)
+
+        async def handler(request: ConnectRequest, responder: HboneResponder) -> None:
+            handled.append((index, request.authority))
+            await echo_handler(request, responder)
+
+        nursery.start_soon(partial(serve_hbone, held, handler, drain=drain))
+        client = HboneClient(client_end)
+        await connection_nursery.start(client.run)
+        clients.append(client)
+        return client
+
+    pool = HbonePool(dial)
+    await nursery.start(pool.run)
+    key = PoolKey(TEST_ID, TEST_ID, None, ("10.0.0.9", HBONE_PORT))
+    busy = await pool.open_stream(key, "10.0.0.1:1")
+
+    server_transports[0].hold()
+    racing: list[HboneStream] = []
+
+    async def open_racing() -> None:
+        racing.append(await pool.open_stream(key, "10.0.0.1:2"))
+
+    nursery.start_soon(open_racing)
+    await server_transports[0].holding.wait()  # the CONNECT reached the server, unread
+    drains[0].start()  # GOAWAY naming stream 1 as the last one processed
+    with trio.fail_after(5):
+        while not racing:
+            await trio.sleep(0.01)
+    [second] = racing
+    await second.send_all(b"second")
+    assert await second.receive_some() == b"second"
+    assert handled == [(0, "10.0.0.1:1"), (1, "10.0.0.1:2")]
+    assert clients[0].is_draining and pool.connections(key) == [clients[0], clients[1]]
+
+    server_transports[0].released.set()  # the server reads the CONNECT now: and refuses it
+    await trio.testing.wait_all_tasks_blocked()
+    assert handled == [(0, "10.0.0.1:1"), (1, "10.0.0.1:2")]
+
+    await busy.send_all(b"first, still running")  # the draining connection still carries it
+    assert await busy.receive_some() == b"first, still running"
+    await busy.send_eof()
+    assert await busy.receive_some() == b""
+    await busy.aclose()
+    with trio.fail_after(2):
+        await clients[0].wait_closed()
+        while clients[0] in pool.connections(key):
+            await trio.sleep(0.01)
+    assert pool.connections(key) == [clients[1]]
+    await second.aclose()
+
+
+async def test_refusals_are_retried_a_bounded_number_of_times(nursery: trio.Nursery) -> None:
+    """A server that refuses every CONNECT (REFUSED_STREAM) costs an error, not a loop."""
+    attempts = 0
+    handled: list[str] = []
+
+    async def refuse_all(key: PoolKey, connection_nursery: trio.Nursery) -> HboneClient:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        drain = Drain()
+        drain.start()  # every connection drains at once: each CONNECT is refused
+
+        async def handler(request: ConnectRequest, responder: HboneResponder) -> None:
+            handled.append(request.authority)  # a drained server must never get here
+            await echo_handler(request, responder)
+
+        nonlocal attempts
+        attempts += 1
+        nursery.start_soon(partial(serve_hbone, server_end, handler, drain=drain))
+        client = HboneClient(client_end)
+        await connection_nursery.start(client.run)
+        return client
+
+    pool = HbonePool(refuse_all)
+    await nursery.start(pool.run)
+    key = PoolKey(TEST_ID, TEST_ID, None, ("10.0.0.9", HBONE_PORT))
+    with pytest.raises(HboneConnectError) as error:
+        await pool.open_stream(key, "10.0.0.1:1")
+    assert error.value.retryable
+    assert 2 <= attempts <= 4
+    await trio.testing.wait_all_tasks_blocked()
+    assert handled == []

@@ -1,4 +1,9 @@
-"""HBONE client: CONNECT streams multiplexed on one mTLS HTTP/2 connection."""
+"""HBONE client: CONNECT streams multiplexed on one mTLS HTTP/2 connection.
+
+When the server drains (GOAWAY with NO_ERROR) the client keeps its processed streams running,
+opens no new ones (``is_draining``; open_stream raises a ``retryable`` HboneConnectError, as it
+does for streams the server refused), and closes the connection once its last stream ended.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,24 @@ import trio
 
 from istiod_lite.api.identity import SpiffeId
 from ztunnel.hbone.protocol import DEFAULT_MAX_CONCURRENT_STREAMS, REASON_HEADER
-from ztunnel.hbone.session import H2Session, HboneStream
+from ztunnel.hbone.session import GoawayNotice, H2Session, HboneStream
 from ztunnel.tls import mutual_handshake, verify_peer
 
 _CONNECT_TIMEOUT = 10.0
 
 
 class HboneConnectError(Exception):
-    """A CONNECT that did not get a 200; ``status`` is None when no HTTP answer came back."""
+    """A CONNECT that did not get a 200; ``status`` is None when no HTTP answer came back.
 
-    def __init__(self, status: int | None, reason: str) -> None:
+    ``retryable``: the server certainly did not act on it (the connection drains, or the stream
+    was refused), so it may be sent again on another connection.
+    """
+
+    def __init__(self, status: int | None, reason: str, *, retryable: bool = False) -> None:
         super().__init__(f"{status}: {reason}" if status is not None else reason)
         self.status = status
         self.reason = reason
+        self.retryable = retryable
 
 
 class _ClientSession(H2Session):
@@ -49,6 +59,10 @@ class _ClientSession(H2Session):
     def mark_closed(self, reason: str) -> None:
         super().mark_closed(reason)
         self._wake_responses()
+
+    def _on_goaway(self, notice: GoawayNotice) -> None:
+        super()._on_goaway(notice)
+        self._wake_responses()  # CONNECTs the server will never answer fail now
 
     def _wake_responses(self) -> None:
         for stream_id, waiter in list(self.responses.items()):
@@ -84,9 +98,14 @@ class HboneClient:
         return len(self._session.streams)
 
     @property
+    def is_draining(self) -> bool:
+        """The server sent GOAWAY: streams in progress continue, new ones go elsewhere."""
+        return self._session.draining
+
+    @property
     def available_streams(self) -> int:
         """New streams this connection can take now (our cap and the server's setting)."""
-        if self.is_closed:
+        if self.is_closed or self.is_draining:
             return 0
         limit = min(self.max_streams, self._session.conn.remote_settings.max_concurrent_streams)
         return max(0, limit - self.active_streams)
@@ -118,6 +137,8 @@ class HboneClient:
         session = self._session
         if session.is_closed:
             raise HboneConnectError(None, f"connection closed: {session.closed_reason}")
+        if session.draining:
+            raise HboneConnectError(None, "connection is draining (GOAWAY)", retryable=True)
         if self.available_streams <= 0:
             raise HboneConnectError(None, "connection has no free stream slots")
         block = [(b":method", b"CONNECT"), (b":authority", authority.encode())]
@@ -139,14 +160,17 @@ class HboneClient:
             session.responses.pop(stream_id, None)
             await stream.aclose()
             if isinstance(exc, trio.BrokenResourceError):
-                raise HboneConnectError(None, str(exc)) from exc
+                raise HboneConnectError(None, str(exc), retryable=stream.refused) from exc
             raise
         status = _status(stream.response_headers)
         if status == 200:
             return stream
         await stream.aclose()
         if status is None:
-            raise HboneConnectError(None, stream._broken or session.closed_reason or "no response")
+            raise HboneConnectError(
+                None, stream._broken or session.closed_reason or "no response",
+                retryable=stream.refused,
+            )
         reason = _header(stream.response_headers, REASON_HEADER.encode())
         raise HboneConnectError(status, reason or _phrase(status))
 

@@ -1,4 +1,11 @@
-"""HBONE server: one task per CONNECT stream, the handler decides the answer."""
+"""HBONE server: one task per CONNECT stream, the handler decides the answer.
+
+Drain: given a ``ztunnel.drain.Drain`` (explicitly, or the one of the ActiveConnections that
+tracks the serving task), a connection answers its start with GOAWAY(NO_ERROR): the tunnels
+already open run to completion, CONNECTs the client sent after it are refused with
+REFUSED_STREAM (the client's pool retries them on a new connection), and the connection closes
+as soon as it has no tunnel left, so an idle pooled connection ends at once.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import structlog
 import trio
 
 from istiod_lite.api.identity import SpiffeId
+from ztunnel.drain import Drain, current_drain
 from ztunnel.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
@@ -112,6 +120,12 @@ class _ServerSession(H2Session):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
+        drained_after = self.goaway_sent_last_stream_id
+        if drained_after is not None and stream_id > drained_after:
+            # Sent before the client read our GOAWAY: not processed, so it may go elsewhere.
+            self._log.debug("hbone.stream_refused_draining", stream=stream_id)
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         headers = [(bytes(name), bytes(value)) for name, value in event.headers or ()]
         try:
             request = parse_connect(headers)
@@ -157,16 +171,24 @@ async def serve_hbone(
     *,
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     connection: ConnectionInfo | None = None,
+    drain: Drain | None = None,
 ) -> None:
-    """Serve HBONE on an established (TLS) stream until the peer goes away.
+    """Serve HBONE on an established (TLS) stream until the peer goes away, or until a drain
+    finished it (GOAWAY, then closed once the last tunnel ended).
 
-    Peer faults (garbage, protocol errors, resets) are logged and end at most this
-    connection; handler exceptions end only their own stream. The stream is closed on return.
+    ``drain`` defaults to ``current_drain()``: the drain of the ActiveConnections that tracks
+    this connection, so listeners need not pass it through. Peer faults (garbage, protocol
+    errors, resets) are logged and end at most this connection; handler exceptions end only
+    their own stream. The stream is closed on return.
     """
+    if drain is None:
+        drain = current_drain()
     async with trio.open_nursery() as nursery:
         session = _ServerSession(
             stream, handler, nursery, connection or ConnectionInfo(), max_concurrent_streams
         )
+        if drain is not None:
+            nursery.start_soon(_drain_when_told, session, drain)
         try:
             await session.run()
         finally:
@@ -177,6 +199,11 @@ async def serve_hbone(
                                   peer=str(session._connection.peer_identity))
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await stream.aclose()
+
+
+async def _drain_when_told(session: H2Session, drain: Drain) -> None:
+    await drain.wait()
+    session.begin_drain()
 
 
 async def accept_tls(
@@ -210,8 +237,10 @@ async def serve_hbone_tls(
     accepted_trust_domains: Collection[str] | None = None,
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+    drain: Drain | None = None,
 ) -> None:
-    """A trio.serve_tcp handler: mTLS handshake, identity checks, then serve_hbone.
+    """A trio.serve_tcp handler: mTLS handshake, identity checks, then serve_hbone (``drain``
+    as there).
 
     Never raises for anything the peer does; refused handshakes are logged with the reason.
     """
@@ -229,7 +258,7 @@ async def serve_hbone_tls(
     try:
         await serve_hbone(
             tls, handler, max_concurrent_streams=max_concurrent_streams,
-            connection=ConnectionInfo(identity, peer_address, local_address),
+            connection=ConnectionInfo(identity, peer_address, local_address), drain=drain,
         )
     except Exception:
         # Only a bug can get here; it must not take the listener (and every peer) down.

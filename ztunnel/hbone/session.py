@@ -4,6 +4,15 @@ All h2 state changes are synchronous. A single writer task moves everything h2 h
 the transport in one ``send_all`` per wake-up, so writes from many streams coalesce. The reader
 never writes itself: if both peers' readers could block on full TCP buffers, neither would
 drain the other and the connection would deadlock under bulk transfer both ways.
+
+Graceful drain (HTTP/2 GOAWAY with NO_ERROR, RFC 9113 section 6.8): the sender keeps serving
+the streams up to the last stream id it named and the peer opens new streams on a new
+connection. h2 cannot do that: sending or receiving GOAWAY moves its connection state machine
+to CLOSED, after which every DATA or WINDOW_UPDATE frame is a protocol error. So a draining
+server writes its GOAWAY itself (``encode_goaway``, queued after what h2 had already queued)
+and the client takes NO_ERROR GOAWAY frames out of the byte stream before h2 sees them
+(``GoawayFilter``); error GOAWAYs still go to h2, which ends the connection. Either side closes
+the connection once it is draining and its last stream has ended.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import h2.config
 import h2.connection
@@ -29,10 +39,133 @@ log = structlog.get_logger()
 _READ_SIZE = 256 * 1024
 _CLOSE_TIMEOUT = 1.0
 _DEFAULT_WINDOW = 65535
+# A drained server waits this long for the client to close first (ours does as soon as it has
+# read the GOAWAY and its last stream ended): closing with the peer's frames still unread
+# would turn our close into a TCP reset, which can destroy data the peer has not read yet.
+DRAIN_CLOSE_GRACE = 1.0
+
+_FRAME_HEADER_SIZE = 9
+_GOAWAY_TYPE = 0x7
+_MAX_STREAM_ID = 0x7FFFFFFF
+
+
+# -- sans-IO: GOAWAY frames outside h2 -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GoawayNotice:
+    """A GOAWAY frame: streams above ``last_stream_id`` were not processed by the sender."""
+
+    last_stream_id: int
+    error_code: int
+    debug_data: bytes = b""
+
+
+def encode_goaway(last_stream_id: int, error_code: int = 0, debug_data: bytes = b"") -> bytes:
+    """One GOAWAY frame (type 0x7 on stream 0), as RFC 9113 section 6.8 lays it out."""
+    if not 0 <= last_stream_id <= _MAX_STREAM_ID:
+        raise ValueError(f"GOAWAY last_stream_id out of range: {last_stream_id}")
+    if not 0 <= error_code <= 0xFFFFFFFF:
+        raise ValueError(f"GOAWAY error code out of range: {error_code}")
+    payload = last_stream_id.to_bytes(4, "big") + error_code.to_bytes(4, "big") + debug_data
+    header = len(payload).to_bytes(3, "big") + bytes([_GOAWAY_TYPE, 0]) + bytes(4)
+    return header + payload
+
+
+def decode_goaway_payload(payload: bytes) -> GoawayNotice:
+    """The fields of a GOAWAY payload (at least 8 bytes; the reserved bit is ignored)."""
+    if len(payload) < 8:
+        raise ValueError(f"GOAWAY payload needs 8 bytes, got {len(payload)}")
+    return GoawayNotice(
+        last_stream_id=int.from_bytes(payload[:4], "big") & _MAX_STREAM_ID,
+        error_code=int.from_bytes(payload[4:8], "big"),
+        debug_data=bytes(payload[8:]),
+    )
+
+
+class GoawayFilter:
+    """Splits the inbound HTTP/2 byte stream at graceful (NO_ERROR) GOAWAY frames.
+
+    ``feed`` returns, in order, the bytes to give h2 and a GoawayNotice where such a frame was
+    taken out. Only frame headers are parsed; payloads pass through without being buffered.
+    A GOAWAY with an error code, or a malformed one (wrong stream, too short, too long), stays
+    in the stream so h2 handles it as it always does (the connection ends). Use it on bytes that
+    start at a frame boundary: a client's inbound side (the server sends no preface magic).
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self._max_frame_size = max_frame_size
+        self._header = bytearray()
+        self._payload_left = 0  # of the current frame that passes through to h2
+        self._goaway: bytearray | None = None  # header + payload of a GOAWAY being collected
+        self._goaway_left = 0
+
+    def feed(self, data: bytes | bytearray) -> list[bytes | bytearray | GoawayNotice]:
+        out: list[bytes | bytearray | GoawayNotice] = []
+        run: list[bytes | memoryview] = []  # bytes for h2 since the last notice
+        view = memoryview(data)
+        position, end = 0, len(data)
+
+        def flush_run() -> None:
+            if (all(isinstance(piece, memoryview) for piece in run)
+                    and sum(len(piece) for piece in run) == end):
+                out.append(data)  # the common case: the whole chunk passes, no copy
+            elif run:
+                out.append(b"".join(run))
+            run.clear()
+
+        while position < end:
+            if self._payload_left:
+                take = min(self._payload_left, end - position)
+                run.append(view[position:position + take])
+                position += take
+                self._payload_left -= take
+            elif self._goaway is not None:
+                take = min(self._goaway_left, end - position)
+                self._goaway += view[position:position + take]
+                position += take
+                self._goaway_left -= take
+                if not self._goaway_left:
+                    frame = bytes(self._goaway)
+                    self._goaway = None
+                    notice = decode_goaway_payload(frame[_FRAME_HEADER_SIZE:])
+                    if notice.error_code == h2.errors.ErrorCodes.NO_ERROR:
+                        flush_run()
+                        out.append(notice)
+                    else:
+                        run.append(frame)
+            else:
+                whole_header_here = not self._header and end - position >= _FRAME_HEADER_SIZE
+                take = min(_FRAME_HEADER_SIZE - len(self._header), end - position)
+                self._header += view[position:position + take]
+                position += take
+                if len(self._header) < _FRAME_HEADER_SIZE:
+                    break
+                header = bytes(self._header)
+                self._header.clear()
+                length = int.from_bytes(header[:3], "big")
+                stream_id = int.from_bytes(header[5:9], "big") & _MAX_STREAM_ID
+                if (header[3] == _GOAWAY_TYPE and stream_id == 0
+                        and 8 <= length <= self._max_frame_size):
+                    self._goaway = bytearray(header)
+                    self._goaway_left = length
+                else:
+                    run.append(view[position - take:position] if whole_header_here else header)
+                    self._payload_left = length
+        flush_run()
+        return out
+
+
+# -- the Trio driver -------------------------------------------------------------------------
 
 
 class H2Session:
-    """Owns the h2 state machine, the transport and the streams multiplexed on it."""
+    """Owns the h2 state machine, the transport and the streams multiplexed on it.
+
+    Draining: ``begin_drain()`` sends GOAWAY(NO_ERROR); a received NO_ERROR GOAWAY refuses our
+    streams the peer did not process. Either way the session is then ``draining``: no new
+    streams, the open ones run to completion, and the connection closes when the last ends.
+    """
 
     def __init__(
         self, transport: trio.abc.Stream, *, client_side: bool, max_concurrent_streams: int
@@ -55,6 +188,7 @@ class H2Session:
             },
         )
         self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.client_side = client_side
         self.transport = transport
         self.streams: dict[int, HboneStream] = {}
         self.closed_reason: str | None = None
@@ -66,20 +200,41 @@ class H2Session:
         self._writes_done = 0  # flush() calls whose bytes reached the transport
         self._write_progress = trio.Event()
         self._log = log.bind(side="client" if client_side else "server")
+        # Frames we write ourselves (GOAWAY while h2 stays open), sent before h2's later ones.
+        self._raw_outbound = bytearray()
+        self._goaway_filter = GoawayFilter() if client_side else None
+        self.goaway_sent_last_stream_id: int | None = None
+        self.goaway_received: GoawayNotice | None = None
+        self._drain_requested = False
+        self._drain_started = trio.Event()
+        self._drain_reason = ""
+        self._streams_changed = trio.Event()
+        self._run_scope: trio.CancelScope | None = None
+        self.running = trio.Event()  # set once the preface is queued
 
     @property
     def is_closed(self) -> bool:
         return self.closed_reason is not None
+
+    @property
+    def draining(self) -> bool:
+        """GOAWAY went one way or the other: no new streams on this connection."""
+        return self._drain_started.is_set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Preface, then read and write until the connection ends; never raises for peer
         faults. The transport is closed on return."""
         try:
             async with trio.open_nursery() as nursery:
+                self._run_scope = nursery.cancel_scope
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._close_when_drained)
                 self.conn.initiate_connection()
                 self.conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
                 self.request_write()
+                self.running.set()
+                if self._drain_requested:
+                    self.begin_drain()
                 task_status.started()
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
@@ -117,7 +272,7 @@ class H2Session:
             await self._write_wanted.wait()
             self._write_wanted = trio.Event()
             ticket = self._write_requests
-            data = self.conn.data_to_send()
+            data = self._take_outbound()
             if data:
                 try:
                     await self.transport.send_all(data)
@@ -127,6 +282,84 @@ class H2Session:
             self._writes_done = ticket
             self._write_progress.set()
             self._write_progress = trio.Event()
+
+    def _take_outbound(self) -> bytes:
+        data = self.conn.data_to_send()
+        if self._raw_outbound:
+            data = bytes(self._raw_outbound) + data
+            self._raw_outbound.clear()
+        return data
+
+    def _queue_raw(self, frame: bytes) -> None:
+        """Queue a frame h2 must not know about, after everything h2 has queued so far."""
+        self._raw_outbound += self.conn.data_to_send()
+        self._raw_outbound += frame
+        self.request_write()
+
+    # -- graceful drain ------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Send GOAWAY(NO_ERROR) naming the highest stream we received: those keep running,
+        later ones are refused (REFUSED_STREAM, safe for the peer to retry elsewhere), and the
+        connection closes once the last stream ends. Idempotent; before run() it waits for the
+        preface."""
+        if self.is_closed or self.goaway_sent_last_stream_id is not None:
+            return
+        if not self.running.is_set():
+            self._drain_requested = True
+            return
+        last = self.conn.highest_inbound_stream_id
+        self.goaway_sent_last_stream_id = last
+        self._queue_raw(encode_goaway(last, h2.errors.ErrorCodes.NO_ERROR, b"draining"))
+        self._log.debug("hbone.drain_started", last_stream_id=last, streams=len(self.streams))
+        self._start_draining("drained: GOAWAY sent and the last stream ended")
+
+    def _on_goaway(self, notice: GoawayNotice) -> None:
+        """The peer drains: our streams above its last stream id were not processed (they
+        break as ``refused``, so a pool may retry them); the others run to completion."""
+        last = notice.last_stream_id
+        if self.goaway_received is not None:  # a later GOAWAY may only lower it
+            last = min(last, self.goaway_received.last_stream_id)
+        self.goaway_received = GoawayNotice(last, notice.error_code, notice.debug_data)
+        self._log.debug("hbone.goaway_received", last_stream_id=last, streams=len(self.streams),
+                        debug=notice.debug_data.decode("latin-1"))
+        for stream in list(self.streams.values()):
+            if stream.stream_id > last and self._locally_initiated(stream.stream_id):
+                stream.refused = True
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.conn.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+                stream._on_broken(
+                    f"refused: the peer is draining (GOAWAY after stream {last}) and did not "
+                    "process this stream"
+                )
+        self._start_draining("drained: the peer sent GOAWAY and the last stream ended")
+
+    def _locally_initiated(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self.client_side
+
+    def _start_draining(self, reason: str) -> None:
+        if not self._drain_started.is_set():
+            self._drain_reason = reason
+            self._drain_started.set()
+
+    async def _close_when_drained(self) -> None:
+        """Once draining, close the connection when its last stream has ended."""
+        await self._drain_started.wait()
+        while self.streams and not self.is_closed:
+            await self._streams_changed.wait()
+        if self.is_closed:
+            return
+        await self.flush_quietly()  # the GOAWAY and the streams' last frames
+        if not self.client_side:
+            with trio.move_on_after(DRAIN_CLOSE_GRACE):
+                await self.closed_event.wait()  # the client closes first (see DRAIN_CLOSE_GRACE)
+            if self.is_closed:
+                return
+        self.mark_closed(self._drain_reason)
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            await self.transport.aclose()  # wakes the reader, which then returns
+        if self._run_scope is not None:
+            self._run_scope.cancel()  # in case this transport's close does not wake it
 
     def window_event(self) -> trio.Event:
         """Set when the peer next opens flow-control windows (or the session dies)."""
@@ -147,16 +380,25 @@ class H2Session:
         self.streams.clear()
         self._wake_window_waiters()
         self._write_progress.set()
+        self._signal_streams_changed()
 
     def release(self, stream: HboneStream) -> None:
         if self.streams.pop(stream.stream_id, None) is not None:
             self.last_used = trio.current_time()
+            self._signal_streams_changed()
+
+    def _signal_streams_changed(self) -> None:
+        self._streams_changed.set()
+        self._streams_changed = trio.Event()
 
     async def close(self, error_code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
         """Send GOAWAY (if still possible) and close the transport."""
         if not self.is_closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.conn.close_connection(error_code=error_code)
+                # After a drain GOAWAY the last stream id must not grow (RFC 9113 6.8).
+                self.conn.close_connection(
+                    error_code=error_code, last_stream_id=self.goaway_sent_last_stream_id
+                )
             await self.flush_quietly()
             self.mark_closed("closed locally")
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
@@ -175,25 +417,35 @@ class H2Session:
             if not data:
                 self.mark_closed("peer closed the connection")
                 return
-            try:
-                events = self.conn.receive_data(data)
-            except h2.exceptions.ProtocolError as exc:
-                self._log.warning("hbone.protocol_error", error=str(exc) or type(exc).__name__)
-                await self.flush_quietly()  # h2 queued a GOAWAY naming the error
-                self.mark_closed(f"protocol error: {exc or type(exc).__name__}")
-                return
-            try:
-                for event in events:
-                    self.handle_event(event)
-            except Exception as exc:
-                # A bug of ours must cost this connection only, never the listener.
-                self._log.exception("hbone.internal_error")
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.conn.close_connection(error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
-                await self.flush_quietly()
-                self.mark_closed(f"internal error: {exc!r}")
-                return
+            pieces = self._goaway_filter.feed(data) if self._goaway_filter else [data]
+            for piece in pieces:
+                if not await self._receive(piece):
+                    return
             self.request_write()
+
+    async def _receive(self, piece: bytes | bytearray | GoawayNotice) -> bool:
+        """Give h2 bytes (or act on a GOAWAY kept from it); False if that ended the session."""
+        try:
+            events = [] if isinstance(piece, GoawayNotice) else self.conn.receive_data(piece)
+        except h2.exceptions.ProtocolError as exc:
+            self._log.warning("hbone.protocol_error", error=str(exc) or type(exc).__name__)
+            await self.flush_quietly()  # h2 queued a GOAWAY naming the error
+            self.mark_closed(f"protocol error: {exc or type(exc).__name__}")
+            return False
+        try:
+            if isinstance(piece, GoawayNotice):
+                self._on_goaway(piece)
+            for event in events:
+                self.handle_event(event)
+        except Exception as exc:
+            # A bug of ours must cost this connection only, never the listener.
+            self._log.exception("hbone.internal_error")
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+            await self.flush_quietly()
+            self.mark_closed(f"internal error: {exc!r}")
+            return False
+        return True
 
     def handle_event(self, event: h2.events.Event) -> None:
         """Dispatch the events common to both sides; subclasses add request/response events."""
@@ -214,12 +466,16 @@ class H2Session:
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                # REFUSED_STREAM promises the peer did no work on it: safe to retry elsewhere.
+                if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    stream.refused = True
                 stream._on_broken(f"stream reset by peer ({_code_name(event.error_code)})")
                 self._wake_window_waiters()
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._wake_window_waiters()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            # h2 cannot keep using a connection after GOAWAY, so in-flight streams end too.
+            # A GOAWAY that reached h2 (an error one, or any on the server side): h2 cannot
+            # keep using a connection after it, so in-flight streams end too.
             if event.error_code not in (None, h2.errors.ErrorCodes.NO_ERROR):
                 self._log.warning(
                     "hbone.goaway_received",
@@ -254,6 +510,15 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._sending = False
         self._receiving = False
+        # The peer did no work on this stream (REFUSED_STREAM, or above its GOAWAY's last
+        # stream id): opening it again elsewhere is safe.
+        self.refused = False
+
+    @property
+    def connection_draining(self) -> bool:
+        """The connection under this tunnel drains (GOAWAY): finish the work in progress and
+        do not keep the tunnel for reuse (an idle keep-alive tunnel would hold the drain)."""
+        return self._session.draining
 
     # -- events from the session -------------------------------------------------------------
     def _signal(self) -> None:

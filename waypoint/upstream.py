@@ -34,6 +34,9 @@ _CLOSE_TIMEOUT = 1.0
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+_REAP_INTERVAL = 0.5
+
+
 class UpstreamError(Exception):
     """The upstream exchange failed; ``kind`` drives retries and response flags.
 
@@ -168,7 +171,7 @@ class HttpUpstream:
         expired: list[_Connection] = []
         while connections and found is None:
             connection = connections.pop()
-            if trio.current_time() - connection.idle_since < self._idle_timeout:
+            if self._reusable(connection, trio.current_time()):
                 found = connection
             else:
                 expired.append(connection)
@@ -300,17 +303,24 @@ class HttpUpstream:
         task_status.started()
         try:
             while True:
-                await trio.sleep(max(self._idle_timeout / 2, 0.01))
+                # Often enough that a draining peer (GOAWAY) sees our idle tunnels go promptly.
+                await trio.sleep(min(max(self._idle_timeout / 2, 0.01), _REAP_INTERVAL))
                 await self._expire_idle()
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
 
+    def _reusable(self, connection: _Connection, now: float) -> bool:
+        """Idle for less than the idle timeout, on an HBONE connection that is not draining
+        (its peer sent GOAWAY: a new tunnel goes over a new connection instead)."""
+        return (now - connection.idle_since < self._idle_timeout
+                and not connection.stream.connection_draining)
+
     async def _expire_idle(self) -> None:
         now = trio.current_time()
         expired: list[_Connection] = []
         for target, connections in list(self._idle.items()):
-            keep = [c for c in connections if now - c.idle_since < self._idle_timeout]
+            keep = [c for c in connections if self._reusable(c, now)]
             expired += [c for c in connections if c not in keep]
             if keep:
                 self._idle[target] = keep

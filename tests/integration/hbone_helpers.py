@@ -10,6 +10,7 @@ import trio
 
 from istiod_lite.api.identity import SpiffeId
 from tests.pki import IssuedCert, TestPki
+from ztunnel.drain import Drain
 from ztunnel.hbone import ConnectHandler, ConnectRequest, HboneResponder, serve_hbone_tls, splice
 from ztunnel.tls import CertifiedKey, client_context, server_context
 
@@ -54,6 +55,7 @@ async def start_hbone_server(
     *,
     accepted_trust_domains: frozenset[str] | None = frozenset({"cluster.local"}),
     port: int = HBONE_PORT,
+    drain: Drain | None = None,
 ) -> None:
     await nursery.start(
         partial(
@@ -63,6 +65,7 @@ async def start_hbone_server(
                 ssl_context=ssl_context,
                 handler=handler,
                 accepted_trust_domains=accepted_trust_domains,
+                drain=drain,
             ),
             port,
             host=host,

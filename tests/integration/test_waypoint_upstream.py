@@ -20,6 +20,7 @@ from tests.integration.hbone_helpers import (
 )
 from waypoint.http import HttpRequest, HttpResponse, serve_http
 from waypoint.upstream import HttpUpstream, UpstreamError
+from ztunnel.drain import Drain
 from ztunnel.hbone import ConnectHandler, ConnectRequest, HboneClient, HboneResponder, connect
 from ztunnel.pool import HbonePool, PoolKey
 
@@ -47,13 +48,15 @@ def counting(handler: ConnectHandler, seen: list[ConnectRequest]) -> ConnectHand
 
 
 async def start_mesh(
-    nursery: trio.Nursery, loopback, handler: ConnectHandler | None = None, **options: float
+    nursery: trio.Nursery, loopback, handler: ConnectHandler | None = None,
+    drain: Drain | None = None, **options: float,
 ) -> Mesh:
     mesh = TestMesh.create()
     host = loopback.new()
     connects: list[ConnectRequest] = []
     await start_hbone_server(
-        nursery, host, mesh.server_ctx, counting(handler or splice_to_tcp_handler(host), connects)
+        nursery, host, mesh.server_ctx, counting(handler or splice_to_tcp_handler(host), connects),
+        drain=drain,
     )
     await nursery.start(serve_http_echo, host, ECHO_PORT, "reviews-v1")
 
@@ -305,6 +308,20 @@ async def test_run_reaps_idle_connections(loopback, nursery: trio.Nursery) -> No
     assert mesh.upstream.idle_count == 1
     await trio.sleep(0.3)
     assert mesh.upstream.idle_count == 0
+
+
+async def test_idle_tunnels_to_a_draining_peer_are_closed_not_reused(
+    loopback, nursery: trio.Nursery
+) -> None:
+    drain = Drain()
+    mesh = await start_mesh(nursery, loopback, drain=drain)
+    await nursery.start(mesh.upstream.run)
+    await send(mesh, request())
+    assert mesh.upstream.idle_count == 1
+    drain.start()  # the peer sends GOAWAY: our idle keep-alive tunnel must go promptly
+    with trio.fail_after(3):
+        while mesh.upstream.idle_count:
+            await trio.sleep(0.05)
 
 
 async def test_through_a_waypoint_style_http_server(loopback, nursery: trio.Nursery) -> None:

@@ -10,20 +10,19 @@ differently for each:
 
 ``Caller.principal`` is that name, so the server checks both kinds the same way.
 
-Authenticators implement :class:`Authenticator`. Today there is one:
+Authenticators implement :class:`Authenticator`. This module has the embedded one:
 
 - :class:`BootstrapTokenAuthenticator` for the embedded mode: a file maps each node, and each
   ``serviceaccount:<ns>/<sa>`` a waypoint runs as, to a random token handed to that process.
 
-Seam for Kubernetes (the TokenReview issue): a ``TokenReviewAuthenticator`` will implement the
-same protocol by POSTing the bearer token to ``authentication.k8s.io/v1`` TokenReview with
-audience ``istio-ca``. The reviewed token names a service account
-(``system:serviceaccount:<ns>/<sa>``), so its caller is naturally a service-account caller:
-``Caller(node=None, service_account=<that SPIFFE id>, method="token-review")`` — which is
-what a waypoint pod presents. Only the trusted node-agent service account (Istio's ``ztunnel``
-in ``istio-system``) is turned into a node caller instead, with the node name read from the
-bound pod's ``authentication.kubernetes.io/node-name`` extra field. The server needs no change
-for it.
+On Kubernetes, ``istiod_lite.kube.tokenreview.TokenReviewAuthenticator`` implements the same
+protocol by POSTing the bearer token to ``authentication.k8s.io/v1`` TokenReview with audience
+``istio-ca``. The reviewed token names a service account (``system:serviceaccount:<ns>:<sa>``),
+so its caller is a service-account caller (``method="token-review"``) — which is what a
+waypoint pod presents. Only the trusted node-agent accounts (Istio's
+``CA_TRUSTED_NODE_ACCOUNTS``, by default ``istio-system/ztunnel``) become node callers, on the
+``spec.nodeName`` of the pod the token is bound to, read from the API server. The server needs
+no change for it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -254,52 +254,116 @@ def _random_serial() -> int:
     return serial
 
 
-def _read_certs(path: Path, *, required: bool) -> list[x509.Certificate]:
+def _read_file(path: Path) -> bytes | None:
+    """A CA file's bytes, or None if it does not exist."""
     if not path.exists():
-        if required:
-            raise CaConfigError(f"{path}: missing")
-        return []
+        return None
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise CaConfigError(f"{path}: cannot be read: {exc}") from None
+
+
+def _parse_certs(data: bytes | None, where: str, *, required: bool) -> list[x509.Certificate]:
+    """PEM certificates from a plug-in file (``where`` names it in errors); None = absent."""
+    if data is None:
+        if required:
+            raise CaConfigError(f"{where}: missing")
+        return []
     if not data.strip():
         if required:
-            raise CaConfigError(f"{path}: empty, a PEM certificate is required")
+            raise CaConfigError(f"{where}: empty, a PEM certificate is required")
         return []
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise CaConfigError(f"{path}: not PEM certificates: {exc}") from None
+        raise CaConfigError(f"{where}: not PEM certificates: {exc}") from None
 
 
-def _read_key(path: Path) -> SigningKey:
-    if not path.exists():
-        raise CaConfigError(f"{path}: missing")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CaConfigError(f"{path}: cannot be read: {exc}") from None
+def _parse_key(data: bytes | None, where: str) -> SigningKey:
+    """The unencrypted ECDSA or RSA signing key of a plug-in file; None = absent."""
+    if data is None:
+        raise CaConfigError(f"{where}: missing")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise CaConfigError(
-            f"{path}: the key is encrypted; an unencrypted key is required"
+            f"{where}: the key is encrypted; an unencrypted key is required"
         ) from None
     except ValueError as exc:
-        raise CaConfigError(f"{path}: not a PEM private key: {exc}") from None
+        raise CaConfigError(f"{where}: not a PEM private key: {exc}") from None
     except Exception as exc:  # UnsupportedAlgorithm and friends
-        raise CaConfigError(f"{path}: unsupported private key: {exc}") from None
+        raise CaConfigError(f"{where}: unsupported private key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CaConfigError(
-            f"{path}: {type(key).__name__} keys are not supported; use ECDSA or RSA"
+            f"{where}: {type(key).__name__} keys are not supported; use ECDSA or RSA"
         )
     return key
+
+
+def _as_bytes(value: str | bytes | None) -> bytes | None:
+    return value.encode("ascii", "replace") if isinstance(value, str) else value
 
 
 def _subject_o(cert: x509.Certificate) -> str | None:
     values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return str(values[0].value) if values else None
+
+
+def new_self_signed_root(
+    trust_domain: str, *, key_type: KeyType = "ecdsa-p256", now: Clock = utc_now
+) -> tuple[x509.Certificate, SigningKey]:
+    """A fresh root CA certificate and key for ``trust_domain`` (its subject O, as Istio's
+    self-signed root), valid ten years."""
+    key = _new_private_key(key_type)
+    start = now() - CLOCK_SKEW
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, ROOT_COMMON_NAME),
+        ]
+    )
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_random_serial())
+        .not_valid_before(start)
+        .not_valid_after(start + ROOT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return root, key
+
+
+def self_signed_plugin_files(root: x509.Certificate, key: SigningKey) -> dict[str, str]:
+    """A self-signed root in Istio's plug-in layout (what ``from_plugin_files`` reads back):
+    the root signs, so it is the CA certificate, the chain and the root at once."""
+    root_pem = _pem(root)
+    return {
+        CA_CERT_FILE: root_pem,
+        CA_KEY_FILE: _key_pem(key),
+        ROOT_CERT_FILE: root_pem,
+        CERT_CHAIN_FILE: root_pem,
+    }
 
 
 # --------------------------------------------------------------------------- the CA
@@ -376,58 +440,18 @@ class CertificateAuthority:
                 max_ttl=max_ttl,
                 now=now,
             )
-            organization = _subject_o(ca.root)
-            if organization != trust_domain:
-                raise CaConfigError(
-                    f"{state_dir / ROOT_CERT_FILE}: the saved root is for trust domain "
-                    f"{organization!r}, not {trust_domain!r}; remove {state_dir} to start over"
-                )
+            ca.check_saved_root(f"{state_dir / ROOT_CERT_FILE}", f"remove {state_dir}")
             return ca
 
-        key = _new_private_key(key_type)
-        start = now() - CLOCK_SKEW
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
-                x509.NameAttribute(NameOID.COMMON_NAME, ROOT_COMMON_NAME),
-            ]
-        )
-        root = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(_random_serial())
-            .not_valid_before(start)
-            .not_valid_after(start + ROOT_LIFETIME)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(key, hashes.SHA256())
-        )
+        root, key = new_self_signed_root(trust_domain, key_type=key_type, now=now)
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            root_pem = _pem(root)
-            write_atomically(state_dir / CA_KEY_FILE, _key_pem(key), 0o600)
-            write_atomically(state_dir / ROOT_CERT_FILE, root_pem, 0o644)
-            write_atomically(state_dir / CERT_CHAIN_FILE, root_pem, 0o644)
+            files = self_signed_plugin_files(root, key)
+            modes = {CA_KEY_FILE: 0o600, ROOT_CERT_FILE: 0o644, CERT_CHAIN_FILE: 0o644}
+            for name, mode in modes.items():
+                write_atomically(state_dir / name, files[name], mode)
             # Written last: its presence is what marks the directory as complete.
-            write_atomically(state_dir / CA_CERT_FILE, root_pem, 0o644)
+            write_atomically(state_dir / CA_CERT_FILE, files[CA_CERT_FILE], 0o644)
         return cls(
             trust_domain=trust_domain,
             signing_cert=root,
@@ -439,6 +463,16 @@ class CertificateAuthority:
             now=now,
         )
 
+    def check_saved_root(self, where: str, remedy: str) -> None:
+        """A root this CA generated and saved earlier must be for the configured trust domain
+        (its subject O), else workloads of the new domain would be signed by the old root.
+        Raises CaConfigError naming ``where`` and how to start over (``remedy``)."""
+        organization = _subject_o(self.root)
+        if organization != self.trust_domain:
+            raise CaConfigError(
+                f"{where}: the saved root is for trust domain {organization!r}, not "
+                f"{self.trust_domain!r}; {remedy} to start over"
+            )
     @classmethod
     def from_plugin_dir(
         cls,
@@ -450,24 +484,57 @@ class CertificateAuthority:
         max_ttl: timedelta = DEFAULT_MAX_TTL,
         now: Clock = utc_now,
     ) -> CertificateAuthority:
-        """Load Istio's plug-in CA files and check they form a usable CA: the key matches
-        ``ca-cert.pem``, which is a CA certificate, and ``cert-chain.pem`` leads from it to a
-        root in ``root-cert.pem``. Raises CaConfigError naming the file at fault."""
+        """Load Istio's plug-in CA files and check they form a usable CA (see
+        ``from_plugin_files``). Raises CaConfigError naming the file at fault."""
         if not path.is_dir():
             raise CaConfigError(f"{path}: not a directory")
-        cert_path = path / CA_CERT_FILE
-        key_path = path / CA_KEY_FILE
-        root_path = path / ROOT_CERT_FILE
-        chain_path = path / CERT_CHAIN_FILE
+        files = {
+            name: _read_file(path / name)
+            for name in (CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE)
+        }
+        return cls.from_plugin_files(
+            files,
+            where=lambda name: str(path / name),
+            trust_domain=trust_domain,
+            extra_roots=extra_roots,
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            now=now,
+        )
 
-        signing_certs = _read_certs(cert_path, required=True)
+    @classmethod
+    def from_plugin_files(
+        cls,
+        files: Mapping[str, str | bytes | None],
+        *,
+        where: Callable[[str], str],
+        trust_domain: str = "cluster.local",
+        extra_roots: Sequence[x509.Certificate] = (),
+        default_ttl: timedelta = DEFAULT_TTL,
+        max_ttl: timedelta = DEFAULT_MAX_TTL,
+        now: Clock = utc_now,
+    ) -> CertificateAuthority:
+        """Istio's plug-in layout from any store (a directory, a Kubernetes Secret): ``files``
+        maps ``ca-cert.pem``, ``ca-key.pem``, ``root-cert.pem`` and optionally
+        ``cert-chain.pem`` to their contents (absent or None = missing), ``where(name)`` says
+        in errors where that file came from. Checks the key matches ``ca-cert.pem``, which is
+        a CA certificate, and ``cert-chain.pem`` leads from it to a root in
+        ``root-cert.pem``. Raises CaConfigError naming the file at fault."""
+        cert_path = where(CA_CERT_FILE)
+        key_path = where(CA_KEY_FILE)
+        root_path = where(ROOT_CERT_FILE)
+        chain_path = where(CERT_CHAIN_FILE)
+
+        signing_certs = _parse_certs(
+            _as_bytes(files.get(CA_CERT_FILE)), cert_path, required=True
+        )
         if len(signing_certs) != 1:
             raise CaConfigError(
                 f"{cert_path}: holds {len(signing_certs)} certificates; it must hold only the "
                 f"signing certificate (put the rest of the chain in {CERT_CHAIN_FILE})"
             )
         signing_cert = signing_certs[0]
-        key = _read_key(key_path)
+        key = _parse_key(_as_bytes(files.get(CA_KEY_FILE)), key_path)
         if _spki(key.public_key()) != _spki(signing_cert.public_key()):
             raise CaConfigError(f"{key_path}: the key does not match {cert_path}")
         if not _is_ca(signing_cert):
@@ -480,11 +547,13 @@ class CertificateAuthority:
             raise CaConfigError(
                 f"{cert_path}: expired at {signing_cert.not_valid_after_utc.isoformat()}"
             )
-        roots = _read_certs(root_path, required=True)
+        roots = _parse_certs(_as_bytes(files.get(ROOT_CERT_FILE)), root_path, required=True)
         root_ders = {_der(root) for root in roots}
         chain = [
             cert
-            for cert in _read_certs(chain_path, required=False)
+            for cert in _parse_certs(
+                _as_bytes(files.get(CERT_CHAIN_FILE)), chain_path, required=False
+            )
             if _der(cert) != _der(signing_cert) and _der(cert) not in root_ders
         ]
         # Walk upward: signing cert -> chain... -> a root.
@@ -507,9 +576,9 @@ class CertificateAuthority:
         else:
             issuers = [root for root in roots if _issued_by(top, root)]
             if not issuers:
-                where = chain_path if chain else cert_path
+                at_fault = chain_path if chain else cert_path
                 raise CaConfigError(
-                    f"{where}: {top.subject.rfc4514_string()} does not chain to any root "
+                    f"{at_fault}: {top.subject.rfc4514_string()} does not chain to any root "
                     f"in {root_path}"
                 )
             root = issuers[0]

@@ -50,6 +50,8 @@ class WaypointConfig:
     xds_address: tuple[str, int]
     root_cert: Path
     token: str
+    # Re-read when it changes (a projected ServiceAccount token rotates); None: --token.
+    token_file: Path | None = None
     trust_domain: str = "cluster.local"
     cluster_id: str = "Kubernetes"
     root_namespace: str = "istio-system"
@@ -193,6 +195,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> WaypointConfig:
         xds_address=args.xds_address,
         root_cert=root_cert,
         token=token,
+        token_file=args.token_file,
         trust_domain=args.trust_domain,
         cluster_id=args.cluster_id,
         root_namespace=args.root_namespace,

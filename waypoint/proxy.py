@@ -122,7 +122,8 @@ class Waypoint:
         host, port = self.config.xds_address
         try:
             async with ControlPlaneConnection(
-                f"https://{host}:{port}", self.config.token, self._control_plane_context()
+                f"https://{host}:{port}", self.config.token, self._control_plane_context(),
+                token_file=self.config.token_file,
             ) as control_plane:
                 await self._run(control_plane, task_status)
         finally:

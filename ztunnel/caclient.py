@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Generator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+import structlog
 
 from istiod_lite.api import codec
 from istiod_lite.api.discovery import (
@@ -26,6 +29,8 @@ from istiod_lite.api.discovery import (
 )
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
+
+log = structlog.get_logger()
 
 
 class CaRefused(Exception):
@@ -46,6 +51,44 @@ class CaUnavailable(Exception):
         self.reason = reason
 
 
+class BearerToken(httpx.Auth):
+    """The caller's bearer token, re-read from its file whenever the file changes.
+
+    On Kubernetes the token is a projected ServiceAccount token that the kubelet rotates
+    (about hourly, expiring after 12 h): read once, it would stop working. A file that is
+    briefly unreadable or empty (the kubelet swaps it atomically, but be safe) keeps the last
+    good token rather than sending none.
+    """
+
+    def __init__(self, token: str, path: Path | None = None) -> None:
+        self._token = token
+        self._path = path
+        self._seen: tuple[int, int] | None = None
+        if path is not None:
+            self.current()
+
+    def current(self) -> str:
+        if self._path is None:
+            return self._token
+        try:
+            stat = self._path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen != self._seen:
+                token = self._path.read_text().strip()
+                if token:
+                    if self._seen is not None:
+                        log.info("bearer token reloaded", path=str(self._path))
+                    self._token, self._seen = token, seen
+        except OSError as exc:
+            log.warning("cannot re-read the token file; keeping the last token",
+                        path=str(self._path), reason=exc.strerror or str(exc))
+        return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["authorization"] = f"Bearer {self.current()}"
+        yield request
+
+
 class ControlPlaneConnection:
     """Owns the one HTTP/2 client a ztunnel uses for everything it asks istiod_lite.
 
@@ -60,15 +103,17 @@ class ControlPlaneConnection:
         token: str,
         ssl_context: ssl.SSLContext,
         *,
+        token_file: Path | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
+        self.token = BearerToken(token, token_file)
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             http2=True,
             verify=ssl_context,
-            headers={"authorization": f"Bearer {token}"},
+            auth=self.token,
             timeout=httpx.Timeout(request_timeout),
         )
 

@@ -32,6 +32,8 @@ class ZtunnelConfig:
     xds_address: tuple[str, int]
     root_cert: Path
     token: str
+    # Re-read when it changes (a projected ServiceAccount token rotates); None: --token.
+    token_file: Path | None = None
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
     cluster_id: str = "Kubernetes"
@@ -79,6 +81,7 @@ def config_from_args(argv: list[str] | None = None) -> ZtunnelConfig:
         xds_address=args.xds_address,
         root_cert=root_cert,
         token=token,
+        token_file=args.token_file,
         trust_domain=args.trust_domain,
         root_namespace=args.root_namespace,
         cluster_id=args.cluster_id,

@@ -72,7 +72,8 @@ class Ztunnel:
         base_url = f"https://{host}:{port}"
         try:
             async with ControlPlaneConnection(
-                base_url, config.token, self._control_plane_context()
+                base_url, config.token, self._control_plane_context(),
+                token_file=config.token_file,
             ) as control_plane:
                 await self._run(control_plane, task_status)
         finally:

@@ -39,6 +39,7 @@ def test_defaults(root_cert: Path, tmp_path: Path) -> None:
         xds_address=("127.0.9.1", 15012),
         root_cert=root_cert,
         token="s3cret-token-value",
+        token_file=token_file,
     )
     # Istio names a waypoint's service account after the Gateway.
     assert config.service_account == "waypoint"

@@ -2,7 +2,12 @@
 
 ``main(argv)`` parses flags into plain values and hands them to the module doing the work;
 it returns the process exit code (2 for usage errors, as argparse, 1 for failures the message
-explains). Nothing here or below reads the environment: flag defaults are the only defaults.
+explains). Nothing here or below reads the environment: flag defaults are the only defaults
+(the ``kubernetes`` library itself reads ``$KUBECONFIG``, as kubectl does).
+
+One program, two names: run as ``kubectl ambient`` (the ``kubectl-ambient`` plugin) the
+commands that work on both default to the cluster; run as ``ambientctl``, to the embedded mesh
+(see ``ambientctl.kube_cli`` for the rule).
 """
 
 from __future__ import annotations
@@ -22,13 +27,24 @@ import trio
 
 from ambient_common.logging import LogFormat, configure_logging
 from ambientctl import package_version
-from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format
-from ambientctl.waypointcmd import (
-    WaypointCommandError,
-    WaypointUsageError,
+from ambientctl.kube import KubeError
+from ambientctl.kube_cli import (
+    CLUSTER,
+    MODE_HELP,
+    ClusterUsageError,
+    ExplicitStore,
+    add_cluster_parsers,
     add_waypoint_parser,
-    run_waypoint_command,
+    add_ztunnel_cluster_flags,
+    is_cluster_program,
+    kube_flags_parser,
+    run_cluster_command,
+    run_cluster_ztunnel_config,
+    run_waypoint,
+    ztunnel_config_mode,
 )
+from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format
+from ambientctl.waypointcmd import WaypointCommandError, WaypointUsageError
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,
     VIEWS,
@@ -48,10 +64,14 @@ LOG_FORMATS = ["auto", "json", "console"]
 ZTUNNEL_CONFIG_KINDS = {**{k: k for k in VIEWS}, **{k.rstrip("s"): k for k in VIEWS}}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "ambientctl") -> argparse.ArgumentParser:
+    kube_parent = kube_flags_parser()
     parser = argparse.ArgumentParser(
-        prog="ambientctl",
-        description="Run and inspect ambient-lite, a sidecar-less service mesh.",
+        prog=prog,
+        parents=[kube_parent],
+        description="Run and inspect ambient-lite, a sidecar-less service mesh, embedded on "
+        "this machine or on a Kubernetes cluster (as the kubectl plugin `kubectl ambient`). "
+        + MODE_HELP,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -101,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     zc = sub.add_parser(
         "ztunnel-config",
+        parents=[kube_parent],
         help="show a ztunnel's view of the mesh (as istioctl ztunnel-config)",
-        description="Fetch a ztunnel's /config_dump and show one kind of its contents.",
+        description="Fetch a ztunnel's /config_dump and show one kind of its contents; on a "
+        "cluster through the API server's pod proxy to the ztunnel pod's admin port. " + MODE_HELP,
     )
     zc.add_argument(
         "kind",
@@ -111,8 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="workloads | services | policies | certificates",
     )
     target = zc.add_mutually_exclusive_group()
-    target.add_argument("--node", help="node whose ztunnel to ask (from the running mesh)")
-    target.add_argument("--address", help="ztunnel admin address, e.g. 127.0.10.1")
+    target.add_argument("--node", help="node whose ztunnel to ask")
+    target.add_argument(
+        "--address",
+        action=ExplicitStore,
+        help="embedded: ztunnel admin address, e.g. 127.0.10.1",
+    )
+    add_ztunnel_cluster_flags(zc, target)
     zc.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT)
     zc.add_argument("-n", "--namespace", help="only entries of this namespace")
     zc.add_argument(
@@ -125,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_state_dir(zc)
 
-    add_waypoint_parser(sub)
+    add_waypoint_parser(sub, kube_parent)
+    add_cluster_parsers(sub, kube_parent)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -135,6 +163,7 @@ def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         type=Path,
+        action=ExplicitStore,  # typing it selects the embedded mesh (ztunnel-config)
         default=DEFAULT_STATE_DIR,
         metavar="DIR",
         help=f"embedded mesh state: certs, tokens, logs, mesh.json (default ./{DEFAULT_STATE_DIR})",
@@ -178,6 +207,8 @@ def cmd_version(_args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_ztunnel_config(args: argparse.Namespace, out: TextIO) -> int:
     kind = ZTUNNEL_CONFIG_KINDS[args.kind]
+    if ztunnel_config_mode(args, cluster_default=args.cluster_default) == CLUSTER:
+        return run_cluster_ztunnel_config(args, kind, out)
     address = args.address or resolve_node_address(args.state_dir, args.node)
     dump = fetch_config_dump(address, args.admin_port)
     out.write(render_view(dump, kind, args.output, namespace=args.namespace))
@@ -242,7 +273,11 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_waypoint(args: argparse.Namespace, out: TextIO) -> int:
-    return run_waypoint_command(args, out)
+    return run_waypoint(args, out, sys.stderr, cluster_default=args.cluster_default)
+
+
+def cmd_cluster(args: argparse.Namespace, out: TextIO) -> int:
+    return run_cluster_command(args, out, sys.stderr)
 
 
 COMMANDS = {
@@ -251,22 +286,33 @@ COMMANDS = {
     "ztunnel-config": cmd_ztunnel_config,
     "waypoint": cmd_waypoint,
     "version": cmd_version,
+    "enroll": cmd_cluster,
+    "unenroll": cmd_cluster,
+    "status": cmd_cluster,
+    "check": cmd_cluster,
+    "install": cmd_cluster,
+    "uninstall": cmd_cluster,
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """``prog``: the name this was run as (default ``sys.argv[0]``); ``kubectl-ambient``
+    makes the cluster the default."""
+    cluster_default = is_cluster_program(prog if prog is not None else sys.argv[0])
+    display = "kubectl ambient" if cluster_default else "ambientctl"
+    parser = build_parser(display)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error (2) or --help (0): argparse already printed why
         return exc.code if isinstance(exc.code, int) else 2
+    args.cluster_default = cluster_default
     try:
         return COMMANDS[args.command](args, sys.stdout)
-    except (ZtunnelConfigError, WaypointCommandError) as exc:
+    except (ZtunnelConfigError, WaypointCommandError, KubeError) as exc:
         command = args.command
         if command == "waypoint":
             command += f" {args.waypoint_command}"
-        sys.stderr.write(f"ambientctl {command}: {exc}\n")
-        return 2 if isinstance(exc, WaypointUsageError) else 1
+        sys.stderr.write(f"{display} {command}: {exc}\n")
+        return 2 if isinstance(exc, WaypointUsageError | ClusterUsageError) else 1
     except KeyboardInterrupt:
         return 130

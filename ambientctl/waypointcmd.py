@@ -40,7 +40,7 @@ from ambientctl.embedded import (
     objects_of,
     waypoint_process_name,
 )
-from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format, render
+from ambientctl.output import render
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,
     ZtunnelConfigError,
@@ -48,7 +48,6 @@ from ambientctl.ztunnelconfig import (
     fetch_config_dump,
     load_mesh_state,
 )
-from waypoint.config import dns_label, dns_subdomain, ip_address
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
@@ -467,135 +466,6 @@ def waypoint_status(
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def _output_format(text: str) -> str:
-    try:
-        return parse_output_format(text).value
-    except UnknownOutputFormat as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_waypoint_parser(sub: Any) -> None:
-    """``ambientctl waypoint ...`` under the top-level subparsers ``sub``."""
-    waypoint = sub.add_parser(
-        "waypoint",
-        help="generate, apply, list, inspect and delete waypoints (as istioctl waypoint)",
-        description="Manage waypoint Gateways in the embedded mesh's config directory.",
-    )
-    actions = waypoint.add_subparsers(dest="waypoint_command", metavar="ACTION", required=True)
-
-    def name_args(parser: argparse.ArgumentParser, *, optional_default: str | None) -> None:
-        parser.add_argument(
-            "name",
-            nargs="?",
-            type=dns_subdomain,
-            metavar="NAME",
-            help=f"the waypoint's name (default {optional_default})"
-            if optional_default
-            else "the waypoint's name",
-        )
-        parser.add_argument(
-            "--name",
-            dest="name_flag",
-            type=dns_subdomain,
-            help="the waypoint's name (istioctl's spelling)",
-        )
-
-    def namespace_arg(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "-n",
-            "--namespace",
-            type=dns_label,
-            default=None,
-            help=f"the waypoint's namespace (default {DEFAULT_NAMESPACE})",
-        )
-
-    def for_arg(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--for",
-            dest="waypoint_for",
-            choices=WAYPOINT_FOR_VALUES,
-            default="service",
-            help="which traffic the waypoint takes (default service)",
-        )
-
-    def config_dir_arg(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "-f",
-            "--file",
-            "--config-dir",
-            dest="config_dir",
-            type=Path,
-            required=True,
-            metavar="DIR",
-            help="the embedded mesh's config directory (as `ambientctl up -f`)",
-        )
-
-    def output_arg(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "-o",
-            "--output",
-            type=_output_format,
-            default="table",
-            metavar="|".join(FORMAT_ALIASES),
-            help="output format (default table)",
-        )
-
-    generate = actions.add_parser("generate", help="print a waypoint Gateway's YAML")
-    name_args(generate, optional_default=DEFAULT_WAYPOINT_NAME)
-    namespace_arg(generate)
-    for_arg(generate)
-    generate.add_argument(
-        "--address", type=ip_address, help="the embedded waypoint's IP (spec.addresses)"
-    )
-
-    apply = actions.add_parser("apply", help="write a waypoint Gateway into the config directory")
-    name_args(apply, optional_default=DEFAULT_WAYPOINT_NAME)
-    namespace_arg(apply)
-    for_arg(apply)
-    apply.add_argument(
-        "--address",
-        type=ip_address,
-        help=f"the waypoint's IP (default: the first free one of {ADDRESS_POOL})",
-    )
-    apply.add_argument(
-        "--enroll-namespace",
-        action="store_true",
-        help="label the namespace istio.io/use-waypoint=<name>",
-    )
-    config_dir_arg(apply)
-
-    listing = actions.add_parser("list", help="list the waypoint Gateways of the config directory")
-    namespace_arg(listing)
-    listing.add_argument(
-        "-A", "--all-namespaces", action="store_true", help="list the waypoints of every namespace"
-    )
-    config_dir_arg(listing)
-    output_arg(listing)
-
-    status = actions.add_parser("status", help="is a running waypoint up, ready and certified")
-    name_args(status, optional_default=None)
-    namespace_arg(status)
-    status.add_argument("-A", "--all-namespaces", action="store_true")
-    status.add_argument(
-        "--address",
-        type=ip_address,
-        help="ask the waypoint at this IP instead of the running mesh's",
-    )
-    status.add_argument(
-        "--state-dir",
-        type=Path,
-        default=DEFAULT_STATE_DIR,
-        metavar="DIR",
-        help=f"the running mesh's state directory (default ./{DEFAULT_STATE_DIR})",
-    )
-    output_arg(status)
-
-    delete = actions.add_parser("delete", help="remove a waypoint that apply wrote")
-    delete.add_argument("names", nargs="+", type=dns_subdomain, metavar="NAME")
-    namespace_arg(delete)
-    config_dir_arg(delete)
 
 
 def _name(args: argparse.Namespace, default: str | None) -> str | None:

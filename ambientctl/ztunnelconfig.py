@@ -182,7 +182,7 @@ def certificate_rows(dump: Mapping[str, Any], now: datetime | None = None) -> li
         for index, link in enumerate(chain):
             valid_from = _field(link, "valid_from", "validFrom") or ""
             expiration = _field(link, "expiration_time", "expirationTime") or ""
-            not_before, not_after = _parse_time(valid_from), _parse_time(expiration)
+            not_before, not_after = parse_time(valid_from), parse_time(expiration)
             rows.append(
                 {
                     "certificate_name": cert.get("identity", ""),
@@ -220,7 +220,8 @@ def _chain_position(index: int, length: int) -> str:
     return "Root" if index == length - 1 else "Intermediate"
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """An RFC 3339 time from a config dump (UTC if it names no zone); None if unreadable."""
     if not isinstance(value, str) or not value:
         return None
     try:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -22,6 +23,7 @@ from ambient_common.files import write_atomically
 from ambient_common.logging import configure_logging
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.auth import (
+    Authenticator,
     BootstrapTokenAuthenticator,
     BootstrapTokenFileError,
     load_bootstrap_tokens,
@@ -35,6 +37,15 @@ from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate import MeshConfig, translate
 
 log = structlog.get_logger()
+
+SnapshotHook = Callable[[ClusterObjects], Awaitable[None]]
+BackgroundTask = Callable[..., Awaitable[None]]
+
+
+class Source(Protocol):
+    async def run(
+        self, send: trio.MemorySendChannel[ClusterObjects], *, task_status: Any = ...
+    ) -> None: ...
 
 SERVING_DNS_NAMES = ("istiod.istio-system.svc", "istiod")
 SERVING_KEY_FILE = "istiod-key.pem"
@@ -101,7 +112,10 @@ def prepare_state_dir(config: IstiodConfig, ca: CertificateAuthority) -> tuple[P
 
 
 async def feed_store(
-    receive: trio.MemoryReceiveChannel[ClusterObjects], store: ResourceStore, mesh: MeshConfig
+    receive: trio.MemoryReceiveChannel[ClusterObjects],
+    store: ResourceStore,
+    mesh: MeshConfig,
+    on_snapshot: SnapshotHook | None = None,
 ) -> None:
     """Translate every snapshot of the cluster into the store; a failed translation keeps the
     last good resource set (and is logged) instead of serving a partial one."""
@@ -112,6 +126,46 @@ async def feed_store(
             log.exception("translation failed; still serving the previous resources")
             continue
         store.replace_all(resources)
+        if on_snapshot is not None:
+            await on_snapshot(objects)
+
+
+@dataclass
+class ControlPlaneParts:
+    """What differs between the embedded mode and Kubernetes; the rest of istiod is one."""
+
+    ca: CertificateAuthority
+    authenticator: Authenticator
+    source: Source
+    on_snapshot: SnapshotHook | None = None
+    background: BackgroundTask | None = None  # started after the server listens
+
+
+def file_mode_parts(config: IstiodConfig) -> ControlPlaneParts:
+    assert config.config_dir is not None and config.bootstrap_tokens is not None
+    try:
+        authenticator = BootstrapTokenAuthenticator(
+            load_bootstrap_tokens(config.bootstrap_tokens), trust_domain=config.trust_domain
+        )
+    except BootstrapTokenFileError as error:
+        raise StartupError(f"--bootstrap-tokens: {error}") from None
+    return ControlPlaneParts(
+        load_ca(config), authenticator,
+        FileSource(config.config_dir, poll_interval=config.poll_interval),
+    )
+
+
+async def kubernetes_mode_parts(config: IstiodConfig) -> ControlPlaneParts:
+    from istiod_lite.kube.client import KubeConfigError
+    from istiod_lite.kube.runtime import kubernetes_parts
+
+    try:
+        parts = await kubernetes_parts(config)
+    except (KubeConfigError, CaConfigError) as error:
+        raise StartupError(str(error)) from None
+    duties = parts.leader_duties
+    return ControlPlaneParts(parts.ca, parts.authenticator, parts.source,
+                             duties.on_snapshot, duties.run)
 
 
 async def run_istiod(
@@ -125,25 +179,21 @@ async def run_istiod(
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as error:
         raise StartupError(f"cannot create --state-dir {config.state_dir}: {error}") from None
-    try:
-        authenticator = BootstrapTokenAuthenticator(
-            load_bootstrap_tokens(config.bootstrap_tokens), trust_domain=config.trust_domain
-        )
-    except BootstrapTokenFileError as error:
-        raise StartupError(f"--bootstrap-tokens: {error}") from None
-    ca = load_ca(config)
+    parts = (
+        await kubernetes_mode_parts(config) if config.kubernetes else file_mode_parts(config)
+    )
+    ca = parts.ca
     key_path, chain_path, root_path = prepare_state_dir(config, ca)
     mesh = MeshConfig(
         trust_domain=config.trust_domain, cluster_id=config.cluster_id, network=config.network
     )
     store = ResourceStore()
-    app = IstiodApp(store, ca, authenticator, max_cert_ttl=config.max_cert_ttl)
-    source = FileSource(config.config_dir, poll_interval=config.poll_interval)
+    app = IstiodApp(store, ca, parts.authenticator, max_cert_ttl=config.max_cert_ttl)
 
     async with trio.open_nursery() as nursery:
         send, receive = trio.open_memory_channel[ClusterObjects](1)
-        nursery.start_soon(feed_store, receive, store, mesh)
-        await nursery.start(source.run, send)
+        nursery.start_soon(feed_store, receive, store, mesh, parts.on_snapshot)
+        await nursery.start(parts.source.run, send)
         await store.wait_initialized()
 
         hyper = hypercorn_config(config.listen_host, config.listen_port, chain_path, key_path)
@@ -160,13 +210,15 @@ async def run_istiod(
         except* OSError as group:
             reason = describe(group)
             raise StartupError(f"cannot listen on {config.listen}: {reason}") from None
+        if parts.background is not None:
+            await nursery.start(parts.background)
         url = binds[0] if binds else f"https://{config.listen}"
         running = RunningIstiod(config, store, app, url, root_path)
         log.info(
             "istiod_lite ready",
             url=url,
             trust_domain=config.trust_domain,
-            ca="plugin" if config.ca_plugin_dir else "self-signed",
+            source="kubernetes" if config.kubernetes else str(config.config_dir),
             root_cert=str(root_path),
             resources=len(store.versions()),
         )

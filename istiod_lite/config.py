@@ -38,10 +38,26 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class KubernetesMode:
+    """Where the cluster is and how istiod_lite behaves in it (``--kubernetes``)."""
+
+    kubeconfig: Path | None = None  # None: the pod's in-cluster configuration
+    context: str | None = None
+    namespace: str = "istio-system"  # istiod's own: CA Secrets, Lease
+    pod_name: str = "istiod"  # the leader-election identity
+    token_audiences: tuple[str, ...] = ("istio-ca",)
+    trusted_node_accounts: frozenset[str] = frozenset({"istio-system/ztunnel"})
+    waypoint_image: str | None = None  # None: the waypoint controller does not run
+    leader_election: bool = True
+
+
+@dataclass(frozen=True)
 class IstiodConfig:
-    config_dir: Path
     state_dir: Path
-    bootstrap_tokens: Path
+    # Exactly one source: a directory of YAML (the embedded mode) or a Kubernetes cluster.
+    config_dir: Path | None = None
+    bootstrap_tokens: Path | None = None
+    kubernetes: KubernetesMode | None = None
     listen_host: str = "127.0.9.1"
     listen_port: int = DEFAULT_DISCOVERY_PORT
     ca_plugin_dir: Path | None = None
@@ -55,6 +71,10 @@ class IstiodConfig:
     poll_interval: float = 0.5
 
     def __post_init__(self) -> None:
+        if (self.config_dir is None) == (self.kubernetes is None):
+            raise ValueError("give exactly one source: --config-dir DIR or --kubernetes")
+        if self.config_dir is not None and self.bootstrap_tokens is None:
+            raise ValueError("--config-dir needs --bootstrap-tokens (how proxies authenticate)")
         if self.cert_ttl > self.max_cert_ttl:
             raise ValueError(
                 f"--cert-ttl ({self.cert_ttl}) is longer than --max-cert-ttl ({self.max_cert_ttl})"
@@ -85,9 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="istiod_lite: the ambient-lite control plane (workload discovery + mesh CA).",
     )
     parser.add_argument(
-        "--config-dir", type=Path, required=True, metavar="DIR",
-        help="directory of Kubernetes YAML (Namespaces, Pods, Services, ...) to serve",
+        "--config-dir", type=Path, default=None, metavar="DIR",
+        help="the embedded mode: a directory of Kubernetes YAML (Namespaces, Pods, Services, "
+        "...) to serve",
     )
+    kube = parser.add_argument_group("Kubernetes mode")
+    kube.add_argument(
+        "--kubernetes", action="store_true",
+        help="watch a Kubernetes cluster instead of --config-dir; proxies authenticate with "
+        "ServiceAccount tokens (TokenReview), the CA lives in Secrets",
+    )
+    kube.add_argument("--kubeconfig", type=Path, default=None, metavar="FILE",
+                      help="kubeconfig to use (default: the pod's in-cluster configuration)")
+    kube.add_argument("--context", default=None, help="kubeconfig context (with --kubeconfig)")
+    kube.add_argument("--pod-namespace", default="istio-system",
+                      help="istiod_lite's namespace: CA Secrets and the leader Lease live there")
+    kube.add_argument("--pod-name", default="istiod",
+                      help="this replica's name, its identity in leader election")
+    kube.add_argument(
+        "--trusted-node-accounts", default="istio-system/ztunnel", metavar="NS/SA,...",
+        help="service accounts allowed to act for the node of their pod (Istio's "
+        "CA_TRUSTED_NODE_ACCOUNTS)",
+    )
+    kube.add_argument("--token-audience", action="append", default=None, metavar="AUD",
+                      help="audience proxies' tokens must be bound to (default istio-ca)")
+    kube.add_argument("--waypoint-image", default=None, metavar="IMAGE",
+                      help="run the waypoint controller, deploying waypoints with this image")
+    kube.add_argument("--no-leader-election", action="store_true",
+                      help="act as the leader without a Lease (one replica only)")
     parser.add_argument(
         "--listen", type=_argparse_type(parse_listen, "HOST:PORT"), default=DEFAULT_LISTEN,
         metavar="HOST:PORT", help=f"HTTP/2 TLS listen address (default {DEFAULT_LISTEN})",
@@ -103,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cert-chain.pem) instead of a self-signed root",
     )
     parser.add_argument(
-        "--bootstrap-tokens", type=Path, required=True, metavar="FILE",
-        help="YAML/JSON mapping of node name to bearer token",
+        "--bootstrap-tokens", type=Path, default=None, metavar="FILE",
+        help="the embedded mode: YAML/JSON mapping of principal (node name, or "
+        "serviceaccount:NS/SA) to bearer token",
     )
     parser.add_argument("--trust-domain", default="cluster.local")
     parser.add_argument("--cluster-id", default="Kubernetes")
@@ -133,11 +179,30 @@ def parse_args(argv: Sequence[str] | None = None) -> IstiodConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     host, port = args.listen
+    kubernetes = None
+    if args.kubernetes:
+        accounts = frozenset(a.strip() for a in args.trusted_node_accounts.split(",") if a.strip())
+        if any(account.count("/") != 1 for account in accounts):
+            parser.error(f"--trusted-node-accounts {args.trusted_node_accounts!r}: "
+                         "expected NAMESPACE/SERVICEACCOUNT entries separated by commas")
+        kubernetes = KubernetesMode(
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+            namespace=args.pod_namespace,
+            pod_name=args.pod_name,
+            token_audiences=tuple(args.token_audience or ("istio-ca",)),
+            trusted_node_accounts=accounts,
+            waypoint_image=args.waypoint_image,
+            leader_election=not args.no_leader_election,
+        )
+    elif args.kubeconfig or args.context or args.waypoint_image:
+        parser.error("--kubeconfig, --context and --waypoint-image need --kubernetes")
     try:
         return IstiodConfig(
             config_dir=args.config_dir,
             state_dir=args.state_dir,
             bootstrap_tokens=args.bootstrap_tokens,
+            kubernetes=kubernetes,
             listen_host=host,
             listen_port=port,
             ca_plugin_dir=args.ca_plugin_dir,

@@ -61,6 +61,7 @@ KIND_FIELDS: dict[tuple[str, str], str] = {
     ("v1", "Namespace"): "namespaces",
     ("v1", "Pod"): "pods",
     ("v1", "Service"): "services",
+    ("discovery.k8s.io/v1", "EndpointSlice"): "endpoint_slices",
     ("v1", "ServiceAccount"): "service_accounts",
     ("v1", "Node"): "nodes",
     ("security.istio.io/v1", "AuthorizationPolicy"): "authorization_policies",
@@ -96,6 +97,9 @@ class ClusterObjects:
     namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Stored by the Kubernetes source (issue 4) for the endpoints of selector-less Services;
+    # translation does not read them yet.
+    endpoint_slices: dict[str, dict[str, Any]] = field(default_factory=dict)
     service_accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     authorization_policies: dict[str, dict[str, Any]] = field(default_factory=dict)

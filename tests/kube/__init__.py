@@ -1,0 +1,1 @@
+"""An in-test stand-in for the Kubernetes API server; see ``tests.kube.apiserver``."""

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import trio
 
-from istiod_lite.kube.client import ResponseLines, run_blocking
+from istiod_lite.kube.client import run_blocking
 
 logger = structlog.get_logger()
 
@@ -126,8 +126,9 @@ class JsonApi:
             name=f"kube {method} {path}",
         )
 
-    def open_watch(self, path: str, query: Mapping[str, str], timeout: float) -> ResponseLines:
-        """Blocking: start a watch; its events are the lines, read with ``run_blocking``."""
+    def open_watch(self, path: str, query: Mapping[str, str], timeout: float) -> Any:
+        """Blocking: start a watch and return its raw streaming response (for
+        ``client.open_response_lines``, which keeps a cancelled open from leaking it)."""
         response = self._open("GET", path, query, None, "application/json", timeout)
         if response.status >= 400:
             data = response.read()
@@ -141,7 +142,7 @@ class JsonApi:
                 str(decoded.get("reason") or response.reason or ""),
                 str(decoded.get("message") or ""),
             )
-        return ResponseLines(response.response)
+        return response.response
 
 
 # -- the sans-IO decision ------------------------------------------------------------------

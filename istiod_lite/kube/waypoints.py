@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 import trio
 
-from istiod_lite.kube.client import StreamAborted, run_blocking
+from istiod_lite.kube.client import StreamAborted, open_response_lines, run_blocking
 from istiod_lite.kube.leader import JsonApi, KubeApiError
 from istiod_lite.translate_routes import GATEWAY_NAME_LABEL, HBONE_PORT, is_waypoint
 
@@ -601,7 +601,7 @@ class WaypointController:
         """One watch request; returns the resourceVersion to resume from."""
         query = {**selector, "watch": "true", "resourceVersion": resource_version,
                  "allowWatchBookmarks": "true", "timeoutSeconds": str(self.watch_timeout)}
-        lines = await run_blocking(
+        lines = await open_response_lines(
             lambda: self.api.open_watch(path, query, self.watch_timeout + 10),
             name=f"kube watch {kind}",
         )

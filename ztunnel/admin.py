@@ -9,6 +9,7 @@ an ``AdminResponse``, so each endpoint is testable without a socket.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -37,10 +38,36 @@ class AdminRequest:
     path: str
     query: dict[str, list[str]]
     body: bytes = b""
+    client_ip: str | None = None
+
+    @property
+    def from_loopback(self) -> bool:
+        """A caller on this host (the pod's own network namespace on Kubernetes)."""
+        try:
+            return self.client_ip is not None and ipaddress.ip_address(self.client_ip).is_loopback
+        except ValueError:
+            return False
 
     def query_value(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[-1] if values else None
+
+
+def local_only(handler: Handler) -> Handler:
+    """Admin actions that change the proxy (log level, shutdown) answer only callers on the
+    same host, as Istio binds its admin port to localhost. Read-only endpoints stay
+    reachable, so ``kubectl ambient ztunnel-config`` can read them through the API server's
+    pod proxy."""
+
+    async def guarded(request: AdminRequest) -> AdminResponse:
+        if not request.from_loopback:
+            return AdminResponse.text(
+                403, f"{request.method} {request.path} is only allowed from localhost"
+            )
+        result = handler(request)
+        return await result if inspect.isawaitable(result) else result
+
+    return guarded
 
 
 @dataclass(frozen=True)
@@ -129,6 +156,7 @@ def make_asgi_app(routes: Routes) -> Callable[[dict[str, Any], ASGIReceive, ASGI
                 path=scope["path"],
                 query=parse_qs(scope.get("query_string", b"").decode("latin-1")),
                 body=bytes(body),
+                client_ip=(scope.get("client") or (None,))[0],
             )
             response = await handle(routes, request)
         headers = [
@@ -228,8 +256,8 @@ def admin_routes(
 
     return {
         "/config_dump": {"GET": dump},
-        "/logging": {"GET": show_level, "POST": change_level},
-        "/quitquitquit": {"POST": quit_},
+        "/logging": {"GET": show_level, "POST": local_only(change_level)},
+        "/quitquitquit": {"POST": local_only(quit_)},
     }
 
 

@@ -145,3 +145,22 @@ async def test_handlers_get_query_and_body() -> None:
                             AdminRequest("POST", "/x", {"a": ["1", "2"]}, b"body"))
     assert response.status == 200 and seen[0].query_value("a") == "2"
     assert seen[0].body == b"body"
+
+
+async def test_mutating_admin_actions_answer_only_local_callers() -> None:
+    """A peer in the cluster (the pod proxy, another pod) may read /config_dump but neither
+    change the log level nor shut the proxy down."""
+    from ztunnel.admin import AdminRequest, StructlogLevelControl, admin_routes, handle
+
+    quits: list[bool] = []
+    routes = admin_routes({"workloads": list}, StructlogLevelControl("info"),
+                          lambda: quits.append(True))
+    remote = AdminRequest("POST", "/quitquitquit", {}, client_ip="10.244.1.7")
+    assert (await handle(routes, remote)).status == 403
+    remote_level = AdminRequest("POST", "/logging", {"level": ["debug"]}, client_ip="10.244.1.7")
+    assert (await handle(routes, remote_level)).status == 403
+    dump = AdminRequest("GET", "/config_dump", {}, client_ip="10.244.1.7")
+    assert (await handle(routes, dump)).status == 200
+    local = AdminRequest("POST", "/quitquitquit", {}, client_ip="127.0.0.1")
+    assert (await handle(routes, local)).status == 200
+    assert quits == [True]

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.stamp
 SYSTEM_STAMP := $(VENV)/.system-deps-stamp
 # Debian packages the network-namespace tests and the capture mode use.
-SYSTEM_PACKAGES := iproute2 iptables
+SYSTEM_PACKAGES := iproute2 iptables util-linux
 PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common
 
 .PHONY: venv system-deps kubectl demo test lint clean distclean

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ambient_common.flags import (
     add_control_plane_credentials,
@@ -13,6 +14,10 @@ from ambient_common.flags import (
     parse_host_port,
 )
 from ambient_common.logging import LogFormat
+
+# none: the embedded mode (clients use SOCKS5 and PROXY headers, listeners on loopback pod
+# addresses); inpod: transparent capture inside each local pod's network namespace (issue 5).
+CaptureMode = Literal["none", "inpod"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Ports:
     hbone: int = 15008
     inbound_plaintext: int = 15006
     socks5: int = 15080
+    outbound_capture: int = 15001
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,14 @@ class ZtunnelConfig:
     drain_timeout: float = 5.0
     log_format: LogFormat = "auto"
     log_level: str = "info"
+    capture: CaptureMode = "none"
+    # inpod: the JSON file {pod uid: netns path} written by the CNI stand-in, polled.
+    netns_map: Path | None = None
+    netns_map_poll_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.capture == "inpod" and self.netns_map is None:
+            raise ValueError("capture mode inpod needs a netns map file (--netns-map)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         default="info")
+    parser.add_argument("--capture", choices=["none", "inpod"], default="none",
+                        help="inpod: capture local pods' traffic transparently inside their "
+                        "network namespaces (root; needs --netns-map)")
+    parser.add_argument("--netns-map", type=Path, default=None, metavar="FILE",
+                        help='JSON {"<pod uid>": "<netns path>"} of the local pods, watched '
+                        "(written by the CNI stand-in)")
     return parser
 
 
@@ -75,6 +95,10 @@ def config_from_args(argv: list[str] | None = None) -> ZtunnelConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     root_cert, token = control_plane_credentials(parser, args)
+    if args.capture == "inpod" and args.netns_map is None:
+        parser.error("--capture inpod needs --netns-map FILE")
+    if args.capture == "none" and args.netns_map is not None:
+        parser.error("--netns-map is only read with --capture inpod")
     return ZtunnelConfig(
         node=args.node,
         node_address=args.node_address,
@@ -91,4 +115,6 @@ def config_from_args(argv: list[str] | None = None) -> ZtunnelConfig:
         drain_timeout=args.drain_timeout,
         log_format=args.log_format,
         log_level=args.log_level,
+        capture=args.capture,
+        netns_map=args.netns_map,
     )

@@ -4,13 +4,21 @@ As in Istio's in-pod mode, each local workload gets its own listeners on its own
 the listener tells which workload (and so which certificate) a connection is for. The
 decision -- is this target ours, is the port allowed, does policy admit the caller -- is the
 plain function ``decide_inbound``; the rest is the Trio shell around it.
+
+Two ways to get the listeners: the embedded mode binds the pod's loopback address in the
+node's namespace (``serve_workload``) and plaintext clients name the port they meant in a
+PROXY header; in-pod capture (issue 5) binds them inside the pod's own network namespace
+(``serve_listeners`` with ``pod_netns``), takes the port from SO_ORIGINAL_DST of the
+connection iptables redirected to 15006, and connects to the app from inside that namespace
+with the bypass mark so the pod's rules leave ztunnel's own connection alone.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 import trio
@@ -18,6 +26,8 @@ import trio
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import Service, TunnelProtocol, Workload
 from ztunnel.authz import ConnectionAttributes, evaluate
+from ztunnel.capture import netns
+from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import (
     ConnectionInfo,
@@ -142,17 +152,44 @@ class Inbound:
         a drain began) does not cut the connections already flowing.
         """
         hbone = await trio.open_tcp_listeners(self._hbone_port, host=workload_ip)
-        plaintext = await trio.open_tcp_listeners(self._plaintext_port, host=workload_ip)
+        try:
+            plaintext = await trio.open_tcp_listeners(self._plaintext_port, host=workload_ip)
+        except BaseException:
+            for listener in hbone:
+                await trio.aclose_forcefully(listener)
+            raise
         log.info("inbound listening", workload_ip=workload_ip,
                  ports=[self._hbone_port, self._plaintext_port])
+        await self.serve_listeners(workload_ip, hbone, plaintext, handler_nursery,
+                                   task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        workload_ip: str,
+        hbone: list[trio.SocketListener],
+        plaintext: list[trio.SocketListener],
+        handler_nursery: trio.Nursery,
+        *,
+        pod_netns: Path | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve ``workload_ip``'s already bound HBONE and plaintext listeners until
+        cancelled, then close them. ``pod_netns``: they were bound inside the pod's network
+        namespace under capture (the original port comes from SO_ORIGINAL_DST and the app is
+        reached from inside that namespace); None: the embedded mode."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, hbone, handler_nursery,
-                               lambda s: self._handle_hbone(s, workload_ip))
+                               lambda s: self._handle_hbone(s, workload_ip, pod_netns))
             nursery.start_soon(self._accept_loop, plaintext, handler_nursery,
-                               lambda s: self._handle_plaintext(s, workload_ip))
+                               lambda s: self._handle_plaintext(s, workload_ip, pod_netns))
             task_status.started()
 
-    async def _accept_loop(self, listeners, handler_nursery, handle) -> None:  # type: ignore[no-untyped-def]
+    async def _accept_loop(
+        self,
+        listeners: list[trio.SocketListener],
+        handler_nursery: trio.Nursery,
+        handle: Callable[[trio.SocketStream], Awaitable[None]],
+    ) -> None:
         async def guarded(stream: trio.SocketStream) -> None:
             with self._connections.track():
                 try:
@@ -170,7 +207,9 @@ class Inbound:
 
     # -- HBONE ----------------------------------------------------------------------------
 
-    async def _handle_hbone(self, stream: trio.SocketStream, workload_ip: str) -> None:
+    async def _handle_hbone(
+        self, stream: trio.SocketStream, workload_ip: str, pod_netns: Path | None
+    ) -> None:
         workload = self._state.workload_by_address(workload_ip)
         identity = identity_of(workload) if workload else None
         context = self._server_context(identity) if identity else None
@@ -180,7 +219,7 @@ class Inbound:
             return
 
         async def handler(request: ConnectRequest, responder: HboneResponder) -> None:
-            await self._serve_connect(request, responder, workload_ip)
+            await self._serve_connect(request, responder, workload_ip, pod_netns)
 
         await serve_hbone_tls(
             stream, context, handler,
@@ -188,7 +227,11 @@ class Inbound:
         )
 
     async def _serve_connect(
-        self, request: ConnectRequest, responder: HboneResponder, workload_ip: str
+        self,
+        request: ConnectRequest,
+        responder: HboneResponder,
+        workload_ip: str,
+        pod_netns: Path | None,
     ) -> None:
         connection: ConnectionInfo = responder.connection
         peer_ip = connection.peer_address[0] if connection.peer_address else ""
@@ -219,7 +262,7 @@ class Inbound:
         record.destination_workload = target.workload
         record.destination_identity = identity_of(target.workload)
         record.destination_service = self._targeted_service(request, target.workload)
-        upstream = await self._connect_upstream(target_ip, target.port)
+        upstream = await self._connect_upstream(target_ip, target.port, pod_netns)
         if isinstance(upstream, str):
             self._telemetry.refused(record, reason=upstream,
                                     response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
@@ -239,7 +282,9 @@ class Inbound:
 
     # -- plaintext ------------------------------------------------------------------------
 
-    async def _handle_plaintext(self, stream: trio.SocketStream, workload_ip: str) -> None:
+    async def _handle_plaintext(
+        self, stream: trio.SocketStream, workload_ip: str, pod_netns: Path | None
+    ) -> None:
         peer_ip, peer_port = stream.socket.getpeername()[:2]
         record = ConnectionRecord(
             direction="inbound",
@@ -248,15 +293,20 @@ class Inbound:
             source_workload=self._state.workload_by_address(peer_ip),
         )
         try:
-            port, early_data = await self._original_port(stream, workload_ip)
+            if pod_netns is None:
+                target_ip = workload_ip
+                port, early_data = await self._original_port(stream, workload_ip)
+            else:
+                target_ip, port = self._captured_destination(stream)
+                early_data = b""
         except ProxyProtocolError as exc:
             self._telemetry.refused(record, reason=f"no original destination: {exc}",
                                     response_flags="-")
             return
-        record.destination_address = f"{workload_ip}:{port}"
+        record.destination_address = f"{target_ip}:{port}"
         try:
             target = decide_inbound(
-                self._state, node=self._node, listener_ip=workload_ip, target_ip=workload_ip,
+                self._state, node=self._node, listener_ip=workload_ip, target_ip=target_ip,
                 target_port=port, source_ip=peer_ip, source_identity=None,
                 root_namespace=self._root_namespace,
             )
@@ -268,7 +318,7 @@ class Inbound:
             )
             return
         record.destination_workload = target.workload
-        upstream = await self._connect_upstream(workload_ip, port)
+        upstream = await self._connect_upstream(workload_ip, port, pod_netns)
         if isinstance(upstream, str):
             self._telemetry.refused(record, reason=upstream,
                                     response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
@@ -277,6 +327,16 @@ class Inbound:
             if early_data:
                 await upstream.send_all(early_data)
             await self._splice(record, stream, upstream, already_sent=len(early_data))
+
+    def _captured_destination(self, stream: trio.SocketStream) -> tuple[str, int]:
+        """The destination iptables rewrote to 15006 (SO_ORIGINAL_DST). Under capture a
+        PROXY header is never believed: a connection made to 15006 directly has no other
+        original destination than 15006 itself, which decide_inbound refuses as a proxy
+        port."""
+        try:
+            return netns.original_destination(stream.socket)
+        except (OSError, netns.NetnsError) as exc:
+            raise ProxyProtocolError(f"SO_ORIGINAL_DST: {exc}") from None
 
     async def _original_port(
         self, stream: trio.SocketStream, workload_ip: str
@@ -308,13 +368,21 @@ class Inbound:
 
     # -- shared ---------------------------------------------------------------------------
 
-    async def _connect_upstream(self, ip: str, port: int) -> trio.SocketStream | str:
-        """The TCP connection to the local app, or the reason it failed."""
+    async def _connect_upstream(
+        self, ip: str, port: int, pod_netns: Path | None
+    ) -> trio.SocketStream | str:
+        """The TCP connection to the local app (from inside its namespace, with the bypass
+        mark, under capture), or the reason it failed."""
         try:
             with trio.fail_after(self._connect_timeout):
-                return await trio.open_tcp_stream(ip, port)
+                if pod_netns is None:
+                    return await trio.open_tcp_stream(ip, port)
+                return await netns.connect_in(pod_netns, ip, port, mark=BYPASS_MARK,
+                                              timeout=self._connect_timeout)
         except trio.TooSlowError:
             return f"connect to {ip}:{port} timed out after {self._connect_timeout}s"
+        except netns.NetnsError as exc:
+            return f"connect to {ip}:{port} failed: {exc}"
         except OSError as exc:
             return f"connect to {ip}:{port} failed: {exc.strerror or exc}"
 

@@ -7,17 +7,26 @@ waypoint instead, with ``:authority`` the original destination (VIP or pod IP an
 client asked for); the waypoint chooses the endpoint. A waypoint that cannot be resolved
 refuses the connection (fail closed): traffic never goes around it.
 
-The entry today is SOCKS5 on ``<node>:15080`` (the source workload is known by its source
-address); transparent capture on 15001 (issue 5) will feed the same ``Outbound.forward``.
+Two entries feed the same ``Outbound.forward``: SOCKS5 on ``<node>:15080`` (the embedded
+mode; the source workload is known by its source address) and, with in-pod capture (issue 5),
+the pod's own ``15001`` listener inside its network namespace, where iptables redirected the
+app's connection: the original destination comes from SO_ORIGINAL_DST and the source is the
+pod the listener belongs to (no source IP is trusted). Captured connections leave from inside
+the source pod's namespace with the bypass mark so the pod's rules do not capture them again.
 ``plan_outbound`` is the plain decision; the Trio code around it is a thin shell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import socket
 import ssl
-from collections.abc import Callable
+import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import structlog
 import trio
@@ -25,6 +34,8 @@ import trio
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import GatewayAddress, Workload
 from ztunnel import socks5
+from ztunnel.capture import netns
+from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import (
     HboneConnectError,
@@ -119,12 +130,21 @@ class OutboundPlan:
 def plan_outbound(
     state: ProxyState, *, node: str, source_ip: str, host: str, port: int
 ) -> OutboundPlan:
-    """Who is calling and where the connection really goes; OutboundRefused otherwise."""
-    source = state.workload_by_address(source_ip)
+    """Who is calling (by source address) and where the connection really goes;
+    OutboundRefused otherwise."""
+    return plan_outbound_from(state, state.workload_by_address(source_ip), node=node,
+                              caller=source_ip, host=host, port=port)
+
+
+def plan_outbound_from(
+    state: ProxyState, source: Workload | None, *, node: str, caller: str, host: str, port: int
+) -> OutboundPlan:
+    """Where a connection from ``source`` (None: unknown; ``caller`` names it in the refusal)
+    really goes; OutboundRefused when the source is not an enrolled workload of ``node``."""
     if source is None or source.node != node or not is_hbone(source):
         raise OutboundRefused(
             socks5.CONNECTION_NOT_ALLOWED,
-            f"{source_ip} is not a mesh workload on node {node}",
+            f"{caller} is not a mesh workload on node {node}",
         )
     if port in LOOP_GUARD_PORTS:
         raise OutboundRefused(
@@ -190,6 +210,52 @@ def _reply_for_status(status: int | None) -> int:
     return socks5.CONNECTION_NOT_ALLOWED if status in (401, 403) else socks5.CONNECTION_REFUSED
 
 
+class ClientReply(Protocol):
+    """How an entry answers its client once the upstream is settled."""
+
+    async def connected(self) -> bytes:
+        """Tell the client the connection is up; returns bytes it already sent past its
+        handshake (to be forwarded first)."""
+
+    async def refused(self, refused: OutboundRefused) -> None:
+        """Tell the client the connection cannot be made."""
+
+
+class _Socks5Reply:
+    def __init__(self, stream: trio.SocketStream, protocol: socks5.Socks5ServerProtocol) -> None:
+        self._stream = stream
+        self._protocol = protocol
+
+    async def connected(self) -> bytes:
+        self._protocol.send_reply(socks5.SUCCEEDED)
+        await self._stream.send_all(self._protocol.data_to_send())
+        return self._protocol.trailing_data()
+
+    async def refused(self, refused: OutboundRefused) -> None:
+        self._protocol.send_reply(refused.reply_code)
+        await self._stream.send_all(self._protocol.data_to_send())
+
+
+class CapturedReply:
+    """A captured client believes it is already connected: a refusal can only reset it
+    (as Istio's ztunnel does), which the app sees as ECONNRESET instead of a clean EOF."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+
+    async def connected(self) -> bytes:
+        return b""
+
+    async def refused(self, refused: OutboundRefused) -> None:
+        reset_on_close(self._stream)
+
+
+def reset_on_close(stream: trio.SocketStream) -> None:
+    """Make closing ``stream`` send a RST (SO_LINGER 0) instead of a FIN."""
+    with contextlib.suppress(OSError):  # already gone: nothing to reset
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 class Outbound:
     def __init__(
         self,
@@ -218,6 +284,8 @@ class Outbound:
         self._telemetry = telemetry
         self._connections = connections
 
+    # -- entries --------------------------------------------------------------------------
+
     async def serve_socks5(
         self,
         address: str,
@@ -229,20 +297,49 @@ class Outbound:
         listeners = await trio.open_tcp_listeners(port, host=address)
         log.info("socks5 listening", address=address, port=port)
         task_status.started()
+        await self._serve(listeners, handler_nursery, self._handle_socks5)
+
+    async def serve_captured(
+        self,
+        listeners: list[trio.SocketListener],
+        source_uid: str,
+        source_netns: Path,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve a pod's 15001 ``listeners`` (bound inside ``source_netns``, where iptables
+        redirects the pod's outbound TCP) until cancelled; closes them on exit.
+
+        Every connection comes from the pod ``source_uid``: the listener says so, whatever
+        its source address.
+        """
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._handle_captured(stream, source_uid, source_netns)
+
+        task_status.started()
+        await self._serve(listeners, handler_nursery, handle)
+
+    async def _serve(
+        self,
+        listeners: list[trio.SocketListener],
+        handler_nursery: trio.Nursery,
+        handle: Callable[[trio.SocketStream], Awaitable[None]],
+    ) -> None:
+        async def guarded(stream: trio.SocketStream) -> None:
+            with self._connections.track():
+                try:
+                    await handle(stream)
+                except Exception:  # one bad connection never takes the proxy down
+                    log.exception("outbound connection handler failed")
+                finally:
+                    await trio.aclose_forcefully(stream)
+
         try:
-            await trio.serve_listeners(self._guarded, listeners, handler_nursery=handler_nursery)
+            await trio.serve_listeners(guarded, listeners, handler_nursery=handler_nursery)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-
-    async def _guarded(self, stream: trio.SocketStream) -> None:
-        with self._connections.track():
-            try:
-                await self._handle_socks5(stream)
-            except Exception:  # one bad connection never takes the proxy down
-                log.exception("outbound connection handler failed")
-            finally:
-                await trio.aclose_forcefully(stream)
 
     async def _handle_socks5(self, stream: trio.SocketStream) -> None:
         peer_ip, peer_port = stream.socket.getpeername()[:2]
@@ -250,45 +347,27 @@ class Outbound:
         request = await self._socks5_request(stream, protocol, f"{peer_ip}:{peer_port}")
         if request is None:
             return
-        record = ConnectionRecord(
-            direction="outbound",
-            source_address=f"{peer_ip}:{peer_port}",
-            destination_address=format_authority(request.host, request.port),
-            source_workload=self._state.workload_by_address(peer_ip),
+        await self.forward(
+            self._state.workload_by_address(peer_ip), request.host, request.port, stream,
+            client_address=(peer_ip, peer_port), reply=_Socks5Reply(stream, protocol),
         )
+
+    async def _handle_captured(
+        self, stream: trio.SocketStream, source_uid: str, source_netns: Path
+    ) -> None:
+        peer_ip, peer_port = stream.socket.getpeername()[:2]
         try:
-            plan = plan_outbound(self._state, node=self._node, source_ip=peer_ip,
-                                 host=request.host, port=request.port)
-            record.source_identity = identity_of(plan.source)
-            # Through a waypoint we report the service the client addressed but the waypoint
-            # as the destination workload and principal: that is the peer we connected to
-            # and authenticated (the waypoint reports the hop to the real endpoint).
-            record.destination_workload = plan.peer_workload
-            record.destination_service = plan.destination.service
-            record.destination_identity = plan.destination_identity
-            record.mtls = plan.use_hbone
-            upstream = await self._open_upstream(plan, f"{peer_ip}:{peer_port}")
-        except OutboundRefused as refused:
-            self._telemetry.refused(record, reason=refused.reason,
-                                    response_flags=refused.response_flags)
-            protocol.send_reply(refused.reply_code)
-            await stream.send_all(protocol.data_to_send())
+            host, port = netns.original_destination(stream.socket)
+        except (OSError, netns.NetnsError) as exc:
+            log.warning("captured connection without an original destination",
+                        pod=source_uid, peer=f"{peer_ip}:{peer_port}", reason=str(exc))
+            reset_on_close(stream)
             return
-        async with upstream:
-            protocol.send_reply(socks5.SUCCEEDED)
-            await stream.send_all(protocol.data_to_send())
-            early = protocol.trailing_data()
-            if early:
-                await upstream.send_all(early)
-            self._telemetry.opened(record)
-            try:
-                result = await splice(stream, upstream)
-            except SpliceError as exc:
-                self._telemetry.closed(record, sent=exc.a_to_b + len(early),
-                                       received=exc.b_to_a, error=exc.reason)
-            else:
-                self._telemetry.closed(record, sent=result.a_to_b + len(early),
-                                       received=result.b_to_a)
+        await self.forward(
+            self._state.workload(source_uid), host, port, stream,
+            client_address=(peer_ip, peer_port), reply=CapturedReply(stream),
+            source_netns=source_netns,
+        )
 
     async def _socks5_request(
         self, stream: trio.SocketStream, protocol: socks5.Socks5ServerProtocol, peer: str
@@ -314,12 +393,68 @@ class Outbound:
         log.warning("socks5 handshake timed out", peer=peer)
         return None
 
+    # -- the shared path ------------------------------------------------------------------
+
+    async def forward(
+        self,
+        source: Workload | None,
+        host: str,
+        port: int,
+        client: trio.SocketStream,
+        *,
+        client_address: tuple[str, int],
+        reply: ClientReply,
+        source_netns: Path | None = None,
+    ) -> None:
+        """Carry ``client``'s connection from ``source`` to ``host:port``: plan it, open the
+        upstream (HBONE or plain TCP; from inside ``source_netns`` with the bypass mark when
+        the pod is captured), answer the client through ``reply`` and splice until both
+        sides are done. Every outcome is reported to telemetry."""
+        peer_ip, peer_port = client_address
+        client_label = f"{peer_ip}:{peer_port}"
+        record = ConnectionRecord(
+            direction="outbound",
+            source_address=client_label,
+            destination_address=format_authority(host, port),
+            source_workload=source,
+        )
+        try:
+            plan = plan_outbound_from(self._state, source, node=self._node, caller=peer_ip,
+                                      host=host, port=port)
+            record.source_identity = identity_of(plan.source)
+            # Through a waypoint we report the service the client addressed but the waypoint
+            # as the destination workload and principal: that is the peer we connected to
+            # and authenticated (the waypoint reports the hop to the real endpoint).
+            record.destination_workload = plan.peer_workload
+            record.destination_service = plan.destination.service
+            record.destination_identity = plan.destination_identity
+            record.mtls = plan.use_hbone
+            upstream = await self._open_upstream(plan, client_label, source_netns)
+        except OutboundRefused as refused:
+            self._telemetry.refused(record, reason=refused.reason,
+                                    response_flags=refused.response_flags)
+            await reply.refused(refused)
+            return
+        async with upstream:
+            early = await reply.connected()
+            if early:
+                await upstream.send_all(early)
+            self._telemetry.opened(record)
+            try:
+                result = await splice(client, upstream)
+            except SpliceError as exc:
+                self._telemetry.closed(record, sent=exc.a_to_b + len(early),
+                                       received=exc.b_to_a, error=exc.reason)
+            else:
+                self._telemetry.closed(record, sent=result.a_to_b + len(early),
+                                       received=result.b_to_a)
+
     async def _open_upstream(
-        self, plan: OutboundPlan, forwarded_for: str
+        self, plan: OutboundPlan, forwarded_for: str, source_netns: Path | None
     ) -> trio.abc.HalfCloseableStream:
         destination = plan.destination
         if not plan.use_hbone:
-            return await self._open_plain(plan)
+            return await self._open_plain(plan, source_netns)
         assert plan.destination_identity is not None
         source_identity = identity_of(plan.source)
         try:
@@ -333,6 +468,7 @@ class Outbound:
             destination_identity=plan.destination_identity,
             source_ip=plan.source.addresses[0],
             destination_address=(peer_ip, peer_port),
+            source_netns=str(source_netns) if source_netns is not None else None,
         )
         headers = connect_headers(
             plan.authority,
@@ -351,19 +487,25 @@ class Outbound:
         except PeerIdentityError as exc:
             raise OutboundRefused(socks5.GENERAL_FAILURE, f"mTLS with {peer_ip}: "
                                   f"{exc.reason}", FLAG_UPSTREAM_CONNECT_FAILURE) from None
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except (OSError, netns.NetnsError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             raise OutboundRefused(socks5.HOST_UNREACHABLE,
                                   f"HBONE to {format_authority(peer_ip, peer_port)}: {exc}",
                                   FLAG_UPSTREAM_CONNECT_FAILURE) from None
         return stream
 
-    async def _open_plain(self, plan: OutboundPlan) -> trio.SocketStream:
+    async def _open_plain(self, plan: OutboundPlan, source_netns: Path | None) -> trio.SocketStream:
         ip, port = plan.destination.address
         try:
             with trio.fail_after(self._connect_timeout):
-                return await trio.open_tcp_stream(ip, port)
+                if source_netns is None:
+                    return await trio.open_tcp_stream(ip, port)
+                return await netns.connect_in(source_netns, ip, port, mark=BYPASS_MARK,
+                                              timeout=self._connect_timeout)
         except trio.TooSlowError:
             raise OutboundRefused(socks5.TTL_EXPIRED, f"connect to {ip}:{port} timed out",
+                                  FLAG_UPSTREAM_CONNECT_FAILURE) from None
+        except netns.NetnsError as exc:
+            raise OutboundRefused(socks5.GENERAL_FAILURE, f"connect to {ip}:{port}: {exc}",
                                   FLAG_UPSTREAM_CONNECT_FAILURE) from None
         except OSError as exc:
             code = (socks5.CONNECTION_REFUSED if exc.errno == errno.ECONNREFUSED

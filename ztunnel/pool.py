@@ -35,11 +35,16 @@ class PoolKey(NamedTuple):
     destination_identity: SpiffeId
     source_ip: str | None  # bound as the local address when set
     destination_address: tuple[str, int]
+    # In-pod capture: the source pod's network namespace, where the connection is dialled.
+    # Part of the key so two pods never share a connection, even a pod recreated with the
+    # same IP in a new namespace (Istio pools per source workload). None: the current one.
+    source_netns: str | None = None
 
 
 # Opens a connection for ``key`` whose reader task runs in the given nursery: TCP from
-# key.source_ip to key.destination_address, TLS with key.source_identity's certificate,
-# verifying the server is key.destination_identity -- i.e. ztunnel.hbone.connect(...).
+# key.source_ip to key.destination_address (from inside key.source_netns when set), TLS with
+# key.source_identity's certificate, verifying the server is key.destination_identity --
+# i.e. ztunnel.hbone.connect(...).
 ConnectFn = Callable[[PoolKey, trio.Nursery], Awaitable[HboneClient]]
 
 

@@ -9,6 +9,8 @@ the services, waits up to ``drain_timeout`` for connections to finish, then canc
 from __future__ import annotations
 
 import ssl
+from functools import partial
+from pathlib import Path
 
 import structlog
 import trio
@@ -23,6 +25,9 @@ from ztunnel.admin import (
     serve_admin,
 )
 from ztunnel.caclient import CaClient, ControlPlaneConnection
+from ztunnel.capture import netns
+from ztunnel.capture.inpod import InPodManager
+from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.config import ZtunnelConfig
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import HboneClient, connect
@@ -50,6 +55,7 @@ class Ztunnel:
         self._listener_scopes: dict[str, trio.CancelScope] = {}
         self._listener_nursery: trio.Nursery | None = None
         self._handler_nursery: trio.Nursery | None = None
+        self.inpod: InPodManager | None = None
         self._log_levels = StructlogLevelControl(config.log_level)
         self.stopped = trio.Event()
 
@@ -116,6 +122,14 @@ class Ztunnel:
                 client_context=self.tls_contexts.client, pool=self.pool, telemetry=telemetry,
                 connections=self.connections,
             )
+            if config.capture == "inpod":
+                assert config.netns_map is not None
+                self.inpod = InPodManager(
+                    node=config.node, netns_map_path=config.netns_map, state=self.state,
+                    inbound=self.inbound, outbound=self.outbound, handler_nursery=connections,
+                    config_synced=self.xds.synced, ports=config.ports,
+                    poll_interval=config.netns_map_poll_interval,
+                )
             async with trio.open_nursery() as services:
                 await services.start(self.certs.run)
                 self._listener_nursery = services
@@ -124,8 +138,13 @@ class Ztunnel:
                     self.outbound.serve_socks5, config.node_address, config.ports.socks5,
                     connections,
                 )
+                if self.inpod is not None:
+                    # Cancelled with the services at shutdown: listeners close, rules stay
+                    # (fail closed until the next ztunnel takes over; see capture/inpod.py).
+                    await services.start(self.inpod.run)
                 await services.start(self.xds.run)
-                log.info("ztunnel started", node=config.node, address=config.node_address)
+                log.info("ztunnel started", node=config.node, address=config.node_address,
+                         capture=config.capture)
                 task_status.started()
                 await self._shutdown.wait()
                 log.info("draining", connections=self.connections.count,
@@ -145,16 +164,19 @@ class Ztunnel:
     async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
         config = self.config
         address = config.node_address
+        dump_sections = {
+            "workloads": lambda: self.state.dump()["workloads"],
+            "services": lambda: self.state.dump()["services"],
+            "policies": lambda: self.state.dump()["policies"],
+            "nodes": lambda: self.state.dump()["nodes"],
+            "certificates": self.certs.dump,
+            "discovery": self.xds.status,
+        }
+        if self.inpod is not None:
+            dump_sections["capture"] = self.inpod.status
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_admin, address, config.ports.admin, admin_routes(
-                {
-                    "workloads": lambda: self.state.dump()["workloads"],
-                    "services": lambda: self.state.dump()["services"],
-                    "policies": lambda: self.state.dump()["policies"],
-                    "nodes": lambda: self.state.dump()["nodes"],
-                    "certificates": self.certs.dump,
-                    "discovery": self.xds.status,
-                },
+                dump_sections,
                 self._log_levels,
                 self.request_shutdown,
             ))
@@ -172,6 +194,10 @@ class Ztunnel:
     def _on_change(self, change: AppliedChange) -> None:
         node = self.config.node
         self.certs.set_wanted(self.state.local_identities(node))
+        if self.inpod is not None:
+            # In-pod capture binds inside the pods' namespaces, never here.
+            self.inpod.config_changed()
+            return
         wanted = {
             address
             for workload in self.state.local_workloads(node)
@@ -205,8 +231,16 @@ class Ztunnel:
         if context is None:
             raise OSError(f"no certificate for {key.source_identity}")
         ip, port = key.destination_address
+        open_socket = None
+        if key.source_netns is not None:
+            # Captured pod: dial from inside its namespace, marked so its rules let it pass.
+            open_socket = partial(
+                netns.connect_in, Path(key.source_netns), local_address=key.source_ip,
+                mark=BYPASS_MARK, timeout=self.config.connect_timeout,
+            )
         return await connect(
             ip, port, context, key.destination_identity, nursery=nursery,
             max_streams=self.config.max_streams_per_connection,
-            local_address=key.source_ip,
+            local_address=key.source_ip, connect_timeout=self.config.connect_timeout,
+            open_socket=open_socket,
         )

@@ -8,7 +8,7 @@ does for streams the server refused), and closes the connection once its last st
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
@@ -22,6 +22,11 @@ from ztunnel.hbone.session import GoawayNotice, H2Session, HboneStream
 from ztunnel.tls import mutual_handshake, verify_peer
 
 _CONNECT_TIMEOUT = 10.0
+
+# Opens the TCP connection to (host, port) for connect_tls: how a caller makes the socket
+# somewhere else than in the current network namespace (ztunnel's in-pod mode dials from
+# inside the source pod's namespace, with its bypass mark).
+SocketOpener = Callable[[str, int], Awaitable[trio.SocketStream]]
 
 
 class HboneConnectError(Exception):
@@ -218,15 +223,20 @@ async def connect_tls(
     *,
     connect_timeout: float = _CONNECT_TIMEOUT,
     local_address: str | None = None,
+    open_socket: SocketOpener | None = None,
 ) -> trio.SSLStream[trio.SocketStream]:
     """TCP + TLS to a peer's HBONE port, checking ALPN h2 and the server's SPIFFE id.
 
     Raises OSError when the TCP connect fails and PeerIdentityError (with the reason) when
     the handshake or the identity check fails. ``local_address`` binds the source IP (the
-    client pod's own address in the embedded mode).
+    client pod's own address in the embedded mode); ``open_socket``, when given, makes the
+    TCP connection instead (and then binds whatever it likes).
     """
     with trio.fail_after(connect_timeout):
-        tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
+        if open_socket is not None:
+            tcp = await open_socket(address, port)
+        else:
+            tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
     tls = trio.SSLStream(tcp, ssl_context, server_side=False)
     await mutual_handshake(
         tls, connect_timeout, lambda c: verify_peer(c, expected_identity),
@@ -245,11 +255,12 @@ async def connect(
     max_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     local_address: str | None = None,
     connect_timeout: float = _CONNECT_TIMEOUT,
+    open_socket: SocketOpener | None = None,
 ) -> HboneClient:
     """connect_tls, then an HboneClient whose reader task runs in ``nursery``."""
     tls = await connect_tls(
         address, port, ssl_context, expected_identity, local_address=local_address,
-        connect_timeout=connect_timeout,
+        connect_timeout=connect_timeout, open_socket=open_socket,
     )
     client = HboneClient(tls, max_streams=max_streams, peer_identity=expected_identity)
     await nursery.start(client.run)

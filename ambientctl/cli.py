@@ -43,6 +43,7 @@ from ambientctl.kube_cli import (
     run_waypoint,
     ztunnel_config_mode,
 )
+from ambientctl.lab import add_lab_parser, run_lab_command
 from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format
 from ambientctl.waypointcmd import WaypointCommandError, WaypointUsageError
 from ambientctl.ztunnelconfig import (
@@ -154,6 +155,7 @@ def build_parser(prog: str = "ambientctl") -> argparse.ArgumentParser:
 
     add_waypoint_parser(sub, kube_parent)
     add_cluster_parsers(sub, kube_parent)
+    add_lab_parser(sub)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -280,12 +282,17 @@ def cmd_cluster(args: argparse.Namespace, out: TextIO) -> int:
     return run_cluster_command(args, out, sys.stderr)
 
 
+def cmd_lab(args: argparse.Namespace, out: TextIO) -> int:
+    return run_lab_command(args, out, sys.stderr)
+
+
 COMMANDS = {
     "up": cmd_up,
     "demo": cmd_demo,
     "ztunnel-config": cmd_ztunnel_config,
     "waypoint": cmd_waypoint,
     "version": cmd_version,
+    "lab": cmd_lab,
     "enroll": cmd_cluster,
     "unenroll": cmd_cluster,
     "status": cmd_cluster,

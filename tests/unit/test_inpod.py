@@ -212,3 +212,18 @@ def test_a_map_without_capture_is_refused(
     with pytest.raises(SystemExit):
         config_from_args([*base_args, "--netns-map", "/tmp/netns.json"])
     assert "--capture inpod" in capsys.readouterr().err
+
+
+def test_annotated_port_exclusions_reach_the_pod_target_and_a_change_reapplies() -> None:
+    import dataclasses
+
+    excluded = dataclasses.replace(SLEEP, capture_exclude_inbound_ports=(9090,),
+                                   capture_exclude_outbound_ports=(5432, 6379))
+    netns_map = {SLEEP.uid: Path("/run/netns/sleep")}
+    (wanted,) = wanted_pods([excluded], node=NODE, netns_map=netns_map).values()
+    assert wanted.exclude_inbound_ports == (9090,)
+    assert wanted.exclude_outbound_ports == (5432, 6379)
+    # Serving the pod without exclusions, the new annotation means re-applying its rules.
+    plan = reconcile({SLEEP.uid: target(SLEEP, "/run/netns/sleep")}, {SLEEP.uid: wanted},
+                     netns_map, known_clean=set(), retry_later=set())
+    assert [t.uid for t in plan.remove] == [SLEEP.uid] and list(plan.add) == [wanted]

@@ -779,3 +779,14 @@ def test_translated_resources_survive_the_codec() -> None:
     assert len(found) == 4
     for resource in found:
         assert from_jsonable(type(resource), to_jsonable(resource)) == resource
+
+
+def test_capture_port_exclusions_come_from_istio_annotations() -> None:
+    annotated = pod(extra_metadata="""
+        annotations:
+          traffic.sidecar.istio.io/excludeInboundPorts: '9090, 8081'
+          traffic.sidecar.istio.io/excludeOutboundPorts: '5432,not-a-port,70000'
+        """)
+    workload = one_workload(AMBIENT_NS, annotated)
+    assert workload.capture_exclude_inbound_ports == (8081, 9090)
+    assert workload.capture_exclude_outbound_ports == (5432,)  # bad entries skipped, logged

@@ -88,6 +88,8 @@ class PodTarget:
     uid: str
     ip: str
     netns: Path
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
 
 
 def wanted_pods(
@@ -107,7 +109,11 @@ def wanted_pods(
             log.warning("in-pod: enrolled pod has no IP address, not captured",
                         pod=workload.uid)
             continue
-        wanted[workload.uid] = PodTarget(workload.uid, ip, path)
+        wanted[workload.uid] = PodTarget(
+            workload.uid, ip, path,
+            exclude_inbound_ports=workload.capture_exclude_inbound_ports,
+            exclude_outbound_ports=workload.capture_exclude_outbound_ports,
+        )
     return wanted
 
 
@@ -294,6 +300,8 @@ class InPodManager:
             outbound_port=self._ports.outbound_capture,
             inbound_plaintext_port=self._ports.inbound_plaintext,
             hbone_port=self._ports.hbone,
+            exclude_inbound_ports=target.exclude_inbound_ports,
+            exclude_outbound_ports=target.exclude_outbound_ports,
         )
 
     async def _bind(

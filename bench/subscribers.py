@@ -1,0 +1,97 @@
+"""Simulated proxies for the control-plane benchmark: real clients of istiod_lite's
+discovery endpoint (HTTP/2 over TLS, bearer token per node), many per process.
+
+``python -m bench.subscribers ARGS.json`` opens one discovery stream per node, and prints a
+JSON line per event with wall-clock times (``time.time()``, comparable across processes):
+``{"synced": node, "at": t, "resources": n, "bytes": b}`` for each first (full) update and
+``{"probe": name, "node": node, "at": t}`` when an update carries a probe pod. The probe
+check is a byte search, so the simulated client's own decode cost stays out of istiod's
+numbers; one subscriber per process fully decodes its first update as a sanity check.
+Bounded by ``max_seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from istiod_lite.api import codec
+from istiod_lite.api.discovery import DISCOVERY_PATH, DeltaUpdate, DiscoveryRequest
+
+PROBE = re.compile(rb"bench-probe-\d+")
+
+
+def emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+async def subscribe(client: httpx.AsyncClient, node: str, token: str, *, decode: bool) -> None:
+    request = codec.to_jsonable(DiscoveryRequest(node=node, initial_resource_versions={}))
+    seen: set[bytes] = set()
+    first = True
+    async with client.stream(
+        "POST", DISCOVERY_PATH, json=request, headers={"authorization": f"Bearer {token}"},
+    ) as response:
+        if response.status_code != 200:
+            emit({"error": f"{node}: HTTP {response.status_code}"})
+            return
+        parts: list[bytes] = []  # the line being received, in chunks (no quadratic joins)
+        async for chunk in response.aiter_bytes():
+            lines = chunk.split(b"\n")
+            parts.append(lines[0])
+            for rest in lines[1:]:
+                line, parts = b"".join(parts), [rest]
+                if not line.strip():
+                    continue
+                now = time.time()
+                if first:
+                    first = False
+                    event: dict[str, Any] = {"synced": node, "at": now, "bytes": len(line)}
+                    if decode:  # after the clock was read: decoding is the client's cost
+                        update = codec.from_jsonable(DeltaUpdate, json.loads(line))
+                        event["resources"] = len(update.resources)
+                    emit(event)
+                for probe in set(PROBE.findall(line)) - seen:
+                    seen.add(probe)
+                    emit({"probe": probe.decode(), "node": node, "at": now})
+
+
+async def run(args: dict[str, Any]) -> None:
+    context = ssl.create_default_context(cafile=args["root_cert"])
+    context.check_hostname = False  # istiod's serving cert is checked against the mesh root
+    limits = httpx.Limits(max_connections=1)
+    with trio.move_on_after(float(args["max_seconds"])):
+        async with trio.open_nursery() as nursery:
+            for index, (node, token) in enumerate(args["nodes"]):
+                client = httpx.AsyncClient(
+                    base_url=args["url"], http2=True, verify=context, limits=limits,
+                    timeout=httpx.Timeout(30.0, read=None), trust_env=False,
+                )
+                nursery.start_soon(_subscribe_and_close, client, node, token, index == 0)
+
+
+async def _subscribe_and_close(
+    client: httpx.AsyncClient, node: str, token: str, decode: bool
+) -> None:
+    async with client:
+        try:
+            await subscribe(client, node, token, decode=decode)
+        except httpx.HTTPError as exc:
+            emit({"error": f"{node}: {exc!r}"})
+
+
+def main(argv: list[str]) -> int:
+    trio.run(run, json.loads(Path(argv[0]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -30,9 +30,23 @@ import h2.exceptions
 import h2.settings
 import structlog
 import trio
+from hyperframe.frame import DataFrame
 
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
 from ztunnel.tls import describe_tls_error
+
+
+def _data_frame_repr(frame: DataFrame) -> str:
+    return (f"DataFrame(stream_id={frame.stream_id}, flags={sorted(frame.flags)}, "
+            f"length={len(frame.data)})")
+
+
+# h2 (4.x) logs every received frame with ``logger.trace("...", repr(frame))``: the repr is
+# built even though nothing prints it, and hyperframe's DATA frame repr copies the payload
+# and hex-encodes all of it (up to 1 MiB a frame) to keep 20 characters. Profiling put that
+# at 33-57% of a receiving ztunnel's CPU under bulk load (docs/benchmarks.md). A DATA frame
+# now describes itself by its length; the repr is only ever for debugging.
+DataFrame.__repr__ = _data_frame_repr  # type: ignore[assignment, method-assign]
 
 log = structlog.get_logger()
 

@@ -17,6 +17,7 @@ the store changes".
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -100,6 +101,10 @@ def requested_kinds(names: Iterable[str]) -> frozenset[str]:
     return requested or L4_KINDS
 
 
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class StoredResource:
     """A resource as it travels: kind, key, content version and its JSON form (encoded once,
@@ -110,6 +115,9 @@ class StoredResource:
     version: str
     resource: AnyResource
     encoded: dict[str, Any]
+    # The ResourceUpdate of this version as JSON text: serialized once per change and shared
+    # by every subscriber's delta (per-subscriber encoding dominated istiod's CPU at scale).
+    update_json: str = ""
 
     @property
     def key(self) -> str:
@@ -122,12 +130,16 @@ class StoredResource:
         except KeyError:
             raise TypeError(f"{type(resource).__name__} is not a discovery resource") from None
         encoded = codec.to_jsonable(resource)
+        name, version = resource_key(resource), codec.content_version(resource)
         return cls(
             kind=kind,
-            name=resource_key(resource),
-            version=codec.content_version(resource),
+            name=name,
+            version=version,
             resource=resource,
             encoded=encoded,
+            update_json=_compact_json(
+                {"kind": kind, "name": name, "version": version, "resource": encoded}
+            ),
         )
 
 
@@ -297,6 +309,21 @@ class ResourceStore:
                 status.last_nack_error = ack.error
                 status.last_nack_at = _now()
         return matched
+
+    def encode_line(self, update: DeltaUpdate) -> bytes:
+        """``update`` as one NDJSON line, reusing each resource's JSON from the store (the
+        same bytes as encoding the whole DeltaUpdate, without re-encoding per subscriber)."""
+        parts = []
+        for item in update.resources:
+            stored = self._current.get(versioned_key(item.kind, item.name))
+            if stored is not None and stored.version == item.version:
+                parts.append(stored.update_json)
+            else:  # replaced since the delta was computed: encode this one item
+                parts.append(_compact_json(codec.to_jsonable(item)))
+        removed = _compact_json(codec.to_jsonable(update.removed))
+        head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
+        return (f'{head[:-1]},"resources":[{",".join(parts)}],"removed":{removed}}}\n'
+                .encode())
 
     def _snapshot(self, kinds: frozenset[str]) -> dict[str, tuple[str, StoredResource]]:
         """The current resources of ``kinds``: what a subscriber to them should hold."""

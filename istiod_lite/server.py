@@ -38,7 +38,6 @@ from istiod_lite.api.discovery import (
     Ack,
     CertificateRequest,
     CertificateResponse,
-    DeltaUpdate,
     DiscoveryRequest,
     ErrorResponse,
 )
@@ -111,10 +110,6 @@ def decode_body(cls: type[T], body: bytes) -> T:
         return codec.from_jsonable(cls, data)
     except (codec.DecodeError, TypeError, ValueError) as error:
         raise HttpError(400, f"invalid {cls.__name__}: {error}") from None
-
-
-def encode_line(update: DeltaUpdate) -> bytes:
-    return json.dumps(codec.to_jsonable(update), separators=(",", ":")).encode() + b"\n"
 
 
 def certificate_serial(chain: list[str]) -> str:
@@ -280,7 +275,7 @@ class IstiodApp:
                         await send(
                             {
                                 "type": "http.response.body",
-                                "body": encode_line(update),
+                                "body": self.store.encode_line(update),
                                 "more_body": True,
                             }
                         )

@@ -317,3 +317,18 @@ def test_requested_kinds() -> None:
     assert requested_kinds(["httproute", "workload"]) == frozenset({"httproute", "workload"})
     with pytest.raises(ValueError, match="unknown kinds 'nope'"):
         requested_kinds(["nope", "workload"])
+
+
+async def test_encoded_line_is_the_update_reusing_each_resources_json() -> None:
+    import json
+
+    store = ResourceStore()
+    store.replace_all([workload("w1"), workload("w2", address="127.0.20.2")])
+    with store.subscribe("node-1", {"workload/w3": "old"}) as sub:
+        update = await sub.next_update()
+        line = store.encode_line(update)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert json.loads(line) == codec.to_jsonable(update)
+        # A resource replaced after the delta was computed is encoded from the delta itself.
+        store.replace_all([workload("w1", address="127.0.20.9"), workload("w2", "127.0.20.2")])
+        assert json.loads(store.encode_line(update)) == codec.to_jsonable(update)

@@ -219,7 +219,7 @@ class ResourceStore:
         only then is ``system_version`` bumped and are subscribers woken."""
         new: dict[str, StoredResource] = {}
         for resource in resources:
-            stored = StoredResource.of(resource)
+            stored = self._reuse(resource) or StoredResource.of(resource)
             if stored.key in new:
                 log.warning("duplicate resource key, keeping the last one", key=stored.key)
             new[stored.key] = stored
@@ -240,6 +240,16 @@ class ResourceStore:
             subscribers=len(self._subscribers),
         )
         return True
+
+    def _reuse(self, resource: AnyResource) -> StoredResource | None:
+        """The stored form of an unchanged resource: comparing frozen dataclasses is far
+        cheaper than encoding and hashing them again, and most of a cluster is unchanged by
+        any one change."""
+        kind = KIND_BY_TYPE.get(type(resource))
+        if kind is None:
+            return None
+        held = self._current.get(versioned_key(kind, resource_key(resource)))
+        return held if held is not None and held.resource == resource else None
 
     def versions(self) -> dict[str, str]:
         """key ("kind/name") -> content version of everything current."""

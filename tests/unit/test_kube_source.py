@@ -303,7 +303,6 @@ async def test_response_lines_reads_lines_and_abort_wakes_a_blocked_reader() -> 
         theirs.sendall(b'{"a": 1}\n\n{"b"')
         assert await trio.to_thread.run_sync(lines.next_line) == '{"a": 1}'
         assert await trio.to_thread.run_sync(lines.next_line) == ""
-        started = time.monotonic()
         with trio.move_on_after(0.1):
             # Blocked on the incomplete line: cancellation abandons the thread and aborts.
             await run_blocking(lines.next_line, name="test read", on_abandon=lines.abort)
@@ -311,7 +310,6 @@ async def test_response_lines_reads_lines_and_abort_wakes_a_blocked_reader() -> 
         while response.closed == 0 and time.monotonic() < deadline:
             await trio.sleep(0.01)
         assert response.closed == 1 and response.released == 1
-        assert time.monotonic() - started < 2
         assert not [t for t in threading.enumerate() if t.name == "test read"]
         with pytest.raises(StreamAborted):
             lines.next_line()

@@ -43,6 +43,13 @@ def duration_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def port_number(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1-65535."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """An argparse ``type``: ``HOST:PORT`` (``[v6]:PORT``)."""
     host, sep, port = text.rpartition(":")

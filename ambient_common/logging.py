@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, get_args
 
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)  # the ``--log-format`` choices
 
 
 def _stderr_logger(*_args: object) -> structlog.PrintLogger:

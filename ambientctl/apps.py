@@ -29,7 +29,7 @@ import h11
 import structlog
 import trio
 
-from ambient_common.logging import LogFormat, configure_logging
+from ambient_common.logging import LOG_FORMATS, LogFormat, configure_logging
 
 log = structlog.get_logger()
 
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="app", help="the pod name the http echo reports")
     parser.add_argument("--fail-every", type=int, default=0, metavar="N",
                         help="http echo: answer 503 to every N-th request (a flaky backend)")
-    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     return parser
 
 

@@ -24,9 +24,16 @@ from typing import TextIO
 import structlog
 import trio
 
-from ambient_common.logging import LogFormat, configure_logging
+from ambient_common.flags import duration_seconds, port_number
+from ambient_common.logging import LOG_FORMATS, LogFormat, configure_logging
 from ambient_common.process import cancel_on_signal
 from ambientctl import package_version
+from ambientctl.embedded import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_READY_TIMEOUT,
+    EmbeddedError,
+    run_embedded,
+)
 from ambientctl.kube import KubeError
 from ambientctl.kube_cli import (
     CLUSTER,
@@ -34,6 +41,7 @@ from ambientctl.kube_cli import (
     ClusterUsageError,
     ExplicitStore,
     add_cluster_parsers,
+    add_output_arg,
     add_waypoint_parser,
     add_ztunnel_cluster_flags,
     is_cluster_program,
@@ -44,8 +52,7 @@ from ambientctl.kube_cli import (
     ztunnel_config_mode,
 )
 from ambientctl.lab import add_lab_parser, run_lab_command
-from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format
-from ambientctl.waypointcmd import WaypointCommandError, WaypointUsageError
+from ambientctl.waypointcmd import DEFAULT_STATE_DIR, WaypointCommandError, WaypointUsageError
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,
     VIEWS,
@@ -57,9 +64,7 @@ from ambientctl.ztunnelconfig import (
 
 log = structlog.get_logger()
 
-DEFAULT_STATE_DIR = Path("run")
 DEFAULT_DEMO_DIR = Path("examples/demo")
-LOG_FORMATS = ["auto", "json", "console"]
 
 # istioctl spells the kinds in the singular; accept both.
 ZTUNNEL_CONFIG_KINDS = {**{k: k for k in VIEWS}, **{k.rstrip("s"): k for k in VIEWS}}
@@ -95,17 +100,18 @@ def build_parser(prog: str = "ambientctl") -> argparse.ArgumentParser:
     up.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     up.add_argument(
         "--drain-timeout",
-        type=_positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long children may take to stop before SIGKILL (default 10)",
+        type=duration_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="DURATION",
+        help="how long children may take to stop before SIGKILL "
+        f"(default {DEFAULT_DRAIN_TIMEOUT:g}s)",
     )
     up.add_argument(
         "--ready-timeout",
-        type=_positive_float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long to wait for istiod and every ztunnel (default 30)",
+        type=duration_seconds,
+        default=DEFAULT_READY_TIMEOUT,
+        metavar="DURATION",
+        help=f"how long to wait for istiod and every ztunnel (default {DEFAULT_READY_TIMEOUT:g}s)",
     )
 
     demo = sub.add_parser("demo", help="run the guided demo on an embedded mesh")
@@ -141,16 +147,9 @@ def build_parser(prog: str = "ambientctl") -> argparse.ArgumentParser:
         help="embedded: ztunnel admin address, e.g. 127.0.10.1",
     )
     add_ztunnel_cluster_flags(zc, target)
-    zc.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT)
+    zc.add_argument("--admin-port", type=port_number, default=DEFAULT_ADMIN_PORT)
     zc.add_argument("-n", "--namespace", help="only entries of this namespace")
-    zc.add_argument(
-        "-o",
-        "--output",
-        type=_output_format,
-        default="table",
-        metavar="|".join(FORMAT_ALIASES),
-        help="output format (default table)",
-    )
+    add_output_arg(zc)
     _add_state_dir(zc)
 
     add_waypoint_parser(sub, kube_parent)
@@ -170,29 +169,6 @@ def _add_state_dir(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"embedded mesh state: certs, tokens, logs, mesh.json (default ./{DEFAULT_STATE_DIR})",
     )
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than zero")
-    return value
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
-    return int(text)
-
-
-def _output_format(text: str) -> str:
-    try:
-        return parse_output_format(text).value
-    except UnknownOutputFormat as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +196,6 @@ def cmd_ztunnel_config(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_up(args: argparse.Namespace, out: TextIO) -> int:
     fmt: LogFormat = args.log_format
     configure_logging(fmt)
-    from ambientctl.embedded import EmbeddedError, run_embedded
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -24,16 +24,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from ambient_common.errors import describe
 from ambientctl.apps import Socks5ConnectError, http_get, socks5_connect
 from ambientctl.demo_waypoint import run_waypoint_act
-from ambientctl.embedded import EmbeddedError, EmbeddedMesh, run_embedded
+from ambientctl.embedded import EmbeddedError, EmbeddedMesh, run_embedded, ztunnel_process_name
 from ambientctl.output import render_table
 from ambientctl.ztunnelconfig import certificate_rows
+from ztunnel.config import Ports
 from ztunnel.proxyproto import build_v1_header
 
 HTTPBIN_HOST = "httpbin.demo.svc.cluster.local"
 ECHO_HOST = "echo.demo.svc.cluster.local"
 HTTP_PORT, ECHO_PORT = 8000, 9000
 REQUESTS = 20
-SOCKS_PORT, PLAINTEXT_PORT = 15080, 15006
+# ztunnel's (and, for admin and metrics, the waypoint's) ports.
+PORTS = Ports()
+SOCKS_PORT, PLAINTEXT_PORT = PORTS.socks5, PORTS.inbound_plaintext
 
 
 @dataclass
@@ -82,7 +85,8 @@ class DemoMesh:
                     self.node_of[workload["name"]] = workload["node"]
 
     async def config_dump(self, node: str) -> dict[str, Any]:
-        response = await self.http.get(f"http://{self.mesh.nodes[node]}:15000/config_dump")
+        url = f"http://{self.mesh.nodes[node]}:{PORTS.admin}/config_dump"
+        response = await self.http.get(url)
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
@@ -100,7 +104,12 @@ class DemoMesh:
         raise EmbeddedError(f"the mesh has no pod {namespace}/{name}; is this the demo topology?")
 
     async def metrics(self, node: str) -> list[tuple[str, dict[str, str], float]]:
-        response = await self.http.get(f"http://{self.mesh.nodes[node]}:15020/metrics")
+        """The samples of ``node``'s ztunnel."""
+        return await self.scrape(self.mesh.nodes[node])
+
+    async def scrape(self, address: str) -> list[tuple[str, dict[str, str], float]]:
+        """(name, labels, value) of every sample a proxy's metrics port serves."""
+        response = await self.http.get(f"http://{address}:{PORTS.metrics}/metrics")
         response.raise_for_status()
         return [
             (sample.name, sample.labels, sample.value)
@@ -109,7 +118,7 @@ class DemoMesh:
         ]
 
     def access_log(self, node: str, event: str) -> list[dict[str, Any]]:
-        path = self.mesh.supervisor.log_path(self.mesh.ztunnel_process_name(node))
+        path = self.mesh.supervisor.log_path(ztunnel_process_name(node))
         entries = []
         for line in path.read_text(errors="replace").splitlines():
             try:
@@ -345,7 +354,8 @@ async def act_certificates(demo: DemoMesh, report: DemoReport) -> None:
 
 
 async def act_metrics_excerpt(demo: DemoMesh, report: DemoReport, node: str) -> None:
-    report.section(f"7. metrics excerpt from {node} (http://{demo.mesh.nodes[node]}:15020/metrics)")
+    url = f"http://{demo.mesh.nodes[node]}:{PORTS.metrics}/metrics"
+    report.section(f"7. metrics excerpt from {node} ({url})")
     samples = [
         (n, labels, v)
         for n, labels, v in await demo.metrics(node)

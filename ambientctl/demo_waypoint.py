@@ -17,6 +17,7 @@ import jwt as pyjwt
 import trio
 
 from ambientctl.apps import HttpClientError, Socks5ConnectError, http_request, socks5_connect
+from ztunnel.config import Ports
 
 if TYPE_CHECKING:
     from ambientctl.demo import DemoMesh, DemoReport, Pod
@@ -37,7 +38,7 @@ class ServiceClient:
         self, path: str, headers: tuple[tuple[str, str], ...] = ()
     ) -> tuple[int, dict[str, str], bytes]:
         if self.stream is None:
-            self.stream = await socks5_connect(self.pod.node_address, 15080, self.host, PORT,
+            self.stream = await socks5_connect(self.pod.node_address, Ports.socks5, self.host, PORT,
                                                source_address=self.pod.ip)
         try:
             status, response_headers, body = await http_request(
@@ -184,17 +185,12 @@ async def act_mirror_and_rate_limit(demo: DemoMesh, report: DemoReport, sleep: P
 
 async def act_waypoint_metrics(demo: DemoMesh, report: DemoReport) -> None:
     report.section("12. the waypoint's istio_requests_total (reporter=waypoint)")
-    response = await demo.http.get(f"http://{demo.waypoint_address}:15020/metrics")
     rows: Counter[tuple[str, str, str]] = Counter()
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == "istio_requests_total" and sample.value > 0:
-                key = (sample.labels.get("destination_workload", ""),
-                       sample.labels.get("response_code", ""),
-                       sample.labels.get("response_flags", ""))
-                rows[key] += int(sample.value)
+    for name, labels, value in await demo.scrape(demo.waypoint_address):
+        if name == "istio_requests_total" and value > 0:
+            key = (labels.get("destination_workload", ""), labels.get("response_code", ""),
+                   labels.get("response_flags", ""))
+            rows[key] += int(value)
     report.table([{"destination_workload": w, "response_code": c, "flags": f, "requests": n}
                   for (w, c, f), n in sorted(rows.items())],
                  ["destination_workload", "response_code", "flags", "requests"])

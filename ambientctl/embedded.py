@@ -87,6 +87,10 @@ class AppSpec:
         return f"app-{self.namespace}-{self.pod}-{self.port}"
 
 
+def ztunnel_process_name(node: str) -> str:
+    return f"ztunnel-{node}"
+
+
 def waypoint_process_name(namespace: str, name: str) -> str:
     """``waypoint-<ns>.<name>``: a namespace (a DNS label) has no dot, so this is unique."""
     return f"waypoint-{namespace}.{name}"
@@ -349,9 +353,14 @@ class StatePaths:
         return self.tokens_dir / principal.replace("/", ":")
 
     def create(self) -> None:
-        for directory in (self.root, self.istiod_dir, self.tokens_dir, self.logs_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        self.tokens_dir.chmod(0o700)
+        try:
+            for directory in (self.root, self.istiod_dir, self.tokens_dir, self.logs_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            self.tokens_dir.chmod(0o700)
+        except OSError as exc:
+            raise EmbeddedError(
+                f"cannot create the state directory {self.root}: {exc.strerror or exc}"
+            ) from None
 
 
 def istiod_argv(config_dir: Path, paths: StatePaths, listen: str) -> list[str]:
@@ -763,10 +772,6 @@ class EmbeddedMesh:
         """``namespace/name`` -> address of each waypoint the mesh runs."""
         return {w.key: w.address for w in self.layout.waypoints}
 
-    @staticmethod
-    def ztunnel_process_name(node: str) -> str:
-        return f"ztunnel-{node}"
-
     async def start_istiod(self) -> None:
         """Start istiod and wait for its root certificate and its port."""
         process = await self.supervisor.start(
@@ -792,7 +797,7 @@ class EmbeddedMesh:
     async def start_ztunnels(self) -> None:
         for node in self.layout.nodes:
             await self.supervisor.start(
-                self.ztunnel_process_name(node.name),
+                ztunnel_process_name(node.name),
                 ztunnel_argv(node, self.paths, self.istiod_address),
             )
 
@@ -867,7 +872,7 @@ class EmbeddedMesh:
     def readiness_targets(self) -> dict[str, tuple[str, str]]:
         """What ``wait_ready`` probes: description -> (process name, address)."""
         targets = {
-            f"ztunnel of node {node.name}": (self.ztunnel_process_name(node.name), node.address)
+            f"ztunnel of node {node.name}": (ztunnel_process_name(node.name), node.address)
             for node in self.layout.nodes
         }
         targets.update(
@@ -917,9 +922,9 @@ class EmbeddedMesh:
         }
 
     def write_mesh_state(self) -> None:
-        tmp = self.paths.mesh_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.mesh_state(), indent=2) + "\n")
-        os.replace(tmp, self.paths.mesh_file)
+        write_atomically(
+            self.paths.mesh_file, json.dumps(self.mesh_state(), indent=2) + "\n", mode=0o644
+        )
 
 
 async def run_embedded(

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ambient_common.flags import duration_seconds
+from ambient_common.flags import duration_seconds, port_number
 from ambientctl.kube import (
     DEFAULT_NAMESPACE,
     USE_WAYPOINT_LABEL,
@@ -59,6 +59,7 @@ from ambientctl.waypointcmd import (
     WAYPOINT_FOR_VALUES,
     WaypointUsageError,
     run_waypoint_command,
+    waypoint_name,
 )
 from ambientctl.ztunnelconfig import DEFAULT_ADMIN_PORT, render_view
 from waypoint.config import dns_label, dns_subdomain, ip_address
@@ -102,7 +103,8 @@ def choose_mode(
 
 class ExplicitStore(argparse.Action):
     """``store``, also noting that the flag was given: a flag with a default (``--state-dir``
-    defaults to ./run) still selects a mode only when the user typed it."""
+    defaults to ./run) still selects a mode only when the user typed it. With ``nargs=0`` it
+    stores ``const`` (see ``ExplicitStoreTrue``)."""
 
     def __call__(
         self,
@@ -111,25 +113,15 @@ class ExplicitStore(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
         _note_explicit(namespace, self.dest)
 
 
-class ExplicitStoreTrue(argparse.Action):
+class ExplicitStoreTrue(ExplicitStore):
     """``store_true`` that notes the flag was given, as ``ExplicitStore``."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        setattr(namespace, self.dest, True)
-        _note_explicit(namespace, self.dest)
+        super().__init__(option_strings, dest, nargs=0, const=True, default=False, **kwargs)
 
 
 EXPLICIT_PREFIX = "explicit__"
@@ -187,7 +179,7 @@ def kube_flags_parser() -> argparse.ArgumentParser:
     return parent
 
 
-def _output_arg(parser: argparse.ArgumentParser) -> None:
+def add_output_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o",
         "--output",
@@ -224,9 +216,9 @@ def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
         parents=[kube_parent],
         help="control plane, ztunnels per node, certificate expiry, waypoints",
     )
-    status.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT,
+    status.add_argument("--admin-port", type=port_number, default=DEFAULT_ADMIN_PORT,
                         help="the ztunnels' admin port (default 15000)")  # fmt: skip
-    _output_arg(status)
+    add_output_arg(status)
 
     check = sub.add_parser(
         "check",
@@ -235,7 +227,7 @@ def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
         "port 15008",
         description="Exit code 1 when any check FAILs.",
     )
-    _output_arg(check)
+    add_output_arg(check)
 
     for name, text in (("install", "apply"), ("uninstall", "delete")):
         parser = sub.add_parser(
@@ -260,7 +252,7 @@ def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
                 action="store_true",
                 help="print what would be applied; the cluster is not contacted",
             )
-            _output_arg(parser)
+            add_output_arg(parser)
         else:
             parser.add_argument(
                 "--purge",
@@ -277,12 +269,6 @@ def add_ztunnel_cluster_flags(parser: argparse.ArgumentParser, target: Any) -> N
         help="cluster: the ztunnel pod (in istio-system) to ask; default: the one on --node, "
         "else the first running",
     )
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
-    return int(text)
 
 
 def add_waypoint_parser(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
@@ -371,7 +357,7 @@ def add_waypoint_parser(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
     listing.add_argument("-A", "--all-namespaces", action="store_true",
                          help="list the waypoints of every namespace")  # fmt: skip
     config_dir_arg(listing)
-    _output_arg(listing)
+    add_output_arg(listing)
 
     status = action("status", "a waypoint's state: cluster: its status conditions; embedded: "
                     "process, readiness and certificate")  # fmt: skip
@@ -388,7 +374,7 @@ def add_waypoint_parser(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"embedded: the running mesh's state directory (default ./{DEFAULT_STATE_DIR})",
     )
-    _output_arg(status)
+    add_output_arg(status)
 
     delete = action("delete", "delete waypoint Gateways")
     delete.add_argument("names", nargs="+", type=dns_subdomain, metavar="NAME")
@@ -426,19 +412,11 @@ def run_waypoint(
         return run_cluster_waypoint(kube, args, out, err)
 
 
-def _waypoint_name(args: argparse.Namespace, default: str | None) -> str | None:
-    if args.name is not None and args.name_flag is not None and args.name != args.name_flag:
-        raise ClusterUsageError(
-            f"two names given: {args.name!r} and --name {args.name_flag!r}; give one"
-        )
-    return args.name or args.name_flag or default
-
-
 def run_cluster_waypoint(kube: Kube, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     action = args.waypoint_command
     namespace = args.namespace or kube.namespace
     if action == "apply":
-        name = _waypoint_name(args, DEFAULT_WAYPOINT_NAME)
+        name = waypoint_name(args, DEFAULT_WAYPOINT_NAME)
         assert name is not None
         applied = apply_waypoint(
             kube, name, namespace, waypoint_for=args.waypoint_for, enroll=args.enroll_namespace
@@ -463,7 +441,7 @@ def run_cluster_waypoint(kube: Kube, args: argparse.Namespace, out: TextIO, err:
                          else None))  # fmt: skip
         return 0
     if action == "status":
-        name = _waypoint_name(args, None)
+        name = waypoint_name(args, None)
         selected = None if args.all_namespaces and name is None else namespace
         rows, gateways = waypoint_status(kube, selected, name)
         out.write(render(rows, ("namespace", "name", "condition", "status", "reason"),

@@ -30,9 +30,8 @@ from ambientctl.kube import (
     name_of,
     namespace_of,
 )
-from ambientctl.waypointcmd import WAYPOINT_FOR_LABEL, gateway_manifest
+from ambientctl.waypointcmd import GATEWAY_API_VERSION, WAYPOINT_FOR_LABEL, gateway_manifest
 
-GATEWAY_VERSION = "gateway.networking.k8s.io/v1"
 GATEWAYS = "gateways"
 PROGRAMMED = "Programmed"
 WAIT_POLL_INTERVAL = 0.5
@@ -41,7 +40,7 @@ Row = dict[str, Any]
 
 
 def gateway_path(namespace: str | None, name: str | None = None) -> str:
-    return api_path(GATEWAY_VERSION, GATEWAYS, namespace, name)
+    return api_path(GATEWAY_API_VERSION, GATEWAYS, namespace, name)
 
 
 def is_waypoint(gateway: Mapping[str, Any]) -> bool:

@@ -42,8 +42,16 @@ import trio
 import yaml
 
 from ambient_common.files import write_atomically
+from ambient_common.flags import duration_seconds
+from ambient_common.logging import LOG_FORMATS
 from ambient_common.process import cancel_on_signal
 from ambientctl.embedded import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_READY_TIMEOUT,
+    ISTIOD_LISTEN_PORT,
+    LOG_TAIL_LINES,
+    POLL_INTERVAL,
+    READINESS_PORT,
     EmbeddedError,
     NodeSpec,
     StatePaths,
@@ -57,6 +65,7 @@ from ambientctl.embedded import (
     tail,
     write_bootstrap_tokens,
     ztunnel_argv,
+    ztunnel_process_name,
 )
 from ambientctl.lab_plan import (
     DEFAULT_CLUSTER_ID,
@@ -77,13 +86,7 @@ from ambientctl.output import render
 log = structlog.get_logger()
 
 DEFAULT_LAB_STATE_DIR = Path("run/lab")
-ISTIOD_PORT = 15012
-READINESS_PORT = 15021
-DEFAULT_READY_TIMEOUT = 30.0
-DEFAULT_DRAIN_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
-POLL_INTERVAL = 0.1
-LOG_TAIL_LINES = 20
 RECORD_VERSION = 1
 
 
@@ -486,7 +489,7 @@ class Lab:
 
     @property
     def istiod_address(self) -> str:
-        return f"{self.plan.control_address}:{ISTIOD_PORT}"
+        return f"{self.plan.control_address}:{ISTIOD_LISTEN_PORT}"
 
     def pod(self, reference: str) -> LabPod:
         return self.plan.find_pod(reference)
@@ -494,10 +497,6 @@ class Lab:
     def exec_argv(self, reference: str, argv: Sequence[str]) -> list[str]:
         """``argv`` inside a pod's namespace (``[ns/]name``)."""
         return in_netns(self.pod(reference).netns, argv)
-
-    @staticmethod
-    def ztunnel_process_name(node: str) -> str:
-        return f"ztunnel-{node}"
 
     def _supervisor(self) -> Supervisor:
         if self.supervisor is None:
@@ -571,12 +570,12 @@ class Lab:
         supervisor = self._supervisor()
         for node in self.plan.nodes:
             await supervisor.start(
-                self.ztunnel_process_name(node.name),
+                ztunnel_process_name(node.name),
                 lab_ztunnel_argv(node, self.paths, self.istiod_address),
             )
         await self.probe(
             [f"http://{n.address}:{READINESS_PORT}/healthz/ready" for n in self.plan.nodes],
-            [self.ztunnel_process_name(n.name) for n in self.plan.nodes],
+            [ztunnel_process_name(n.name) for n in self.plan.nodes],
             "the ztunnels",
         )
 
@@ -793,13 +792,16 @@ def add_lab_parser(sub: Any) -> None:
         action="store_true",
         help="only build the network and return (no istiod, ztunnel or apps)",
     )
-    up.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="S")
-    up.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="S")
-    up.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    up.add_argument("--ready-timeout", type=duration_seconds, default=DEFAULT_READY_TIMEOUT,
+                    metavar="DURATION")  # fmt: skip
+    up.add_argument("--drain-timeout", type=duration_seconds, default=DEFAULT_DRAIN_TIMEOUT,
+                    metavar="DURATION")  # fmt: skip
+    up.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     state_dir(up)
 
     down = lab_sub.add_parser("down", help="stop the lab's processes, remove everything it made")
-    down.add_argument("--timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="S",
+    down.add_argument("--timeout", type=duration_seconds, default=DEFAULT_DRAIN_TIMEOUT,
+                      metavar="DURATION",
                       help="how long processes may take to stop before SIGKILL")  # fmt: skip
     state_dir(down)
 

@@ -24,12 +24,11 @@ namespace: every namespace name carries the lab name.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import copy
 import hashlib
 import ipaddress
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar

@@ -40,6 +40,12 @@ from ambientctl.embedded import (
     objects_of,
     waypoint_process_name,
 )
+from ambientctl.kube import (
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    labels_of,
+    metadata,
+)
 from ambientctl.output import render
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,
@@ -51,8 +57,6 @@ from ambientctl.ztunnelconfig import (
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
-USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
-USE_WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 DEFAULT_WAYPOINT_NAME = "waypoint"
 DEFAULT_NAMESPACE = "default"
@@ -118,18 +122,8 @@ def is_waypoint(obj: Mapping[str, Any]) -> bool:
     )
 
 
-def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    metadata = obj.get("metadata")
-    return metadata if isinstance(metadata, Mapping) else {}
-
-
-def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    labels = _metadata(obj).get("labels")
-    return labels if isinstance(labels, Mapping) else {}
-
-
 def _namespace_of(obj: Mapping[str, Any]) -> str:
-    return str(_metadata(obj).get("namespace") or DEFAULT_NAMESPACE)
+    return str(metadata(obj).get("namespace") or DEFAULT_NAMESPACE)
 
 
 def gateway_address(gateway: Mapping[str, Any]) -> str | None:
@@ -174,10 +168,10 @@ def users_of(objects: Iterable[Mapping[str, Any]], namespace: str, name: str) ->
         kind = obj.get("kind")
         if kind not in ("Namespace", "Service", "Pod"):
             continue
-        labels = _labels(obj)
+        labels = labels_of(obj)
         if labels.get(USE_WAYPOINT_LABEL) != name:
             continue
-        own_name = str(_metadata(obj).get("name", ""))
+        own_name = str(metadata(obj).get("name", ""))
         own_namespace = own_name if kind == "Namespace" else _namespace_of(obj)
         if labels.get(USE_WAYPOINT_NAMESPACE_LABEL, own_namespace) != namespace:
             continue
@@ -223,7 +217,7 @@ def find_object(
     """The file and object of ``kind`` ``namespace/name`` (``namespace`` None: cluster-scoped)."""
     for config_file in files:
         for obj in config_file.objects:
-            if obj.get("kind") != kind or _metadata(obj).get("name") != name:
+            if obj.get("kind") != kind or metadata(obj).get("name") != name:
                 continue
             if namespace is None or _namespace_of(obj) == namespace:
                 return config_file, obj
@@ -250,10 +244,10 @@ def enroll_namespace(files: Sequence[ConfigFile], namespace: str, waypoint: str)
     config_file, obj = found
     if not isinstance(obj.get("metadata"), dict):
         raise WaypointCommandError(f"{config_file.path}: Namespace {namespace} has no metadata")
-    metadata: dict[str, Any] = obj["metadata"]
-    labels = metadata.get("labels")
+    meta: dict[str, Any] = obj["metadata"]
+    labels = meta.get("labels")
     if not isinstance(labels, dict):
-        labels = metadata["labels"] = {}
+        labels = meta["labels"] = {}
     labels[USE_WAYPOINT_LABEL] = waypoint
     labels.pop(USE_WAYPOINT_NAMESPACE_LABEL, None)  # the waypoint is in this namespace
     header = leading_comments(config_file.path.read_text())
@@ -299,7 +293,7 @@ def apply_waypoint(
             continue
         for obj in config_file.objects:
             for ip in ip_strings(obj):
-                used.setdefault(ip, f"{obj.get('kind')} {_metadata(obj).get('name')}")
+                used.setdefault(ip, f"{obj.get('kind')} {metadata(obj).get('name')}")
     if address is None:
         address = own_address if own_address and own_address not in used else free_address(used)
     elif address in used:
@@ -309,7 +303,7 @@ def apply_waypoint(
     manifest = gateway_manifest(name, namespace, waypoint_for, address)
     if existing is not None:
         # Keep what was added by hand since (e.g. istio.io/service-account).
-        annotations = _metadata(existing[1]).get("annotations")
+        annotations = metadata(existing[1]).get("annotations")
         if isinstance(annotations, Mapping) and annotations:
             manifest["metadata"]["annotations"] = dict(annotations)
     header = APPLIED_HEADER.format(namespace=namespace, name=name)
@@ -362,12 +356,12 @@ def waypoint_rows(
             ns = _namespace_of(obj)
             if namespace is not None and ns != namespace:
                 continue
-            name = str(_metadata(obj).get("name", ""))
+            name = str(metadata(obj).get("name", ""))
             rows.append(
                 {
                     "namespace": ns,
                     "name": name,
-                    "for": _labels(obj).get(WAYPOINT_FOR_LABEL, "service"),
+                    "for": labels_of(obj).get(WAYPOINT_FOR_LABEL, "service"),
                     "address": gateway_address(obj) or "",
                     "used_by": users_of(objects, ns, name),
                     "file": str(config_file.path.relative_to(config_dir)),
@@ -468,7 +462,8 @@ def waypoint_status(
 # Command line
 
 
-def _name(args: argparse.Namespace, default: str | None) -> str | None:
+def waypoint_name(args: argparse.Namespace, default: str | None) -> str | None:
+    """NAME or --name (they must agree when both are given), else ``default``."""
     if args.name is not None and args.name_flag is not None and args.name != args.name_flag:
         raise WaypointUsageError(
             f"two names given: {args.name!r} and --name {args.name_flag!r}; give one"
@@ -481,13 +476,13 @@ def run_waypoint_command(args: argparse.Namespace, out: TextIO) -> int:
     action = args.waypoint_command
     namespace = args.namespace or DEFAULT_NAMESPACE
     if action == "generate":
-        name = _name(args, DEFAULT_WAYPOINT_NAME)
+        name = waypoint_name(args, DEFAULT_WAYPOINT_NAME)
         assert name is not None
         out.write(render_manifest(gateway_manifest(name, namespace, args.waypoint_for,
                                                    args.address)))  # fmt: skip
         return 0
     if action == "apply":
-        name = _name(args, DEFAULT_WAYPOINT_NAME)
+        name = waypoint_name(args, DEFAULT_WAYPOINT_NAME)
         assert name is not None
         applied = apply_waypoint(
             args.config_dir,
@@ -517,7 +512,7 @@ def run_waypoint_command(args: argparse.Namespace, out: TextIO) -> int:
         )  # fmt: skip
         return 0
     if action == "status":
-        name = _name(args, None)
+        name = waypoint_name(args, None)
         selected = None if args.all_namespaces else namespace
         rows = waypoint_status(args.state_dir, selected, name, args.address)
         out.write(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ambient_common.files import write_atomically
 from bench.mesh import (
     Processes,
     _doc,
@@ -62,9 +63,6 @@ def run_control_plane(root: Path, *, pods: int, services: int, subscribers: int,
         loading = time.time()
         state = start_istiod(procs, root, ISTIOD, tokens, poll_interval="20ms")
         istiod_pid = procs.children["istiod"].pid
-        while not (state / "root-cert.pem").exists():
-            procs.check_alive()
-            time.sleep(0.05)
         wait_http_ok(f"https://{ISTIOD}:15012/ready", procs, 120,
                      verify=str(state / "root-cert.pem"))
         ready_seconds = time.time() - loading
@@ -75,10 +73,9 @@ def run_control_plane(root: Path, *, pods: int, services: int, subscribers: int,
         workers = []
         for index, half in enumerate(h for h in halves if h):
             args_file = root / f"subscribers-{index}.json"  # tokens stay out of argv
-            args_file.write_text(json.dumps({
+            write_atomically(args_file, json.dumps({
                 "url": f"https://{ISTIOD}:15012", "root_cert": str(state / "root-cert.pem"),
                 "nodes": half, "max_seconds": SYNC_TIMEOUT + probes * PROBE_TIMEOUT}))
-            args_file.chmod(0o600)
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "bench.subscribers", str(args_file)],
                 stdout=subprocess.PIPE, text=True))

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
+from ambient_common.files import write_atomically
 from bench import envoyconf
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.ca import CertificateAuthority
@@ -84,9 +85,8 @@ def namespace_doc() -> dict[str, Any]:
 
 
 def write_yaml(path: Path, docs: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    tmp.rename(path)
+    """Atomically: istiod_lite's file source polls the directory and must never read half."""
+    write_atomically(path, yaml.safe_dump_all(docs, sort_keys=False), mode=0o644)
 
 
 class Processes:
@@ -123,17 +123,24 @@ class Processes:
 
 
 def start_istiod(procs: Processes, root: Path, listen: str, tokens: dict[str, str],
-                 poll_interval: str = "500ms", name: str = "istiod") -> Path:
-    """istiod_lite as a process; returns its state dir once root-cert.pem exists and
-    /ready would be reachable (the caller waits for readiness its own way)."""
+                 poll_interval: str = "500ms", name: str = "istiod",
+                 timeout: float = 30.0) -> Path:
+    """istiod_lite as a process; returns its state dir once root-cert.pem exists (written
+    before the config is loaded; the caller waits for readiness its own way)."""
     state = root / f"{name}-state"
-    (root / f"{name}-tokens.yaml").write_text(yaml.safe_dump(tokens))
+    write_atomically(root / f"{name}-tokens.yaml", yaml.safe_dump(tokens))
     procs.start(name, [
         sys.executable, "-m", "istiod_lite", "--config-dir", str(root / f"{name}-config"),
         "--state-dir", str(state), "--bootstrap-tokens", str(root / f"{name}-tokens.yaml"),
         "--listen", f"{listen}:15012", "--log-format", "json", "--log-level", "warning",
         "--poll-interval", poll_interval,
     ])
+    deadline = time.monotonic() + timeout
+    while not (state / "root-cert.pem").exists():
+        procs.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} wrote no root-cert.pem within {timeout}s")
+        time.sleep(0.05)
     return state
 
 
@@ -165,17 +172,10 @@ def start_ambient(procs: Processes, root: Path, addresses: Addresses) -> dict[st
     ])
     tokens = {node: secrets.token_urlsafe(24) for node in ("node-1", "node-2")}
     state = start_istiod(procs, root, addresses.istiod, tokens)
-    deadline = time.monotonic() + 30
-    while not (state / "root-cert.pem").exists():
-        procs.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError("istiod_lite wrote no root-cert.pem")
-        time.sleep(0.1)
     pids = {}
     for node, address in (("node-1", addresses.node_1), ("node-2", addresses.node_2)):
         token_file = root / f"token-{node}"
-        token_file.write_text(tokens[node])
-        token_file.chmod(0o600)
+        write_atomically(token_file, tokens[node])
         process = procs.start(f"ztunnel-{node}", [
             sys.executable, "-m", "ztunnel", "--node", node, "--node-address", address,
             "--xds-address", f"{addresses.istiod}:15012",
@@ -198,8 +198,7 @@ def issue_files(ca: CertificateAuthority, directory: Path, service_account: str
     cert, key, bundle = (directory / f"{service_account}.{suffix}.pem"
                          for suffix in ("cert", "key", "ca"))
     cert.write_text("".join(chain[:-1]) if len(chain) > 1 else chain[0])
-    key.write_text(key_pem)
-    key.chmod(0o600)
+    write_atomically(key, key_pem)
     bundle.write_text("".join(ca.trust_bundle))
     return cert, key, bundle
 

@@ -118,6 +118,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        print("usage: python -m bench.report RESULTS.json [PLOT.png]", file=sys.stderr)
+        sys.exit(2)
     loaded = json.loads(Path(sys.argv[1]).read_text())
     print(markdown_table(loaded))
     if len(sys.argv) > 2:

@@ -18,6 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ambientctl.apps import (
+    SOCKS5_GREETING,
+    check_method_selection,
+    socks5_connect_request,
+    socks5_reply_remaining,
+)
+
 CHUNK = 1 << 20
 RESPONSE_BODY = b"x" * 1024
 HTTP_RESPONSE = (
@@ -85,14 +92,12 @@ def receive_exactly(sock: socket.socket, count: int) -> bytes:
 
 
 def socks5_handshake(sock: socket.socket, host: str, port: int) -> None:
-    """SOCKS5 no-auth CONNECT to an IPv4 address (what ztunnel's port 15080 speaks)."""
-    sock.sendall(b"\x05\x01\x00")
-    if receive_exactly(sock, 2) != b"\x05\x00":
-        raise WorkerError("SOCKS5 proxy refused the no-auth method")
-    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big"))
-    reply = receive_exactly(sock, 10)  # IPv4 bound address
-    if reply[1] != 0:
-        raise WorkerError(f"SOCKS5 CONNECT refused with reply code {reply[1]}")
+    """SOCKS5 no-auth CONNECT (what ztunnel's port 15080 speaks), with the sans-IO pieces of
+    ``ambientctl.apps``' client; a refusal raises ``Socks5ConnectError`` (an OSError)."""
+    sock.sendall(SOCKS5_GREETING)
+    check_method_selection(receive_exactly(sock, 2))
+    sock.sendall(socks5_connect_request(host, port))
+    receive_exactly(sock, socks5_reply_remaining(receive_exactly(sock, 5)))
 
 
 # -- backends ---------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class Source(Protocol):
         self, send: trio.MemorySendChannel[ClusterObjects], *, task_status: Any = ...
     ) -> None: ...
 
+
 SERVING_DNS_NAMES = ("istiod.istio-system.svc", "istiod")
 SERVING_KEY_FILE = "istiod-key.pem"
 SERVING_CHAIN_FILE = "istiod-cert-chain.pem"

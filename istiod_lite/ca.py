@@ -203,6 +203,29 @@ def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
     )
 
 
+def _distinct(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    """Each certificate once (compared by DER), in first-seen order."""
+    seen: set[bytes] = set()
+    distinct: list[x509.Certificate] = []
+    for cert in certs:
+        der = _der(cert)
+        if der not in seen:
+            seen.add(der)
+            distinct.append(cert)
+    return distinct
+
+
+def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The AKI of certificates ``issuer`` signs: its SKI, else one derived from its key."""
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer.public_key()  # type: ignore[arg-type]
+        )
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True if ``issuer``'s subject and key signed ``cert``."""
     try:
@@ -404,16 +427,12 @@ class CertificateAuthority:
         self._now = now
         # What follows the leaf in every answer: signing cert (unless it is the root),
         # intermediates, root; each once.
-        self._chain_tail: list[x509.Certificate] = []
-        for cert in [signing_cert, *self.intermediates, root]:
-            if all(_der(cert) != _der(seen) for seen in self._chain_tail):
-                self._chain_tail.append(cert)
-        self._chain_tail_pems = [_pem(cert) for cert in self._chain_tail]
-        bundle: list[x509.Certificate] = []
-        for cert in [root, *extra_roots]:
-            if all(_der(cert) != _der(seen) for seen in bundle):
-                bundle.append(cert)
-        self._trust_bundle = [_pem(cert) for cert in bundle]
+        chain_tail = _distinct([signing_cert, *self.intermediates, root])
+        self._chain_tail_pems = [_pem(cert) for cert in chain_tail]
+        self._trust_bundle = [_pem(cert) for cert in _distinct([root, *extra_roots])]
+        # Fixed for the CA's life, so computed once rather than per leaf.
+        self._ca_expiry = min(cert.not_valid_after_utc for cert in chain_tail)
+        self._issuer_key_id = _authority_key_identifier(signing_cert)
 
     # ------------------------------------------------------------------ construction
 
@@ -675,14 +694,12 @@ class CertificateAuthority:
             start, natural_end = now - CLOCK_SKEW, now + lifetime
         else:
             start, natural_end = not_before, not_before + lifetime
-        ca_expiry = min(cert.not_valid_after_utc for cert in self._chain_tail)
-        end = min(natural_end, ca_expiry)
+        end = min(natural_end, self._ca_expiry)
         if end <= start:
             raise CaError(
-                f"the CA certificate expires at {ca_expiry.isoformat()}; "
+                f"the CA certificate expires at {self._ca_expiry.isoformat()}; "
                 "it cannot issue certificates any more"
             )
-        issuer_ski = self._issuer_key_identifier()
         leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
@@ -714,17 +731,8 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(issuer_ski, critical=False)
+            .add_extension(self._issuer_key_id, critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .sign(self._signing_key, hashes.SHA256())
         )
         return [_pem(leaf), *self._chain_tail_pems]
-
-    def _issuer_key_identifier(self) -> x509.AuthorityKeyIdentifier:
-        try:
-            ski = self.signing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        except x509.ExtensionNotFound:
-            return x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                self.signing_cert.public_key()  # type: ignore[arg-type]
-            )
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)

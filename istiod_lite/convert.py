@@ -1,11 +1,15 @@
-"""The one rule every translator follows: a broken object is logged and skipped, never fatal."""
+"""What the translators share: the one rule they all follow (a broken object is logged and
+skipped, never fatal) and the few accessors of a Kubernetes object's metadata."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
+
+if TYPE_CHECKING:  # translate.py imports the translators, which import this module
+    from istiod_lite.translate import MeshConfig
 
 T = TypeVar("T")
 
@@ -33,3 +37,19 @@ def convert_each(
         if result is not None:
             converted.append(result)
     return converted
+
+
+def name_of(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def namespace_of(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"].get("namespace", "default"))
+
+
+def labels_of(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def service_hostname(name: str, namespace: str, mesh: MeshConfig) -> str:
+    return f"{name}.{namespace}.svc.{mesh.cluster_domain}"

@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import structlog
 
@@ -64,9 +64,10 @@ from istiod_lite.api.model import (
     WorkloadStatus,
     resource_key,
 )
-from istiod_lite.convert import convert_each
+from istiod_lite.convert import convert_each, labels_of, name_of, namespace_of, service_hostname
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate_routes import (
+    GATEWAY_NAME_LABEL,
     route_resources,
     waypoint_for,
     waypoint_gateway,
@@ -83,7 +84,6 @@ NETWORK_LABEL = "topology.istio.io/network"
 REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SUBZONE_LABEL = "topology.istio.io/subzone"
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = (
     "service.istio.io/canonical-revision",
@@ -136,10 +136,6 @@ def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, st
     return True
 
 
-def service_hostname(name: str, namespace: str, mesh: MeshConfig) -> str:
-    return f"{name}.{namespace}.svc.{mesh.cluster_domain}"
-
-
 def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[AnyResource]:
     """Everything the proxies should know, sorted by kind then key (stable output): the L4
     model, the waypoints' Services and Workloads, and the L7 resources waypoints read."""
@@ -155,20 +151,6 @@ def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[A
 
 
 # -- internals ------------------------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
-    return dict((obj.get("metadata") or {}).get("labels") or {})
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return str(obj["metadata"]["name"])
-
-
-def _namespace(obj: Mapping[str, Any]) -> str:
-    return str(obj["metadata"].get("namespace", "default"))
 
 
 @dataclass(frozen=True)
@@ -207,7 +189,7 @@ class _Translator:
         return result
 
     def _namespace_labels(self, namespace: str) -> dict[str, str]:
-        return _labels(self.objects.namespaces.get(namespace) or {})
+        return labels_of(self.objects.namespaces.get(namespace) or {})
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -215,19 +197,19 @@ class _Translator:
         addresses = (node.get("status") or {}).get("addresses") or []
         internal = [a["address"] for a in addresses if a.get("type") == "InternalIP"]
         if not internal:
-            logger.warning("node has no InternalIP address; left out", node=_name(node))
+            logger.warning("node has no InternalIP address; left out", node=name_of(node))
             return None
         return Node(
-            name=_name(node),
+            name=name_of(node),
             address=internal[0],
             cluster_id=self.mesh.cluster_id,
-            locality=_locality(_labels(node)),
+            locality=_locality(labels_of(node)),
         )
 
     # -- services -----------------------------------------------------------------------
 
     def _service(self, service: dict[str, Any]) -> Service | None:
-        name, namespace = _name(service), _namespace(service)
+        name, namespace = name_of(service), namespace_of(service)
         spec = service.get("spec") or {}
         if spec.get("type") == "ExternalName":
             return None
@@ -251,7 +233,7 @@ class _Translator:
                     app_protocol=_app_protocol(port),
                 )
             )
-        labels = _labels(service)
+        labels = labels_of(service)
         waypoint = None
         if GATEWAY_NAME_LABEL not in labels:
             waypoint = self._waypoint(labels, namespace, "service", f"Service {namespace}/{name}")
@@ -268,12 +250,12 @@ class _Translator:
         selector = (service.get("spec") or {}).get("selector") or {}
         if not selector:
             return []
-        namespace = _namespace(service)
+        namespace = namespace_of(service)
         return [
             pod
             for _key, pod in sorted(self.objects.pods.items())
-            if _namespace(pod) == namespace
-            and all(_labels(pod).get(k) == v for k, v in selector.items())
+            if namespace_of(pod) == namespace
+            and all(labels_of(pod).get(k) == v for k, v in selector.items())
         ]
 
     def _waypoint(
@@ -316,7 +298,7 @@ class _Translator:
     # -- workloads ----------------------------------------------------------------------
 
     def _workload(self, pod: dict[str, Any]) -> Workload | None:
-        name, namespace = _name(pod), _namespace(pod)
+        name, namespace = name_of(pod), namespace_of(pod)
         spec = pod.get("spec") or {}
         status = pod.get("status") or {}
         pod_ip = status.get("podIP")
@@ -327,7 +309,7 @@ class _Translator:
         for entry in status.get("podIPs") or []:
             if entry.get("ip") and entry["ip"] not in addresses:
                 addresses.append(entry["ip"])
-        labels = _labels(pod)
+        labels = labels_of(pod)
         namespace_labels = self._namespace_labels(namespace)
         ambient = (
             namespace_labels.get(DATAPLANE_MODE) == "ambient"
@@ -341,9 +323,9 @@ class _Translator:
         if GATEWAY_NAME_LABEL not in labels:
             waypoint = self._waypoint(labels, namespace, "workload", f"Pod {namespace}/{name}")
         services = tuple(
-            f"{namespace}/{service_hostname(_name(svc), namespace, self.mesh)}"
+            f"{namespace}/{service_hostname(name_of(svc), namespace, self.mesh)}"
             for _key, svc in sorted(self.objects.services.items())
-            if _namespace(svc) == namespace and _service_selects(svc, labels)
+            if namespace_of(svc) == namespace and _service_selects(svc, labels)
         )
         policies = tuple(
             p.key for p in self.selector_policies if p.selects(namespace, labels)
@@ -362,7 +344,7 @@ class _Translator:
             cluster_id=self.mesh.cluster_id,
             tunnel_protocol=TunnelProtocol.HBONE if ambient else TunnelProtocol.NONE,
             status=_pod_status(pod),
-            locality=_locality(_labels(node)),
+            locality=_locality(labels_of(node)),
             canonical_name=_first_label(labels, CANONICAL_NAME_LABELS) or workload_name,
             canonical_revision=_first_label(labels, CANONICAL_REVISION_LABELS) or "latest",
             workload_type=workload_type,
@@ -402,7 +384,7 @@ class _Translator:
             )
 
     def _authorization(self, policy: dict[str, Any]) -> Authorization | None:
-        name, namespace = _name(policy), _namespace(policy)
+        name, namespace = name_of(policy), namespace_of(policy)
         spec = policy.get("spec") or {}
         if spec.get("targetRefs") or spec.get("targetRef"):
             logger.debug("policy targets a waypoint; not for ztunnel", policy=f"{namespace}/{name}")
@@ -434,7 +416,7 @@ class _Translator:
         return authorization
 
     def _peer_authentication(self, peer_authentication: dict[str, Any]) -> Authorization | None:
-        name, namespace = _name(peer_authentication), _namespace(peer_authentication)
+        name, namespace = name_of(peer_authentication), namespace_of(peer_authentication)
         spec = peer_authentication.get("spec") or {}
         if spec.get("portLevelMtls"):
             logger.warning(
@@ -533,7 +515,7 @@ def _port_list_annotation(pod: Mapping[str, Any], annotation: str) -> tuple[int,
             ports.append(int(entry))
         elif entry:
             logger.warning("ignored an invalid port in an annotation", annotation=annotation,
-                           value=entry, pod=f"{_namespace(pod)}/{_name(pod)}")
+                           value=entry, pod=f"{namespace_of(pod)}/{name_of(pod)}")
     return tuple(sorted(set(ports)))
 
 
@@ -544,10 +526,10 @@ def _workload_owner(pod: Mapping[str, Any]) -> tuple[str, str]:
     owners = metadata.get("ownerReferences") or []
     controller = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
     if controller is None:
-        return "pod", _name(pod)
+        return "pod", name_of(pod)
     kind, owner_name = controller["kind"], controller["name"]
     if kind == "ReplicaSet":
-        template_hash = _labels(pod).get("pod-template-hash")
+        template_hash = labels_of(pod).get("pod-template-hash")
         if template_hash and owner_name.endswith(f"-{template_hash}"):
             return "deployment", owner_name[: -len(template_hash) - 1]
         generated = _GENERATED_SUFFIX.match(owner_name)

@@ -71,7 +71,7 @@ from istiod_lite.api.model import (
     TunnelProtocol,
     Workload,
 )
-from istiod_lite.convert import convert_each
+from istiod_lite.convert import convert_each, labels_of, name_of, namespace_of, service_hostname
 from istiod_lite.sources.objects import ClusterObjects
 
 if TYPE_CHECKING:  # translate.py imports this module; no import cycle at run time
@@ -116,7 +116,7 @@ def waypoint_gateway(
 def waypoint_for(gateway: Mapping[str, Any]) -> WaypointFor:
     """Which traffic the waypoint takes (``istio.io/waypoint-for``, default ``service``).
     An unknown value reads as ``service``, Istio's default, with a warning."""
-    value = _labels(gateway).get(WAYPOINT_FOR_LABEL, "service")
+    value = labels_of(gateway).get(WAYPOINT_FOR_LABEL, "service")
     if value == "workload":
         return "workload"
     if value == "all":
@@ -145,7 +145,7 @@ def _waypoint(
 ) -> list[Resource] | None:
     if not is_waypoint(gateway):
         return None
-    name, namespace = _name(gateway), _namespace(gateway)
+    name, namespace = name_of(gateway), namespace_of(gateway)
     spec = gateway.get("spec") or {}
     if not any(
         int(listener.get("port", 0)) == HBONE_PORT and listener.get("protocol") == "HBONE"
@@ -156,7 +156,7 @@ def _waypoint(
             "ztunnels will still send it HBONE on 15008",
             gateway=f"{namespace}/{name}",
         )
-    hostname = _hostname(name, namespace, mesh)
+    hostname = service_hostname(name, namespace, mesh)
     key = f"{namespace}/{hostname}"
     has_service_object = f"{namespace}/{name}" in objects.services
     if has_service_object:
@@ -183,7 +183,7 @@ def _waypoint(
         return None
     annotations = _annotations(gateway)
     node_name = annotations.get(NODE_ANNOTATION, "")
-    node_labels = _labels(objects.nodes.get(node_name) or {})
+    node_labels = labels_of(objects.nodes.get(node_name) or {})
     resources: list[Resource] = [
         Service(
             name=name,
@@ -231,7 +231,7 @@ def _ip_addresses(section: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _waypoint_pods(objects: ClusterObjects, namespace: str, name: str) -> bool:
     return any(
-        _namespace(pod) == namespace and _labels(pod).get(GATEWAY_NAME_LABEL) == name
+        namespace_of(pod) == namespace and labels_of(pod).get(GATEWAY_NAME_LABEL) == name
         for pod in objects.pods.values()
     )
 
@@ -258,7 +258,7 @@ class _RouteTranslator:
         self.mesh = mesh
 
     def service_key(self, name: str, namespace: str) -> str:
-        return f"{namespace}/{_hostname(name, namespace, self.mesh)}"
+        return f"{namespace}/{service_hostname(name, namespace, self.mesh)}"
 
     def has_service(self, name: str, namespace: str) -> bool:
         return f"{namespace}/{name}" in self.objects.services or (
@@ -277,7 +277,7 @@ class _RouteTranslator:
             if group is None:  # Gateway API's default; for a Service, users mean the core one
                 group = "" if kind == "Service" else GATEWAY_GROUP
             name = str(ref["name"])
-            namespace = ref.get("namespace") or _namespace(route)
+            namespace = ref.get("namespace") or namespace_of(route)
             if kind == "Service" and group in CORE_GROUPS:
                 if not self.has_service(name, namespace):
                     logger.warning(
@@ -316,12 +316,12 @@ class _RouteTranslator:
         spec = route.get("spec") or {}
         raw_rules = spec.get("rules") or [{}]
         rules = tuple(
-            self.http_rule(rule, _namespace(route), f"{where} rules[{i}]")
+            self.http_rule(rule, namespace_of(route), f"{where} rules[{i}]")
             for i, rule in enumerate(raw_rules)
         )
         return l7.HttpRoute(
-            name=_name(route),
-            namespace=_namespace(route),
+            name=name_of(route),
+            namespace=namespace_of(route),
             source_kind="HTTPRoute",
             parents=parents,
             hostnames=tuple(str(h) for h in spec.get("hostnames") or ()),
@@ -460,13 +460,13 @@ class _RouteTranslator:
         backends: list[l7.BackendRef] = []
         for i, rule in enumerate(rules):
             backends += self.backend_refs(
-                rule.get("backendRefs") or [], _namespace(route), f"{where} rules[{i}]"
+                rule.get("backendRefs") or [], namespace_of(route), f"{where} rules[{i}]"
             )
         if backends and all(backend.weight == 0 for backend in backends):
             logger.warning("every backend of the route has weight 0; it is refused", route=where)
         return l7.TcpRoute(
-            name=_name(route),
-            namespace=_namespace(route),
+            name=name_of(route),
+            namespace=namespace_of(route),
             parents=parents,
             backends=tuple(backends),
         )
@@ -490,7 +490,7 @@ class _RouteTranslator:
 
     def virtual_service(self, virtual_service: dict[str, Any]) -> l7.HttpRoute | None:
         where = _where(virtual_service)
-        namespace = _namespace(virtual_service)
+        namespace = namespace_of(virtual_service)
         spec = virtual_service.get("spec") or {}
         gateways = spec.get("gateways") or []
         if gateways and "mesh" not in gateways:
@@ -516,7 +516,7 @@ class _RouteTranslator:
             for i, http in enumerate(spec.get("http") or [])
         )
         return l7.HttpRoute(
-            name=_name(virtual_service),
+            name=name_of(virtual_service),
             namespace=namespace,
             source_kind="VirtualService",
             parents=tuple(dict.fromkeys(parents)),
@@ -608,7 +608,7 @@ class _RouteTranslator:
         where = _where(rule)
         spec = rule.get("spec") or {}
         host = str(spec["host"])
-        key = self.resolve_host(host, _namespace(rule))
+        key = self.resolve_host(host, namespace_of(rule))
         if key is None:
             logger.warning("DestinationRule host is not a cluster Service; not translated",
                            rule=where, host=host)
@@ -632,8 +632,8 @@ class _RouteTranslator:
             logger.info("DestinationRule has nothing a waypoint applies", rule=where)
             return None
         return l7.TrafficPolicy(
-            name=_name(rule),
-            namespace=_namespace(rule),
+            name=name_of(rule),
+            namespace=namespace_of(rule),
             host=key,
             connection_pool=pool,
             outlier_detection=outlier,
@@ -643,7 +643,7 @@ class _RouteTranslator:
 
     def rate_limit(self, limit: dict[str, Any]) -> l7.RateLimit | None:
         where = _where(limit)
-        namespace = _namespace(limit)
+        namespace = namespace_of(limit)
         spec = limit.get("spec") or {}
         targets: list[str] = []
         for ref in spec.get("targetRefs") or []:
@@ -666,7 +666,7 @@ class _RouteTranslator:
             return None
         bucket = spec["tokenBucket"]
         return l7.RateLimit(
-            name=_name(limit),
+            name=name_of(limit),
             namespace=namespace,
             targets=tuple(dict.fromkeys(targets)),
             max_tokens=_whole(bucket["maxTokens"], "tokenBucket.maxTokens", minimum=1),
@@ -1076,28 +1076,12 @@ def _regex(pattern: str, where: str) -> None:
         raise ValueError(f"{where}: invalid regular expression {pattern!r}: {exc}") from None
 
 
-def _hostname(name: str, namespace: str, mesh: MeshConfig) -> str:
-    return f"{name}.{namespace}.svc.{mesh.cluster_domain}"
-
-
-def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
-    return dict((obj.get("metadata") or {}).get("labels") or {})
-
-
 def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
     return dict((obj.get("metadata") or {}).get("annotations") or {})
 
 
-def _name(obj: Mapping[str, Any]) -> str:
-    return str(obj["metadata"]["name"])
-
-
-def _namespace(obj: Mapping[str, Any]) -> str:
-    return str(obj["metadata"].get("namespace", "default"))
-
-
 def _where(obj: Mapping[str, Any]) -> str:
-    return f"{obj.get('kind', 'object')} {_namespace(obj)}/{_name(obj)}"
+    return f"{obj.get('kind', 'object')} {namespace_of(obj)}/{name_of(obj)}"
 
 
 def _created(obj: Mapping[str, Any]) -> str:

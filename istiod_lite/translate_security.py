@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from istiod_lite.api import l7
-from istiod_lite.convert import convert_each
+from istiod_lite.convert import convert_each, name_of, namespace_of, service_hostname
 from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.translate_routes import GATEWAY_GROUP
 
 if TYPE_CHECKING:  # translate.py imports this module; import it only for types.
     from istiod_lite.translate import MeshConfig
 
 logger = structlog.get_logger(__name__)
 
-GATEWAY_GROUP = "gateway.networking.k8s.io"
 SecurityResource = l7.WaypointAuthorization | l7.JwtPolicy
 ReadFile = Callable[[str], str]
 
@@ -70,14 +70,6 @@ def security_resources(
 
 
 # -- shared --------------------------------------------------------------------------------
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return str(obj["metadata"]["name"])
-
-
-def _namespace(obj: Mapping[str, Any]) -> str:
-    return str(obj["metadata"].get("namespace", "default"))
 
 
 def _target_refs(spec: Mapping[str, Any]) -> list[Any]:
@@ -120,7 +112,7 @@ def _targets(
             if f"{namespace}/{name}" not in objects.services:
                 logger.warning("policy targets a Service that does not exist", policy=where,
                                service=f"{namespace}/{name}")
-            targets.append(f"{namespace}/{name}.{namespace}.svc.{mesh.cluster_domain}")
+            targets.append(f"{namespace}/{service_hostname(name, namespace, mesh)}")
         else:
             logger.warning(
                 "target kind not supported; ignored (use a waypoint Gateway or a Service)",
@@ -135,7 +127,7 @@ def _targets(
 def _authorization(
     policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig
 ) -> l7.WaypointAuthorization | None:
-    name, namespace = _name(policy), _namespace(policy)
+    name, namespace = name_of(policy), namespace_of(policy)
     where = f"{namespace}/{name}"
     spec = policy.get("spec") or {}
     refs = _target_refs(spec)
@@ -391,7 +383,7 @@ def convert_rule(
 def _jwt_policy(
     policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig, read_file: ReadFile
 ) -> l7.JwtPolicy | None:
-    name, namespace = _name(policy), _namespace(policy)
+    name, namespace = name_of(policy), namespace_of(policy)
     where = f"{namespace}/{name}"
     spec = policy.get("spec") or {}
     refs = _target_refs(spec)

@@ -52,6 +52,7 @@ from istiod_lite.api.l7 import (
     WaypointAuthorization,
     WaypointAuthorizationAction,
 )
+from waypoint.http import HeaderSource, header_values
 from ztunnel.authz import (
     IpAddress,
     ips_match,
@@ -61,10 +62,6 @@ from ztunnel.authz import (
     strings_match,
 )
 
-HeaderSource = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
-"""Request headers: a mapping (one value per name) or (name, value) pairs as h11/h2 give them
-(``str`` or latin-1 ``bytes``); names compare case-insensitively."""
-
 _SPIFFE_SCHEME = "spiffe://"
 _CLAIMS_PREFIX = "request.auth.claims"
 # remote.ip is the original client (X-Forwarded-For / PROXY); a waypoint only has its peer.
@@ -72,22 +69,6 @@ _IP_KEYS = frozenset({"source.ip", "remote.ip"})
 _HEADERS_PREFIX = "request.headers"
 # Claims Istio (Envoy's normalize_payload_in_metadata) splits on spaces before matching.
 SPACE_DELIMITED_CLAIMS = frozenset({"scope", "permission"})
-
-
-def header_values(headers: HeaderSource, name: str) -> list[str]:
-    """Every value of header ``name`` (case-insensitive), in order."""
-    wanted = name.lower()
-    pairs: Iterable[tuple[str | bytes, str | bytes]] = (
-        headers.items() if isinstance(headers, Mapping) else headers
-    )
-    values: list[str] = []
-    for raw_name, raw_value in pairs:
-        header_name = raw_name.decode("latin-1") if isinstance(raw_name, bytes) else raw_name
-        if header_name.lower() == wanted:
-            values.append(
-                raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
-            )
-    return values
 
 
 @dataclass(frozen=True)

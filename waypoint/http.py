@@ -36,6 +36,9 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HttpVersion = Literal["1.0", "1.1", "2"]
 Headers = tuple[tuple[str, str], ...]
 HeaderInput = Mapping[str, str] | Iterable[tuple[str, str]]
+HeaderSource = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
+"""Headers to read: a mapping (one value per name) or (name, value) pairs as h11/h2 give them
+(``str`` or latin-1 ``bytes``); names compare case-insensitively."""
 
 # RFC 9110 7.6.1: meaningful for one hop only; a proxy re-frames each side itself.
 HOP_BY_HOP = frozenset(
@@ -166,14 +169,25 @@ class HttpRequestError(Exception):
 # Header helpers (sans-IO)
 
 
-def joined_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+def joined_header(headers: HeaderSource, name: str) -> str | None:
     values = header_values(headers, name)
     return ", ".join(values) if values else None
 
 
-def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
+def header_values(headers: HeaderSource, name: str) -> list[str]:
+    """Every value of header ``name`` (case-insensitive), in order."""
     wanted = name.lower()
-    return [value for key, value in headers if key.lower() == wanted]
+    pairs: Iterable[tuple[str | bytes, str | bytes]] = (
+        headers.items() if isinstance(headers, Mapping) else headers
+    )
+    values: list[str] = []
+    for raw_name, raw_value in pairs:
+        header_name = raw_name.decode("latin-1") if isinstance(raw_name, bytes) else raw_name
+        if header_name.lower() == wanted:
+            values.append(
+                raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
+            )
+    return values
 
 
 def _pairs(headers: HeaderInput) -> list[tuple[str, str]]:
@@ -825,6 +839,7 @@ __all__ = [
     "HttpRequest",
     "HttpRequestError",
     "HttpResponse",
+    "HeaderSource",
     "HttpVersion",
     "error_response",
     "header_values",

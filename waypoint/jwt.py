@@ -52,7 +52,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
 from istiod_lite.api.l7 import JwtPolicy, JwtProvider
-from waypoint.authz import HeaderSource, header_values
+from waypoint.http import HeaderSource, header_values
 
 logger = structlog.get_logger()
 

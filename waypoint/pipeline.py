@@ -36,13 +36,14 @@ from waypoint.routing import (
     PassThrough,
     Selection,
     apply_response_edits,
-    attached_routes,
+    attached_accepted_routes,
     choose_backend,
     fault_decision,
     mirror_targets,
     redirect_for,
     request_edits,
     response_header_edits,
+    route_problems,
     route_request,
 )
 from waypoint.upstream import HttpUpstream, UpstreamError
@@ -130,6 +131,74 @@ class ServiceResilience:
             self.outliers.reconfigure(detection)
 
 
+@dataclass(frozen=True)
+class _TargetConfig:
+    """The L7 resources that apply to requests for one target, in the state's order."""
+
+    jwt: JwtValidator
+    authorizations: tuple[l7.WaypointAuthorization, ...]
+    rate_limits: tuple[l7.RateLimit, ...]  # the usable ones
+    routes: tuple[l7.HttpRoute, ...]  # accepted routes attached to the service or waypoint
+
+
+class _ConfigIndex:
+    """One state generation's L7 resources by target: the scans, validation and JWT
+    validators done once per config change (and per target on its first request), not per
+    request. A target is the addressed service's key (None for a workload) plus the
+    waypoint's own key."""
+
+    def __init__(self, state: ProxyState, waypoint_key: str) -> None:
+        self.generation = state.generation
+        self._waypoint_key = waypoint_key
+        self._jwt_policies: list[l7.JwtPolicy] = state.resources("jwtpolicy")
+        self._authorizations: list[l7.WaypointAuthorization] = state.resources(
+            "waypointauthorization"
+        )
+        self._rate_limits = [limit for limit in state.resources("ratelimit")
+                             if _usable_rate_limit(limit)]
+        self._routes: list[l7.HttpRoute] = []  # the accepted ones (Gateway API Accepted)
+        for route in state.resources("httproute"):
+            if problems := route_problems(route):
+                log.warning("route not accepted", route=route.key, problems=list(problems))
+            else:
+                self._routes.append(route)
+        self._validators: dict[tuple[str, ...], JwtValidator] = {}
+        self._targets: dict[str | None, _TargetConfig] = {}
+
+    def for_service(self, service_key: str | None) -> _TargetConfig:
+        config = self._targets.get(service_key)
+        if config is None:
+            config = self._targets[service_key] = self._build(service_key)
+        return config
+
+    def _build(self, service_key: str | None) -> _TargetConfig:
+        keys = {self._waypoint_key} if service_key is None else {self._waypoint_key, service_key}
+        jwt_policies = [p for p in self._jwt_policies if not keys.isdisjoint(p.targets)]
+        validator_key = tuple(sorted(p.key for p in jwt_policies))
+        validator = self._validators.get(validator_key)
+        if validator is None:  # one per distinct policy set, so problems are logged once
+            validator = self._validators[validator_key] = JwtValidator(jwt_policies)
+        return _TargetConfig(
+            jwt=validator,
+            authorizations=tuple(
+                p for p in self._authorizations if not keys.isdisjoint(p.targets)
+            ),
+            rate_limits=tuple(
+                limit for limit in self._rate_limits if not keys.isdisjoint(limit.targets)
+            ),
+            routes=tuple(route for route in self._routes if not keys.isdisjoint(route.parents)),
+        )
+
+
+def _usable_rate_limit(limit: l7.RateLimit) -> bool:
+    try:
+        TokenBucket.from_rate_limit(limit, lambda: 0.0)  # validates; the bucket is made later
+    except ValueError as error:
+        log.warning("rate limit ignored", reason=str(error))
+        return False
+    return True
+
+
 class RequestPipeline:
     def __init__(
         self,
@@ -147,14 +216,15 @@ class RequestPipeline:
         self._rand = rand or random.Random()
         self._services: dict[str, ServiceResilience] = {}
         self._buckets: dict[str, tuple[l7.RateLimit, TokenBucket]] = {}
-        self._validators: dict[tuple[str, ...], JwtValidator] = {}
+        self._index: _ConfigIndex | None = None
         self._mirrors_in_flight = 0
 
     # -- configuration -------------------------------------------------------------------
 
     def config_changed(self) -> None:
-        """Re-read policies: keep counters and buckets whose configuration is unchanged."""
-        self._validators.clear()
+        """Re-read policies: rebuild the per-target index (rejected routes and rate limits
+        are logged here, once); keep counters and buckets whose configuration is unchanged."""
+        self._index = _ConfigIndex(self._state, self._waypoint_key)
         policies = {p.host: p for p in self._state.resources("trafficpolicy")}
         for key, resilience in self._services.items():
             resilience.reconfigure(policies.get(key))
@@ -173,11 +243,12 @@ class RequestPipeline:
             resilience = self._services[service_key] = ServiceResilience(policy)
         return resilience
 
-    def _targets(self, target: Target) -> set[str]:
-        keys = {self._waypoint_key}
-        if target.service is not None:
-            keys.add(target.service.key)
-        return keys
+    def _config_for(self, target: Target) -> _TargetConfig:
+        """The index of the current state; rebuilt here too if the state changed without a
+        ``config_changed`` call (or before the first)."""
+        if self._index is None or self._index.generation != self._state.generation:
+            self._index = _ConfigIndex(self._state, self._waypoint_key)
+        return self._index.for_service(target.service.key if target.service else None)
 
     # -- the pipeline --------------------------------------------------------------------
 
@@ -185,9 +256,9 @@ class RequestPipeline:
         self, request: HttpRequest, target: Target, caller: Caller, outcome: Outcome,
         extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> HttpResponse:
-        targets = self._targets(target)
+        config = self._config_for(target)
         try:
-            jwt = self._validator(targets).validate(request.headers)
+            jwt = config.jwt.validate(request.headers)
         except JwtError as error:
             outcome.response_flags.append(FLAG_UNAUTHENTICATED)
             response = error_response(401, f"Jwt verification fails: {error.reason}")
@@ -197,30 +268,19 @@ class RequestPipeline:
         request = request.with_headers(
             set=jwt.headers_to_add, remove=jwt.headers_to_remove
         )
-        denial = self._authorize(request, target, caller, jwt, targets)
+        denial = self._authorize(request, target, caller, jwt, config.authorizations)
         if denial is not None:
             outcome.response_flags.append(FLAG_RBAC)
             return error_response(403, "RBAC: access denied")
-        if not self._rate_limit_allows(targets):
+        if not self._rate_limit_allows(config.rate_limits):
             outcome.response_flags.append(FLAG_RATE_LIMITED)
             return error_response(429, "local_rate_limited")
-        return await self._route(request, target, caller, outcome, extra_headers)
-
-    def _validator(self, targets: set[str]) -> JwtValidator:
-        policies = [p for p in self._state.resources("jwtpolicy") if targets & set(p.targets)]
-        cache_key = tuple(sorted(p.key for p in policies))
-        validator = self._validators.get(cache_key)
-        if validator is None:
-            validator = self._validators[cache_key] = JwtValidator(policies)
-        return validator
+        return await self._route(request, target, caller, outcome, extra_headers, config.routes)
 
     def _authorize(
         self, request: HttpRequest, target: Target, caller: Caller, jwt: JwtResult,
-        targets: set[str],
+        policies: tuple[l7.WaypointAuthorization, ...],
     ) -> str | None:
-        policies = [
-            p for p in self._state.resources("waypointauthorization") if targets & set(p.targets)
-        ]
         if not policies:
             return None
         decision = evaluate(policies, RequestAttributes(
@@ -243,28 +303,23 @@ class RequestPipeline:
                  path=request.path, source=str(caller.identity))
         return decision.reason
 
-    def _rate_limit_allows(self, targets: set[str]) -> bool:
+    def _rate_limit_allows(self, limits: tuple[l7.RateLimit, ...]) -> bool:
+        """Every limit takes a token (as Envoy's filters each do); all must have one."""
         allowed = True
-        for limit in self._state.resources("ratelimit"):
-            if not targets & set(limit.targets):
-                continue
+        for limit in limits:
             entry = self._buckets.get(limit.key)
             if entry is None:
-                try:
-                    bucket = TokenBucket.from_rate_limit(limit, trio.current_time)
-                except ValueError as error:
-                    log.warning("rate limit ignored", reason=str(error))
-                    continue
+                bucket = TokenBucket.from_rate_limit(limit, trio.current_time)
                 entry = self._buckets[limit.key] = (limit, bucket)
             allowed = entry[1].try_take() and allowed
         return allowed
 
     async def _route(
         self, request: HttpRequest, target: Target, caller: Caller, outcome: Outcome,
-        extra_headers: tuple[tuple[str, str], ...],
+        extra_headers: tuple[tuple[str, str], ...], candidates: tuple[l7.HttpRoute, ...],
     ) -> HttpResponse:
-        routes = attached_routes(
-            self._state.resources("httproute"),
+        routes = attached_accepted_routes(
+            candidates,
             service_key=target.service.key if target.service else None,
             waypoint_key=self._waypoint_key,
             host=request.authority,

@@ -12,20 +12,20 @@ the HBONE pool, mirrors); the *services* nursery (listener, discovery, certifica
 from __future__ import annotations
 
 import random
-import ssl
 import time
+from functools import partial
 from typing import Any
 
 import structlog
 import trio
 
-from ambient_common.metrics import CONTENT_TYPE  # noqa: F401  (documented content type)
 from istiod_lite.api import kinds, l7
 from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import TunnelProtocol
+from istiod_lite.api.model import TunnelProtocol, Workload
 from waypoint.config import WaypointConfig
 from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
 from waypoint.pipeline import Caller, Outcome, RequestPipeline, Target
+from waypoint.routing import choose_backend
 from waypoint.telemetry import Tracer, WaypointMetrics, access_log, request_labels
 from waypoint.upstream import HttpUpstream
 from ztunnel.admin import (
@@ -36,7 +36,7 @@ from ztunnel.admin import (
     readiness_routes,
     serve_admin,
 )
-from ztunnel.caclient import CaClient, ControlPlaneConnection
+from ztunnel.caclient import CaClient, ControlPlaneConnection, control_plane_context
 from ztunnel.drain import ActiveConnections
 from ztunnel.hbone import (
     ConnectRequest,
@@ -53,6 +53,7 @@ from ztunnel.hbone import (
 from ztunnel.identity import CertificateManager, TlsContexts
 from ztunnel.pool import HbonePool, PoolKey
 from ztunnel.state import ProxyState, identity_of
+from ztunnel.xds import DiscoveryClient
 
 log = structlog.get_logger("waypoint")
 
@@ -113,17 +114,12 @@ class Waypoint:
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
-    def _control_plane_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.config.root_cert))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = self.config.xds_address
         try:
             async with ControlPlaneConnection(
-                f"https://{host}:{port}", self.config.token, self._control_plane_context(),
-                token_file=self.config.token_file,
+                f"https://{host}:{port}", self.config.token,
+                control_plane_context(self.config.root_cert), token_file=self.config.token_file,
             ) as control_plane:
                 await self._run(control_plane, task_status)
         finally:
@@ -139,7 +135,11 @@ class Waypoint:
         self.certs.set_wanted({self.identity})
         self.tls_contexts = TlsContexts(self.certs)
         self.tracer = Tracer(f"{config.name}.{config.namespace}", config.otlp_endpoint)
-        self.xds = DiscoveryClientFor(self, control_plane)
+        # Every kind, under the waypoint's service-account principal.
+        self.xds = DiscoveryClient(
+            control_plane, f"serviceaccount:{config.namespace}/{config.service_account}",
+            self.state, self._on_change, kinds=kinds.ALL_KINDS,
+        )
         async with trio.open_nursery() as connections:
             self.pool = HbonePool(self._connect_hbone)
             await connections.start(self.pool.run)
@@ -180,12 +180,12 @@ class Waypoint:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_admin, address, ports.admin, admin_routes(
                 {
-                    "workloads": lambda: self.state.dump()["workloads"],
-                    "services": lambda: self.state.dump()["services"],
+                    "workloads": partial(self.state.dump_kind, "workload"),
+                    "services": partial(self.state.dump_kind, "service"),
                     "l7": self._l7_dump,
                     "certificates": self.certs.dump,
                     "resilience": lambda: self.pipeline.dump(),
-                    "discovery": self.xds.client.status,
+                    "discovery": self.xds.status,
                 },
                 self._log_levels,
                 self.request_shutdown,
@@ -193,13 +193,13 @@ class Waypoint:
             await nursery.start(serve_admin, address, ports.metrics,
                                 metrics_routes(self.metrics.render))
             await nursery.start(serve_admin, address, ports.readiness, readiness_routes(
-                lambda: readiness_problem(self.xds.client.synced.is_set(), self.certs.missing())
+                lambda: readiness_problem(self.xds.synced.is_set(), self.certs.missing())
             ))
             task_status.started()
 
     def _l7_dump(self) -> dict[str, Any]:
-        dump = self.state.dump()
-        return {kind: dump.get(kind, []) for kind in sorted(kinds.ALL_KINDS - kinds.L4_KINDS)}
+        return {kind: self.state.dump_kind(kind)
+                for kind in sorted(kinds.ALL_KINDS - kinds.L4_KINDS)}
 
     # -- HBONE in ------------------------------------------------------------------------
 
@@ -335,24 +335,17 @@ class Waypoint:
             except SpliceError as error:
                 log.info("tcp connection broken", reason=error.reason)
 
-    def _tcp_destination(self, target: Target) -> tuple[Any, int]:
+    def _tcp_destination(self, target: Target) -> tuple[Workload | None, int]:
         if target.workload is not None:
             return target.workload, target.port
         assert target.service is not None
         service, port = target.service, target.port
         for route in self.state.resources("tcproute"):
             if service.key in route.parents or self.waypoint_key in route.parents:
-                weights = [b for b in route.backends if b.weight > 0]
-                if not weights:
+                chosen = choose_backend(route, self._rand.random)
+                if chosen is None:
                     # Gateway API: weight 0 takes no traffic; with none left, refuse.
                     return None, port
-                total = sum(b.weight for b in weights)
-                point, chosen = self._rand.random() * total, weights[-1]
-                for backend in weights:
-                    point -= backend.weight
-                    if point < 0:
-                        chosen = backend
-                        break
                 found = self.state.service(chosen.service)
                 if found is None:
                     # An invalid backend's share of connections is refused, not rerouted.
@@ -378,18 +371,3 @@ class Waypoint:
         return await connect(ip, port, context, key.destination_identity, nursery=nursery,
                              local_address=self.config.address)
 
-
-class DiscoveryClientFor:
-    """The waypoint's subscription: every kind, under its service-account principal."""
-
-    def __init__(self, waypoint: Waypoint, control_plane: ControlPlaneConnection) -> None:
-        from ztunnel.xds import DiscoveryClient
-
-        config = waypoint.config
-        self.client = DiscoveryClient(
-            control_plane, f"serviceaccount:{config.namespace}/{config.service_account}",
-            waypoint.state, waypoint._on_change, kinds=kinds.ALL_KINDS,
-        )
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.client.run(task_status=task_status)

@@ -26,7 +26,8 @@ Choices where the spec leaves room (documented here, not elsewhere):
   A match without a path is the spec's default ``PathPrefix /``.
 - **Invalid routes** (a broken regex, ReplacePrefixMatch without a PathPrefix match, redirect
   combined with rewrite or backends, ...) are not accepted as a whole, as Gateway API sets
-  ``Accepted=False``: ``attached_routes`` skips them; ``route_problems`` says why.
+  ``Accepted=False``: ``attached_routes`` skips them; ``route_problems`` says why (a proxy
+  logs it once per config change and calls ``attached_accepted_routes`` per request).
 - Paths are matched as received (the HTTP layer normalizes, if it does); query parameter
   values are percent-decoded; a repeated query parameter matches on its first value.
 
@@ -58,6 +59,7 @@ from istiod_lite.api.l7 import (
     RequestMirror,
     RouteMatch,
     RouteRule,
+    TcpRoute,
     ValueMatch,
     ValueMatchType,
 )
@@ -304,7 +306,22 @@ def attached_routes(
     ``host`` the request's authority, ``source_namespace`` the caller's namespace when known
     (from its SPIFFE identity); consumer routes never apply without it. An empty result means
     no route is attached: forward to the addressed destination unchanged."""
-    accepted = [route for route in routes if not route_problems(route)]
+    return attached_accepted_routes(
+        [route for route in routes if not route_problems(route)], service_key=service_key,
+        waypoint_key=waypoint_key, host=host, source_namespace=source_namespace,
+    )
+
+
+def attached_accepted_routes(
+    accepted: Sequence[HttpRoute],
+    *,
+    service_key: str | None,
+    waypoint_key: str,
+    host: str,
+    source_namespace: str | None = None,
+) -> list[HttpRoute]:
+    """``attached_routes`` over routes that have no ``route_problems``: the per-request
+    part, for a proxy that validates routes once per config change."""
     if service_key is not None:
         service_namespace = service_key.partition("/")[0]
         for_service = [r for r in accepted if service_key in r.parents]
@@ -503,8 +520,9 @@ def route_request(routes: Sequence[HttpRoute], request: RoutableRequest) -> Rout
 # --------------------------------------------------------------------------- backends
 
 
-def choose_backend(rule: RouteRule, rand: Random) -> BackendRef | None:
-    """Weighted random choice; None when there is none to choose (the proxy answers 500)."""
+def choose_backend(rule: RouteRule | TcpRoute, rand: Random) -> BackendRef | None:
+    """Weighted random choice among the rule's (or TCPRoute's) backends; None when there is
+    none to choose (weight 0 takes no traffic: the proxy answers 500 or refuses)."""
     weighted = [backend for backend in rule.backends if backend.weight > 0]
     total = sum(backend.weight for backend in weighted)
     if total <= 0:

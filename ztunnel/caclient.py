@@ -89,11 +89,19 @@ class BearerToken(httpx.Auth):
         yield request
 
 
+def control_plane_context(root_cert: Path) -> ssl.SSLContext:
+    """The client TLS context for istiod_lite: its serving certificate verified against the
+    mesh root in ``root_cert`` (hostname or IP SAN checked), TLS 1.2 or later."""
+    context = ssl.create_default_context(cafile=str(root_cert))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class ControlPlaneConnection:
     """Owns the one HTTP/2 client a ztunnel uses for everything it asks istiod_lite.
 
-    ``ssl_context`` must verify istiod's serving certificate against the mesh root (and, as
-    Istio does, may skip the hostname check when istiod is dialled by IP). Close it with
+    ``ssl_context`` must verify istiod's serving certificate against the mesh root
+    (``control_plane_context(root_cert)`` builds that context). Close it with
     ``aclose()`` (or ``async with``) on shutdown.
     """
 

@@ -38,7 +38,6 @@ from ztunnel.hbone import (
     serve_hbone_tls,
     splice,
 )
-from ztunnel.identity import CertificateManager
 from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header
 from ztunnel.state import ProxyState, canonical_ip, identity_of, service_for_hostname
 from ztunnel.telemetry import (
@@ -121,7 +120,6 @@ class Inbound:
         plaintext_port: int,
         connect_timeout: float,
         state: ProxyState,
-        certs: CertificateManager,
         server_context: Callable[[SpiffeId], ssl.SSLContext | None],
         accepted_trust_domains: Callable[[], set[str]],
         telemetry: ConnectionTelemetry,
@@ -133,7 +131,6 @@ class Inbound:
         self._plaintext_port = plaintext_port
         self._connect_timeout = connect_timeout
         self._state = state
-        self._certs = certs
         self._server_context = server_context
         self._accepted_trust_domains = accepted_trust_domains
         self._telemetry = telemetry

@@ -3,8 +3,9 @@ dashboards work unchanged.
 
 Each ztunnel has its own ``CollectorRegistry`` (several ztunnels share one process in tests
 and in the embedded mode). Labels are computed once per connection by the pure function
-``connection_labels``; inbound/outbound code only calls ``connection_opened`` /
-``bytes_transferred`` / ``connection_closed``.
+``connection_labels``; inbound and outbound report through ``ztunnel.telemetry``, which
+calls ``connection_opened`` / ``connection_closed`` (``bytes_transferred`` reports bytes
+of a connection still open).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -261,25 +260,21 @@ class Outbound:
         self,
         *,
         node: str,
-        cluster_id: str,
         connect_timeout: float,
         certificate_timeout: float,
         hbone_port: int,
         state: ProxyState,
         certs: CertificateManager,
-        client_context: Callable[[SpiffeId], ssl.SSLContext | None],
         pool: HbonePool,
         telemetry: ConnectionTelemetry,
         connections: ActiveConnections,
     ) -> None:
         self._node = node
-        self._cluster_id = cluster_id
         self._connect_timeout = connect_timeout
         self._certificate_timeout = certificate_timeout
         self._hbone_port = hbone_port
         self._state = state
         self._certs = certs
-        self._client_context = client_context
         self._pool = pool
         self._telemetry = telemetry
         self._connections = connections

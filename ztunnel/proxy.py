@@ -8,14 +8,14 @@ the services, waits up to ``drain_timeout`` for connections to finish, then canc
 
 from __future__ import annotations
 
-import ssl
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
-from istiod_lite.api.model import TunnelProtocol
 from ztunnel.admin import (
     StructlogLevelControl,
     admin_routes,
@@ -24,7 +24,7 @@ from ztunnel.admin import (
     readiness_routes,
     serve_admin,
 )
-from ztunnel.caclient import CaClient, ControlPlaneConnection
+from ztunnel.caclient import CaClient, ControlPlaneConnection, control_plane_context
 from ztunnel.capture import netns
 from ztunnel.capture.inpod import InPodManager
 from ztunnel.capture.rules import BYPASS_MARK
@@ -36,7 +36,7 @@ from ztunnel.inbound import Inbound
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.outbound import Outbound
 from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.state import AppliedChange, ProxyState
+from ztunnel.state import AUTHORIZATION, NODE, SERVICE, WORKLOAD, AppliedChange, ProxyState
 from ztunnel.telemetry import ConnectionTelemetry
 from ztunnel.xds import DiscoveryClient
 
@@ -67,18 +67,13 @@ class Ztunnel:
         self.request_shutdown()
         await self.stopped.wait()
 
-    def _control_plane_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.config.root_cert))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         host, port = config.xds_address
         base_url = f"https://{host}:{port}"
         try:
             async with ControlPlaneConnection(
-                base_url, config.token, self._control_plane_context(),
+                base_url, config.token, control_plane_context(config.root_cert),
                 token_file=config.token_file,
             ) as control_plane:
                 await self._run(control_plane, task_status)
@@ -110,17 +105,16 @@ class Ztunnel:
             self.inbound = Inbound(
                 node=config.node, root_namespace=config.root_namespace,
                 hbone_port=config.ports.hbone, plaintext_port=config.ports.inbound_plaintext,
-                connect_timeout=config.connect_timeout, state=self.state, certs=self.certs,
+                connect_timeout=config.connect_timeout, state=self.state,
                 server_context=self.tls_contexts.server,
                 accepted_trust_domains=lambda: {config.trust_domain},
                 telemetry=telemetry, connections=self.connections,
             )
             self.outbound = Outbound(
-                node=config.node, cluster_id=config.cluster_id,
+                node=config.node,
                 connect_timeout=config.connect_timeout, certificate_timeout=_CERTIFICATE_WAIT,
                 hbone_port=config.ports.hbone, state=self.state, certs=self.certs,
-                client_context=self.tls_contexts.client, pool=self.pool, telemetry=telemetry,
-                connections=self.connections,
+                pool=self.pool, telemetry=telemetry, connections=self.connections,
             )
             if config.capture == "inpod":
                 assert config.netns_map is not None
@@ -164,11 +158,11 @@ class Ztunnel:
     async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
         config = self.config
         address = config.node_address
-        dump_sections = {
-            "workloads": lambda: self.state.dump()["workloads"],
-            "services": lambda: self.state.dump()["services"],
-            "policies": lambda: self.state.dump()["policies"],
-            "nodes": lambda: self.state.dump()["nodes"],
+        dump_sections: dict[str, Callable[[], Any]] = {
+            "workloads": partial(self.state.dump_kind, WORKLOAD),
+            "services": partial(self.state.dump_kind, SERVICE),
+            "policies": partial(self.state.dump_kind, AUTHORIZATION),
+            "nodes": partial(self.state.dump_kind, NODE),
             "certificates": self.certs.dump,
             "discovery": self.xds.status,
         }
@@ -199,9 +193,7 @@ class Ztunnel:
             self.inpod.config_changed()
             return
         wanted = {
-            address
-            for workload in self.state.local_workloads(node)
-            if workload.tunnel_protocol is TunnelProtocol.HBONE
+            address for workload in self.state.local_workloads(node)  # enrolled (HBONE) only
             for address in workload.addresses
         }
         for address in set(self._listener_scopes) - wanted:

@@ -159,21 +159,23 @@ class ProxyState:
 
     def __init__(self) -> None:
         self._generation = 0
-        self._workloads: dict[str, Workload] = {}
-        self._services: dict[str, Service] = {}
-        self._authorizations: dict[str, Authorization] = {}
-        self._nodes: dict[str, Node] = {}
-        # The L7 kinds, stored but not indexed: kind -> key -> resource.
-        self._unindexed: dict[str, dict[str, Any]] = {
-            kind: {} for kind in KINDS if kind not in L4_KINDS
-        }
+        # kind -> key -> resource, for every kind; the L4 tables also have the indexes below.
+        self._tables: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+        self._workloads: dict[str, Workload] = self._tables[WORKLOAD]
+        self._services: dict[str, Service] = self._tables[SERVICE]
+        self._authorizations: dict[str, Authorization] = self._tables[AUTHORIZATION]
+        self._nodes: dict[str, Node] = self._tables[NODE]
+        # kind -> its resources sorted by key, built on first read after a change of the kind
+        # (the waypoint reads ``resources(kind)`` per request).
+        self._sorted: dict[str, list[Any]] = {}
         self._versions: dict[str, str] = {}
         # Insertion-ordered "sets" (dict keys) so the latest writer of an address wins.
         self._workload_by_address: dict[_AddressKey, dict[str, None]] = {}
         self._service_by_address: dict[_AddressKey, dict[str, None]] = {}
         self._endpoint_uids: dict[str, set[str]] = {}
         self._workloads_by_node: dict[str, set[str]] = {}
-        self._global_policies: set[str] = set()
+        # Policy keys by the namespace they were written in, one index per scope.
+        self._global_policies: dict[str, set[str]] = {}
         self._namespace_policies: dict[str, set[str]] = {}
         self._endpoint_cache: dict[str, list[Workload]] = {}
         self._round_robin: dict[str, int] = {}
@@ -256,27 +258,19 @@ class ProxyState:
         return removals
 
     def _get(self, kind: str, name: str) -> Any:
-        return self._table(kind).get(name)
-
-    def _table(self, kind: str) -> dict[str, Any]:
-        tables: dict[str, dict[str, Any]] = {
-            WORKLOAD: self._workloads,
-            SERVICE: self._services,
-            AUTHORIZATION: self._authorizations,
-            NODE: self._nodes,
-        }
-        table = tables.get(kind)
-        return self._unindexed[kind] if table is None else table
+        return self._tables[kind].get(name)
 
     def _put(self, kind: str, name: str, previous: Any, resource: Any) -> None:
         if previous is not None:
             self._unindex(previous)
-        self._table(kind)[name] = resource
+        self._tables[kind][name] = resource
+        self._sorted.pop(kind, None)
         self._index(resource)
 
     def _delete(self, kind: str, name: str, previous: Any) -> None:
         self._unindex(previous)
-        del self._table(kind)[name]
+        del self._tables[kind][name]
+        self._sorted.pop(kind, None)
         if kind == SERVICE:
             self._round_robin.pop(name, None)
 
@@ -292,10 +286,9 @@ class ProxyState:
             for key in _service_address_keys(resource):
                 self._service_by_address.setdefault(key, {})[resource.key] = None
         elif isinstance(resource, Authorization):
-            if resource.scope is AuthorizationScope.GLOBAL:
-                self._global_policies.add(resource.key)
-            elif resource.scope is AuthorizationScope.NAMESPACE:
-                self._namespace_policies.setdefault(resource.namespace, set()).add(resource.key)
+            index = self._policy_index(resource)
+            if index is not None:
+                index.setdefault(resource.namespace, set()).add(resource.key)
 
     def _unindex(self, resource: Any) -> None:
         if isinstance(resource, Workload):
@@ -309,8 +302,18 @@ class ProxyState:
             for key in _service_address_keys(resource):
                 _discard(self._service_by_address, key, resource.key)
         elif isinstance(resource, Authorization):
-            self._global_policies.discard(resource.key)
-            _discard(self._namespace_policies, resource.namespace, resource.key)
+            index = self._policy_index(resource)
+            if index is not None:
+                _discard(index, resource.namespace, resource.key)
+
+    def _policy_index(self, policy: Authorization) -> dict[str, set[str]] | None:
+        """Where a policy that is not per-workload is indexed (selector policies are found
+        through the workloads that list them)."""
+        if policy.scope is AuthorizationScope.GLOBAL:
+            return self._global_policies
+        if policy.scope is AuthorizationScope.NAMESPACE:
+            return self._namespace_policies
+        return None
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -328,30 +331,35 @@ class ProxyState:
 
     def resources(self, kind: str) -> list[Any]:
         """Every resource of ``kind`` (any kind of ``kinds.TYPE_BY_KIND``), sorted by key;
-        KeyError for a kind that does not exist."""
-        table = self._table_for_lookup(kind)
-        return [table[key] for key in sorted(table)]
+        KeyError for a kind that does not exist. Sorted once per change of the kind; each
+        call returns a new list."""
+        ordered = self._sorted.get(kind)
+        if ordered is None:
+            table = self._table_for_lookup(kind)
+            ordered = self._sorted[kind] = [table[key] for key in sorted(table)]
+        return list(ordered)
 
     def resource(self, kind: str, key: str) -> Any | None:
         """One resource of ``kind`` by its discovery key, or None."""
         return self._table_for_lookup(kind).get(key)
 
     def _table_for_lookup(self, kind: str) -> dict[str, Any]:
-        if kind not in kinds.TYPE_BY_KIND:
+        table = self._tables.get(kind)
+        if table is None:
             raise KeyError(f"unknown resource kind {kind!r}")
-        return self._table(kind)
+        return table
 
     def workloads(self) -> list[Workload]:
-        return [self._workloads[uid] for uid in sorted(self._workloads)]
+        return self.resources(WORKLOAD)
 
     def services(self) -> list[Service]:
-        return [self._services[key] for key in sorted(self._services)]
+        return self.resources(SERVICE)
 
     def authorizations(self) -> list[Authorization]:
-        return [self._authorizations[key] for key in sorted(self._authorizations)]
+        return self.resources(AUTHORIZATION)
 
     def nodes(self) -> list[Node]:
-        return [self._nodes[name] for name in sorted(self._nodes)]
+        return self.resources(NODE)
 
     def workload_by_address(self, ip: str, *, network: str = "") -> Workload | None:
         uid = self._lookup_address(self._workload_by_address, ip, network)
@@ -399,11 +407,7 @@ class ProxyState:
         namespace, NAMESPACE ones of its namespace, and the selector policies it lists.
         Ordered (global, namespace, selector; by key within each), without duplicates."""
         keys: list[str] = []
-        keys += sorted(
-            key
-            for key in self._global_policies
-            if self._authorizations[key].namespace == root_namespace
-        )
+        keys += sorted(self._global_policies.get(root_namespace, ()))
         keys += sorted(self._namespace_policies.get(workload.namespace, ()))
         keys += sorted(k for k in workload.authorization_policies if k in self._authorizations)
         unique = dict.fromkeys(keys)
@@ -507,17 +511,22 @@ class ProxyState:
         """A JSON-able view for the admin ``/config_dump``, in stable order."""
         return {
             "generation": self._generation,
-            "workloads": [codec.to_jsonable(w) for w in self.workloads()],
-            "services": [codec.to_jsonable(s) for s in self.services()],
-            "policies": [codec.to_jsonable(a) for a in self.authorizations()],
-            "nodes": [codec.to_jsonable(n) for n in self.nodes()],
+            "workloads": self.dump_kind(WORKLOAD),
+            "services": self.dump_kind(SERVICE),
+            "policies": self.dump_kind(AUTHORIZATION),
+            "nodes": self.dump_kind(NODE),
             # L7 kinds only when held (a waypoint's state), so a ztunnel's dump is unchanged.
             **{
-                kind: [codec.to_jsonable(r) for r in self.resources(kind)]
-                for kind, table in self._unindexed.items()
-                if table
+                kind: self.dump_kind(kind)
+                for kind in KINDS
+                if kind not in L4_KINDS and self._tables[kind]
             },
         }
+
+    def dump_kind(self, kind: str) -> list[Any]:
+        """One kind's section of ``dump()`` (``"policies"`` is ``dump_kind("authorization")``),
+        for an admin endpoint that shows a single section."""
+        return [codec.to_jsonable(r) for r in self.resources(kind)]
 
 
 def _decode_resource(item: ResourceUpdate) -> Any:

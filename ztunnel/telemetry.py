@@ -24,7 +24,6 @@ FLAG_UNAUTHORIZED = "UAEX"  # denied by policy (Istio reports RBAC denials at L4
 FLAG_UPSTREAM_CONNECT_FAILURE = "UF"
 FLAG_NO_HEALTHY_UPSTREAM = "UH"
 FLAG_NO_ROUTE = "NR"
-FLAG_DOWNSTREAM_RESET = "DR"
 
 
 @dataclass
@@ -39,8 +38,7 @@ class ConnectionRecord:
     destination_service: Service | None = None
     mtls: bool = False
     started_at: float = field(default_factory=trio.current_time)
-    labels: ConnectionLabels | None = None
-    opened: bool = False
+    labels: ConnectionLabels | None = None  # set by ``ConnectionTelemetry.opened``
 
 
 class ConnectionTelemetry:
@@ -63,7 +61,6 @@ class ConnectionTelemetry:
 
     def opened(self, record: ConnectionRecord) -> None:
         record.labels = self._labels(record)
-        record.opened = True
         self._metrics.connection_opened(record.labels)
 
     def closed(
@@ -77,7 +74,7 @@ class ConnectionTelemetry:
             **self._fields(record),
             bytes_sent=sent,
             bytes_recv=received,
-            duration_ms=round((trio.current_time() - record.started_at) * 1000, 1),
+            duration_ms=_duration_ms(record),
             error=error,
         )
 
@@ -92,7 +89,7 @@ class ConnectionTelemetry:
             **self._fields(record),
             response_flags=response_flags,
             reason=reason,
-            duration_ms=round((trio.current_time() - record.started_at) * 1000, 1),
+            duration_ms=_duration_ms(record),
         )
 
     @staticmethod
@@ -114,3 +111,7 @@ class ConnectionTelemetry:
             ),
             "protocol": "HBONE" if record.mtls else "TCP",
         }
+
+
+def _duration_ms(record: ConnectionRecord) -> float:
+    return round((trio.current_time() - record.started_at) * 1000, 1)

@@ -34,6 +34,7 @@ from istiod_lite.api.discovery import (
     DiscoveryRequest,
 )
 from ztunnel.caclient import ControlPlaneConnection, describe_transport_error, error_text
+from ztunnel.identity import next_backoff
 
 log = structlog.get_logger()
 
@@ -132,11 +133,8 @@ class DiscoveryClient(Generic[ChangeT]):
                 was_connected = self.connected
                 self.connected = False
             self.last_error = reason
-            if healthy:
-                backoff = None
-            backoff = (
-                self._backoff_initial if backoff is None else min(backoff * 2, self._backoff_cap)
-            )
+            backoff = next_backoff(None if healthy else backoff,
+                                   initial=self._backoff_initial, cap=self._backoff_cap)
             log.warning(
                 "discovery stream disconnected" if was_connected else "discovery connect failed",
                 node=self.node,

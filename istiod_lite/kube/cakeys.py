@@ -38,7 +38,7 @@ from istiod_lite.ca import (
     self_signed_plugin_files,
     utc_now,
 )
-from istiod_lite.kube.tokenreview import KubeCallError, call_json
+from istiod_lite.kube.client import KubeCallError, call_json
 
 log = structlog.get_logger()
 

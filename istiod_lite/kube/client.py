@@ -1,4 +1,4 @@
-"""The ``kubernetes`` client under Trio.
+"""The ``kubernetes`` client under Trio, and plain-JSON API calls through it.
 
 The official client is synchronous (urllib3 underneath), so every call runs in a worker thread.
 A cancelled Trio task must not wait for a thread blocked on the network: ``run_blocking``
@@ -11,16 +11,19 @@ always ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 import trio
+import urllib3
 from kubernetes import client as kube_client
 from kubernetes import config as kube_config
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -186,3 +189,172 @@ async def open_response_lines(
             pending.abort()
 
     return await run_blocking(open_in_thread, name=name, limiter=limiter, on_abandon=abandon)
+
+
+# -- plain-JSON API calls ------------------------------------------------------------------
+# Both answer plain dicts: ``JsonApi`` calls by path (leader election, the waypoint
+# controller), ``call_json`` runs a generated client method (TokenReview, the CA Secret, the
+# root ConfigMaps).
+
+# (connect, read) seconds for each ``call_json``: a stuck API server must not hang a request.
+REQUEST_TIMEOUT = (5.0, 10.0)
+
+
+class KubeApiError(Exception):
+    """A Kubernetes API call answered with an error status (``status`` 0: no answer)."""
+
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class JsonApi:
+    """Plain-JSON Kubernetes API calls through a ``kubernetes.client.ApiClient`` (its
+    configuration, TLS and bearer token), each in a worker thread so Trio never blocks.
+
+    Objects stay plain dicts, as the rest of istiod_lite reads them; the generated typed
+    models would only be converted back."""
+
+    def __init__(self, api_client: Any, *, request_timeout: float = 10.0) -> None:
+        self.api_client = api_client
+        self.request_timeout = request_timeout
+
+    def _open(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: Any,
+        content_type: str,
+        timeout: float | None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = self.api_client.param_serialize(
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            return self.api_client.call_api(
+                method, url, header_params=headers, body=body, _request_timeout=timeout
+            )
+        except Exception as exc:  # urllib3/ApiException: no HTTP answer at all
+            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: Any,
+        content_type: str,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        response = self._open(method, path, query, body, content_type, timeout)
+        try:
+            data = response.read()
+        except Exception as exc:
+            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
+        finally:
+            response.response.release_conn()
+        if response.status >= 400:
+            raise _error_answer(response, data)
+        try:
+            decoded = json.loads(data) if data else {}
+        except ValueError:
+            decoded = {}
+        if not isinstance(decoded, dict):
+            raise KubeApiError(response.status, "BadResponse", "answer is not a JSON object")
+        return decoded
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """One call; raises ``KubeApiError`` for an error answer or none."""
+        return await run_blocking(
+            lambda: self._call(method, path, query, body, content_type, self.request_timeout),
+            name=f"kube {method} {path}",
+        )
+
+    def open_watch(self, path: str, query: Mapping[str, str], timeout: float) -> Any:
+        """Blocking: start a watch and return its raw streaming response (for
+        ``client.open_response_lines``, which keeps a cancelled open from leaking it)."""
+        response = self._open("GET", path, query, None, "application/json", timeout)
+        if response.status >= 400:
+            data = response.read()
+            response.response.release_conn()
+            raise _error_answer(response, data)
+        return response.response
+
+
+def _error_answer(response: Any, data: bytes) -> KubeApiError:
+    """The error of an HTTP error answer: the reason and message of its Status body, if any."""
+    try:
+        decoded = json.loads(data) if data else {}
+    except ValueError:
+        decoded = {}
+    if not isinstance(decoded, dict):
+        decoded = {}
+    return KubeApiError(
+        response.status,
+        str(decoded.get("reason") or response.reason or ""),
+        str(decoded.get("message") or ""),
+    )
+
+
+class KubeCallError(Exception):
+    """An API call failed; ``status`` is the HTTP status (None: no answer at all)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _status_message(error: ApiException) -> str:
+    """The API server's own Status message if the body is one, else the HTTP reason."""
+    try:
+        body = json.loads(error.body or "")
+        message = body.get("message") if isinstance(body, dict) else None
+    except (TypeError, ValueError):
+        message = None
+    return f"{error.status} {message or error.reason or ''}".strip()
+
+
+async def call_json(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run a generated ``kubernetes`` client method in a worker thread (``run_blocking``; the
+    request timeout bounds an abandoned thread) and return the JSON answer as a dict, without
+    the client's model classes in between. Raises KubeCallError with the status and the
+    server's reason."""
+
+    def blocking() -> dict[str, Any]:
+        try:
+            response = function(
+                *args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs
+            )
+        except ApiException as error:
+            raise KubeCallError(error.status, _status_message(error)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise KubeCallError(None, f"cannot reach the API server: {error}") from None
+        try:
+            data = json.loads(response.data)
+        except ValueError as error:
+            raise KubeCallError(response.status, f"answer is not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise KubeCallError(response.status, "answer is not a JSON object")
+        return data
+
+    return await run_blocking(blocking, name=f"kube {getattr(function, '__name__', 'call')}")

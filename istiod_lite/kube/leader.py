@@ -16,9 +16,8 @@ the sans-IO ``plan_lease_update``; ``LeaderElector`` is the Trio driver.
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,123 +25,11 @@ from typing import Any
 import structlog
 import trio
 
-from istiod_lite.kube.client import run_blocking
+from istiod_lite.kube.client import JsonApi, KubeApiError
 
 logger = structlog.get_logger()
 
 LEASE_API = "/apis/coordination.k8s.io/v1"
-
-
-class KubeApiError(Exception):
-    """A Kubernetes API call answered with an error status (``status`` 0: no answer)."""
-
-    def __init__(self, status: int, reason: str, message: str = "") -> None:
-        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-class JsonApi:
-    """Plain-JSON Kubernetes API calls through a ``kubernetes.client.ApiClient`` (its
-    configuration, TLS and bearer token), each in a worker thread so Trio never blocks.
-
-    Objects stay plain dicts, as the rest of istiod_lite reads them; the generated typed
-    models would only be converted back."""
-
-    def __init__(self, api_client: Any, *, request_timeout: float = 10.0) -> None:
-        self.api_client = api_client
-        self.request_timeout = request_timeout
-
-    def _open(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        body: Any,
-        content_type: str,
-        timeout: float | None,
-    ) -> Any:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        method, url, headers, body, _ = self.api_client.param_serialize(
-            method,
-            path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        try:
-            return self.api_client.call_api(
-                method, url, header_params=headers, body=body, _request_timeout=timeout
-            )
-        except Exception as exc:  # urllib3/ApiException: no HTTP answer at all
-            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        body: Any,
-        content_type: str,
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        response = self._open(method, path, query, body, content_type, timeout)
-        try:
-            data = response.read()
-        except Exception as exc:
-            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
-        finally:
-            response.response.release_conn()
-        try:
-            decoded = json.loads(data) if data else {}
-        except ValueError:
-            decoded = {}
-        if response.status >= 400:
-            raise KubeApiError(
-                response.status,
-                str(decoded.get("reason") or response.reason or ""),
-                str(decoded.get("message") or ""),
-            )
-        if not isinstance(decoded, dict):
-            raise KubeApiError(response.status, "BadResponse", "answer is not a JSON object")
-        return decoded
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any]:
-        """One call; raises ``KubeApiError`` for an error answer or none."""
-        return await run_blocking(
-            lambda: self._call(method, path, query, body, content_type, self.request_timeout),
-            name=f"kube {method} {path}",
-        )
-
-    def open_watch(self, path: str, query: Mapping[str, str], timeout: float) -> Any:
-        """Blocking: start a watch and return its raw streaming response (for
-        ``client.open_response_lines``, which keeps a cancelled open from leaking it)."""
-        response = self._open("GET", path, query, None, "application/json", timeout)
-        if response.status >= 400:
-            data = response.read()
-            response.response.release_conn()
-            try:
-                decoded = json.loads(data)
-            except ValueError:
-                decoded = {}
-            raise KubeApiError(
-                response.status,
-                str(decoded.get("reason") or response.reason or ""),
-                str(decoded.get("message") or ""),
-            )
-        return response.response
 
 
 # -- the sans-IO decision ------------------------------------------------------------------

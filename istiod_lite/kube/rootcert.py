@@ -23,7 +23,7 @@ import structlog
 import trio
 from kubernetes import client as k8s
 
-from istiod_lite.kube.tokenreview import KubeCallError, call_json
+from istiod_lite.kube.client import KubeCallError, call_json
 
 log = structlog.get_logger()
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,5 +128,3 @@ async def kubernetes_parts(config: IstiodConfig) -> KubernetesParts:
         LeaderDuties(api_client, mode, config, ca),
     )
 
-
-SnapshotHook = Callable[[ClusterObjects], Awaitable[None]]

@@ -20,7 +20,6 @@ answers briefly under a hash of the token. Tokens are never logged or kept in cl
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -28,9 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
-import urllib3
 from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.auth import (
@@ -39,7 +36,7 @@ from istiod_lite.auth import (
     Caller,
     bearer_token,
 )
-from istiod_lite.kube.client import run_blocking
+from istiod_lite.kube.client import KubeCallError, call_json
 
 log = structlog.get_logger()
 
@@ -51,60 +48,10 @@ DEFAULT_AUDIENCES = ("istio-ca",)
 DEFAULT_TRUSTED_NODE_ACCOUNTS = frozenset({"istio-system/ztunnel"})
 DEFAULT_CACHE_TTL = 10.0
 DEFAULT_CACHE_SIZE = 10_000
-# (connect, read) seconds for each API call: a stuck API server must not hang a request.
-REQUEST_TIMEOUT = (5.0, 10.0)
 
 SERVICE_ACCOUNT_USER_PREFIX = "system:serviceaccount:"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
-
-
-# --------------------------------------------------------------------------- blocking calls
-
-
-class KubeCallError(Exception):
-    """An API call failed; ``status`` is the HTTP status (None: no answer at all)."""
-
-    def __init__(self, status: int | None, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _status_message(error: ApiException) -> str:
-    """The API server's own Status message if the body is one, else the HTTP reason."""
-    try:
-        body = json.loads(error.body or "")
-        message = body.get("message") if isinstance(body, dict) else None
-    except (TypeError, ValueError):
-        message = None
-    return f"{error.status} {message or error.reason or ''}".strip()
-
-
-async def call_json(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run a generated ``kubernetes`` client method in a worker thread (``run_blocking``; the
-    request timeout bounds an abandoned thread) and return the JSON answer as a dict, without
-    the client's model classes in between. Raises KubeCallError with the status and the
-    server's reason."""
-
-    def blocking() -> dict[str, Any]:
-        try:
-            response = function(
-                *args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs
-            )
-        except ApiException as error:
-            raise KubeCallError(error.status, _status_message(error)) from None
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise KubeCallError(None, f"cannot reach the API server: {error}") from None
-        try:
-            data = json.loads(response.data)
-        except ValueError as error:
-            raise KubeCallError(response.status, f"answer is not JSON: {error}") from None
-        if not isinstance(data, dict):
-            raise KubeCallError(response.status, "answer is not a JSON object")
-        return data
-
-    return await run_blocking(blocking, name=f"kube {getattr(function, '__name__', 'call')}")
 
 
 # --------------------------------------------------------------------------- sans-IO decisions

@@ -30,8 +30,13 @@ from typing import Any
 import structlog
 import trio
 
-from istiod_lite.kube.client import StreamAborted, open_response_lines, run_blocking
-from istiod_lite.kube.leader import JsonApi, KubeApiError
+from istiod_lite.kube.client import (
+    JsonApi,
+    KubeApiError,
+    StreamAborted,
+    open_response_lines,
+    run_blocking,
+)
 from istiod_lite.translate_routes import GATEWAY_NAME_LABEL, HBONE_PORT, is_waypoint
 
 logger = structlog.get_logger()

@@ -17,14 +17,13 @@ from istiod_lite.api.l7 import (
     WaypointAuthorizationAction,
 )
 from waypoint.authz import (
-    HeaderSource,
     L7Decision,
     RequestAttributes,
     claim_strings,
     evaluate,
-    header_values,
     normalize_path,
 )
+from waypoint.http import HeaderSource, header_values
 
 SLEEP = SpiffeId("cluster.local", "demo", "sleep")
 ALLOW = WaypointAuthorizationAction.ALLOW

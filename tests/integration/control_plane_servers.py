@@ -28,9 +28,8 @@ from istiod_lite.api.discovery import (
     Ack,
     DeltaUpdate,
     DiscoveryRequest,
-    ResourceUpdate,
 )
-from istiod_lite.api.model import KIND_BY_TYPE, Resource, Workload, resource_key
+from istiod_lite.api.model import Workload
 from istiod_lite.auth import BootstrapTokenAuthenticator
 from istiod_lite.discovery import ResourceStore
 from istiod_lite.server import IstiodApp, hypercorn_config, serve
@@ -48,15 +47,6 @@ def workload(name: str, node: str, *, namespace: str = "default", sa: str | None
         addresses=(address,),
         service_account=sa or name,
         node=node,
-    )
-
-
-def resource_update(resource: Resource) -> ResourceUpdate:
-    return ResourceUpdate(
-        kind=KIND_BY_TYPE[type(resource)],
-        name=resource_key(resource),
-        version=codec.content_version(resource),
-        resource=codec.to_jsonable(resource),
     )
 
 

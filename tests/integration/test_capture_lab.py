@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import secrets
-import shutil
 import signal
 import struct
 import subprocess
@@ -40,38 +39,13 @@ import trio
 from ambient_common.files import write_atomically
 from ambientctl.lab import Lab, LabPaths, in_netns, run_lab, take_down
 from ambientctl.lab_plan import LabPlan
+from tests.integration.netns_helpers import netns_unusable
 
 # ---------------------------------------------------------------------------------------------
 # Can the lab run here?
 
 
-def _unusable() -> str | None:
-    if os.geteuid() != 0:
-        return "the capture lab needs root (network namespaces, iptables inside them)"
-    for tool, package in (
-        ("ip", "iproute2"),
-        ("iptables-restore", "iptables"),
-        ("tcpdump", "tcpdump"),
-        ("nc", "netcat-openbsd"),
-        ("curl", "curl"),
-    ):
-        if shutil.which(tool) is None:
-            return f"the capture lab needs `{tool}` (`make system-deps` installs {package})"
-    probe = f"capprobe-{os.getpid()}"
-    added = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if added.returncode != 0:
-        return f"`ip netns add` is unusable here: {added.stderr.strip()}"
-    try:
-        rules = subprocess.run(["ip", "netns", "exec", probe, "iptables", "-t", "nat", "-L"],
-                               capture_output=True, text=True)  # fmt: skip
-        if rules.returncode != 0:
-            return f"iptables' nat table is unusable in a namespace: {rules.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
-    return None
-
-
-REASON = _unusable()
+REASON = netns_unusable("iptables-restore", "tcpdump", "nc", "curl", nat_table=True)
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import itertools
 import os
 import re
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.integration.netns_helpers import in_netns, ip, netns_unusable, network_namespaces
 from ztunnel.capture import netns, rules
 from ztunnel.capture.netns import (
     NetnsError,
@@ -30,22 +30,7 @@ from ztunnel.capture.netns import (
 )
 from ztunnel.capture.rules import BYPASS_MARK, PodCapture
 
-
-def _unusable_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and iptables)"
-    for tool in ("ip", "nsenter", "iptables", "iptables-save", "iptables-restore"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make system-deps)"
-    probe = f"altest-{os.getpid()}-probe"
-    added = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if added.returncode != 0:
-        return f"`ip netns add` is unusable here: {added.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-_REASON = _unusable_reason()
+_REASON = netns_unusable("nsenter", "iptables", "iptables-save", "iptables-restore")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 _COUNTER = itertools.count(1)
@@ -68,16 +53,6 @@ class Pair:
         return netns.netns_path(self.peer)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def _in(ns: str, *argv: str) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, *argv], check=True, capture_output=True, text=True
-    ).stdout
-
-
 @pytest.fixture
 def pair() -> Iterator[Pair]:
     n = next(_COUNTER)
@@ -86,22 +61,14 @@ def pair() -> Iterator[Pair]:
     octet = 1 + (pid + n) % 250
     pair = Pair(app, peer, f"10.250.{octet}.1", f"10.250.{octet}.2")
     veth_app, veth_peer = f"alv{pid % 100000}{n}a", f"alv{pid % 100000}{n}b"
-    created: list[str] = []
-    try:
-        for name in (app, peer):
-            _ip("netns", "add", name)
-            created.append(name)
+    with network_namespaces((app, peer)):
         # The veth is made inside `app` and its other end sent to `peer`: never in the host.
-        _ip("-n", app, "link", "add", veth_app, "type", "veth", "peer", "name", veth_peer,
-            "netns", peer)
+        ip("-n", app, "link", "add", veth_app, "type", "veth", "peer", "name", veth_peer,
+           "netns", peer)
         for name, veth, address in ((app, veth_app, pair.app_ip), (peer, veth_peer, pair.peer_ip)):
-            _ip("-n", name, "addr", "add", f"{address}/24", "dev", veth)
-            _ip("-n", name, "link", "set", veth, "up")
-            _ip("-n", name, "link", "set", "lo", "up")
+            ip("-n", name, "addr", "add", f"{address}/24", "dev", veth)
+            ip("-n", name, "link", "set", veth, "up")
         yield pair
-    finally:
-        for name in created:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 async def _accept(listener: trio.SocketListener) -> trio.SocketStream:
@@ -191,17 +158,17 @@ async def test_inbound_goes_to_15006_and_hbone_reaches_15008_directly(pair: Pair
 
 def _normalized_save(ns: str) -> str:
     """``iptables-save`` without its timestamp comments and packet counters."""
-    text = _in(ns, "iptables-save")
+    text = in_netns(ns, "iptables-save")
     lines = [line for line in text.splitlines() if not line.startswith("#")]
     return "\n".join(re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in lines)
 
 
 async def test_cleanup_restores_iptables_save_and_apply_is_idempotent(pair: Pair) -> None:
     # The pod namespace already has rules of its own (a CNI's, say); they must survive.
-    _in(pair.app, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "7777",
-        "-m", "comment", "--comment", "foreign", "-j", "RETURN")
-    _in(pair.app, "iptables", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "7777",
-        "-j", "ACCEPT")
+    in_netns(pair.app, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "7777",
+             "-m", "comment", "--comment", "foreign", "-j", "RETURN")
+    in_netns(pair.app, "iptables", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "7777",
+             "-j", "ACCEPT")
     before = _normalized_save(pair.app)
     assert not await rules.installed(pair.app_path)
 
@@ -295,10 +262,10 @@ async def test_ipv6_pod_outbound_and_inbound(pair: Pair) -> None:
     octet = pair.app_ip.split(".")[2]
     app_ip6, peer_ip6 = f"fd00:250:{octet}::1", f"fd00:250:{octet}::2"
     for name, address in ((pair.app, app_ip6), (pair.peer, peer_ip6)):
-        device = _in(name, "ip", "-o", "link", "show", "type", "veth").split(":")[1].strip()
-        _ip("-n", name, "addr", "add", f"{address}/64", "dev", device.split("@")[0], "nodad")
+        device = in_netns(name, "ip", "-o", "link", "show", "type", "veth").split(":")[1].strip()
+        ip("-n", name, "addr", "add", f"{address}/64", "dev", device.split("@")[0], "nodad")
     await rules.apply(pair.app_path, PodCapture(app_ip6))
-    assert "AMBLITE_OUTPUT" in _in(pair.app, "ip6tables-save", "-t", "nat")
+    assert "AMBLITE_OUTPUT" in in_netns(pair.app, "ip6tables-save", "-t", "nat")
     (outbound,) = await open_tcp_listeners_in(pair.app_path, 15001, "::")
     (inbound,) = await open_tcp_listeners_in(pair.app_path, 15006, app_ip6)
     async with outbound, inbound:
@@ -313,7 +280,7 @@ async def test_ipv6_pod_outbound_and_inbound(pair: Pair) -> None:
             await _roundtrip(client, server)
     await rules.remove(pair.app_path)
     assert not await rules.installed(pair.app_path)
-    assert "AMBLITE" not in _in(pair.app, "ip6tables-save")
+    assert "AMBLITE" not in in_netns(pair.app, "ip6tables-save")
 
 
 async def test_rules_on_a_missing_namespace_fail_with_the_path(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -28,26 +27,12 @@ import trio
 
 from istiod_lite.__main__ import run_istiod
 from istiod_lite.config import IstiodConfig
+from tests.integration.netns_helpers import in_netns, ip, netns_unusable, network_namespaces
 from ztunnel.capture import netns, rules
 from ztunnel.config import ZtunnelConfig
 from ztunnel.proxy import Ztunnel
 
-
-def _unusable_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, iptables, SO_MARK)"
-    for tool in ("ip", "nsenter", "iptables", "iptables-save", "iptables-restore"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make system-deps)"
-    probe = f"alinpod-{os.getpid()}-probe"
-    added = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if added.returncode != 0:
-        return f"`ip netns add` is unusable here: {added.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-_REASON = _unusable_reason()
+_REASON = netns_unusable("nsenter", "iptables", "iptables-save", "iptables-restore")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 _COUNTER = itertools.count(1)
@@ -57,10 +42,6 @@ CLIENT_UID = "Kubernetes//Pod/demo/client"
 SERVER_UID = "Kubernetes//Pod/demo/server"
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/demo/sa/server"
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
 @dataclass
@@ -88,35 +69,26 @@ def topology() -> Iterator[Topology]:
     names = [f"alinpod-{pid}-{n}-{role}" for role in ("node", "client", "server")]
     node, client, server = names
     topo = Topology(node, client, server, f"10.248.{octet}.2", f"10.247.{octet}.2")
-    created: list[str] = []
-    try:
-        for name in names:
-            _ip("netns", "add", name)
-            created.append(name)
-            _ip("-n", name, "link", "set", "lo", "up")
-        subprocess.run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                       check=True, capture_output=True)
+    with network_namespaces(names):
+        in_netns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         for index, (pod, pod_ip) in enumerate(((client, topo.client_ip),
                                                (server, topo.server_ip))):
             gateway = pod_ip.rsplit(".", 1)[0] + ".1"
             node_end, pod_end = f"aln{pid % 10000}{n}{index}", "eth0"
             # Made inside the node namespace, one end moved into the pod: never in the host.
-            _ip("-n", node, "link", "add", node_end, "type", "veth", "peer", "name", pod_end,
-                "netns", pod)
-            _ip("-n", node, "addr", "add", f"{gateway}/24", "dev", node_end)
-            _ip("-n", node, "link", "set", node_end, "up")
-            _ip("-n", pod, "addr", "add", f"{pod_ip}/24", "dev", pod_end)
-            _ip("-n", pod, "link", "set", pod_end, "up")
-            _ip("-n", pod, "route", "add", "default", "via", gateway)
+            ip("-n", node, "link", "add", node_end, "type", "veth", "peer", "name", pod_end,
+               "netns", pod)
+            ip("-n", node, "addr", "add", f"{gateway}/24", "dev", node_end)
+            ip("-n", node, "link", "set", node_end, "up")
+            ip("-n", pod, "addr", "add", f"{pod_ip}/24", "dev", pod_end)
+            ip("-n", pod, "link", "set", pod_end, "up")
+            ip("-n", pod, "route", "add", "default", "via", gateway)
         yield topo
-    finally:
-        for name in created:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def _cluster_yaml(topo: Topology, node_address: str) -> str:
     pods = []
-    for name, ip in (("client", topo.client_ip), ("server", topo.server_ip)):
+    for name, pod_ip in (("client", topo.client_ip), ("server", topo.server_ip)):
         pods.append(f"""\
 apiVersion: v1
 kind: ServiceAccount
@@ -134,8 +106,8 @@ spec:
   containers: [{{name: app, image: example}}]
 status:
   phase: Running
-  podIP: {ip}
-  podIPs: [{{ip: {ip}}}]
+  podIP: {pod_ip}
+  podIPs: [{{ip: {pod_ip}}}]
   conditions: [{{type: Ready, status: "True"}}]
 """)
     return f"""\

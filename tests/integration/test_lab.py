@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -34,22 +33,9 @@ from ambientctl.lab import (
     take_down,
 )
 from ambientctl.lab_plan import plan_lab
+from tests.integration.netns_helpers import netns_unusable
 
-
-def _unusable() -> str | None:
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces)"
-    if shutil.which("ip") is None:
-        return "the lab needs iproute2's `ip`"
-    probe = f"labprobe-{os.getpid()}"
-    added = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if added.returncode != 0:
-        return f"`ip netns add` is unusable here: {added.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
-    return None
-
-
-REASON = _unusable()
+REASON = netns_unusable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 CLUSTER = """\

@@ -11,12 +11,12 @@ import trio
 from istiod_lite.api import codec
 from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate
 from tests.conftest import LoopbackAllocator
+from tests.deltas import resource_update
 from tests.integration.control_plane_servers import (
     ScriptedIstiod,
     StreamScript,
     client_ssl_context,
     ndjson,
-    resource_update,
     start_real_istiod,
     start_scripted_istiod,
     workload,

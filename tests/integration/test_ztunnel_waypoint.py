@@ -22,17 +22,17 @@ import pytest
 import trio
 
 from ambientctl.apps import Socks5ConnectError, http_get
-from istiod_lite.api import codec, kinds, l7
-from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate
+from istiod_lite.api import kinds, l7
+from istiod_lite.api.discovery import DeltaUpdate
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import GatewayAddress
 from tests.conftest import LoopbackAllocator
+from tests.deltas import resource_update
 from tests.integration.control_plane_servers import (
     ScriptedIstiod,
     StreamScript,
     client_ssl_context,
     ndjson,
-    resource_update,
     start_scripted_istiod,
     workload,
 )
@@ -289,13 +289,11 @@ async def test_discovery_request_names_kinds_and_all_kinds_reach_the_state(
 ) -> None:
     pki = TestPki()
     route = l7.HttpRoute("r", "demo", parents=(HTTPBIN_KEY,))
-    route_update = ResourceUpdate("httproute", route.key, codec.content_version(route),
-                                  codec.to_jsonable(route))
     sleep = workload("sleep", "node-1", address="127.0.20.1")
     fake = ScriptedIstiod([
         StreamScript(lines=[ndjson(DeltaUpdate("n1", 1, resources=(resource_update(sleep),)))]),
         StreamScript(lines=[ndjson(DeltaUpdate("n2", 2, resources=(
-            resource_update(sleep), route_update)))]),
+            resource_update(sleep), resource_update(route))))]),
     ])
     url = await start_scripted_istiod(nursery, tmp_path, loopback.new(), pki, fake)
     async with ControlPlaneConnection(url, "token", client_ssl_context(pki)) as connection:

@@ -6,53 +6,28 @@ The state is built the way the proxy builds it, through ``ProxyState.apply`` of 
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import (
-    KIND_BY_TYPE,
     Authorization,
     AuthorizationAction,
     AuthorizationScope,
     Clause,
     Match,
-    Resource,
     Rule,
     TunnelProtocol,
     Workload,
-    resource_key,
 )
+from tests.deltas import delta
 from ztunnel.hbone import HboneRejection
 from ztunnel.inbound import LOOP_GUARD_PORTS, InboundTarget, decide_inbound
 from ztunnel.state import ProxyState
-
-_nonces = itertools.count(1)
 
 ROOT_NAMESPACE = "istio-system"
 NODE = "node-1"
 SLEEP_ID = SpiffeId("cluster.local", "demo", "sleep")
 NOTSLEEP_ID = SpiffeId("cluster.local", "demo", "notsleep")
-
-
-def delta(*resources: Resource) -> DeltaUpdate:
-    nonce = next(_nonces)
-    return DeltaUpdate(
-        nonce=str(nonce),
-        system_version=nonce,
-        resources=tuple(
-            ResourceUpdate(
-                kind=KIND_BY_TYPE[type(r)],
-                name=resource_key(r),
-                version=codec.content_version(r),
-                resource=codec.to_jsonable(r),
-            )
-            for r in resources
-        ),
-    )
 
 
 def pod(

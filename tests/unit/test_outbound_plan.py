@@ -3,16 +3,12 @@ SOCKS5 reply for every refusal -- without sockets."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import pytest
 
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import DeltaUpdate, ResourceRemoval, ResourceUpdate
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import (
-    KIND_BY_TYPE,
     GatewayAddress,
     NetworkAddress,
     PortMapping,
@@ -21,36 +17,17 @@ from istiod_lite.api.model import (
     TunnelProtocol,
     Workload,
     WorkloadStatus,
-    resource_key,
 )
+from tests.deltas import delta
 from ztunnel import socks5
 from ztunnel.outbound import OutboundPlan, OutboundRefused, plan_outbound, service_for_hostname
 from ztunnel.state import ProxyState
 from ztunnel.telemetry import FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE
 
-_nonces = itertools.count(1)
-
 NODE = "node-1"
 HTTPBIN_KEY = "demo/httpbin.demo.svc.cluster.local"
 LEGACY_SVC_KEY = "demo/legacy.demo.svc.cluster.local"
 EMPTY_KEY = "demo/empty.demo.svc.cluster.local"
-
-
-def delta(*resources: Resource) -> DeltaUpdate:
-    nonce = next(_nonces)
-    return DeltaUpdate(
-        nonce=str(nonce),
-        system_version=nonce,
-        resources=tuple(
-            ResourceUpdate(
-                kind=KIND_BY_TYPE[type(r)],
-                name=resource_key(r),
-                version=codec.content_version(r),
-                resource=codec.to_jsonable(r),
-            )
-            for r in resources
-        ),
-    )
 
 
 def pod(
@@ -306,9 +283,7 @@ def test_unavailable_waypoint_refuses_and_never_bypasses(
     state: ProxyState, missing: tuple[tuple[str, str], ...], detail: str, host: str, port: int
 ) -> None:
     with_waypoint(state)
-    upd = delta()
-    state.apply(DeltaUpdate(upd.nonce, upd.system_version,
-                            removed=tuple(ResourceRemoval(k, n) for k, n in missing)))
+    state.apply(delta(removed=missing))
     refused = refusal(state, host, port)
     assert refused.reply_code == socks5.HOST_UNREACHABLE
     assert refused.reason == f"waypoint {WAYPOINT_HOST} is unavailable: {detail}"

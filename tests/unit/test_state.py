@@ -8,7 +8,7 @@ import pytest
 
 from istiod_lite.api import codec, kinds, l7
 from istiod_lite.api.codec import DecodeError
-from istiod_lite.api.discovery import DeltaUpdate, ResourceRemoval, ResourceUpdate, versioned_key
+from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import (
     Authorization,
@@ -26,31 +26,9 @@ from istiod_lite.api.model import (
     Workload,
     WorkloadStatus,
 )
+from tests.deltas import delta
 from ztunnel.authz import ConnectionAttributes, evaluate
 from ztunnel.state import KINDS, ProxyState, ResolveError
-
-_nonce = 0
-
-
-def update(
-    *resources: kinds.AnyResource, removed: tuple[tuple[str, str], ...] = ()
-) -> DeltaUpdate:
-    global _nonce
-    _nonce += 1
-    return DeltaUpdate(
-        nonce=str(_nonce),
-        system_version=_nonce,
-        resources=tuple(
-            ResourceUpdate(
-                kind=kinds.KIND_BY_TYPE[type(r)],
-                name=kinds.resource_key(r),
-                version=codec.content_version(r),
-                resource=codec.to_jsonable(r),
-            )
-            for r in resources
-        ),
-        removed=tuple(ResourceRemoval(kind, name) for kind, name in removed),
-    )
 
 
 def pod(
@@ -111,7 +89,7 @@ NODE_1 = Node("node-1", "127.0.10.1")
 @pytest.fixture
 def state() -> ProxyState:
     proxy_state = ProxyState()
-    proxy_state.apply(update(WEB, WEB_1, WEB_2, SLEEP, NODE_1))
+    proxy_state.apply(delta(WEB, WEB_1, WEB_2, SLEEP, NODE_1))
     return proxy_state
 
 
@@ -131,7 +109,7 @@ def test_apply_indexes_everything(state: ProxyState) -> None:
 
 def test_first_apply_reports_additions() -> None:
     proxy_state = ProxyState()
-    change = proxy_state.apply(update(WEB, WEB_1, NODE_1))
+    change = proxy_state.apply(delta(WEB, WEB_1, NODE_1))
     assert change.workloads.added == {WEB_1.uid}
     assert change.services.added == {WEB_KEY}
     assert change.nodes.added == {"node-1"}
@@ -146,7 +124,7 @@ def test_known_versions_track_updates_and_removals(state: ProxyState) -> None:
     assert versions[versioned_key("service", WEB_KEY)] == codec.content_version(WEB)
     assert len(versions) == 5
     moved = pod("web-1", "10.0.0.11", services=(WEB_KEY,), sa="web")
-    state.apply(update(moved, removed=(("node", "node-1"),)))
+    state.apply(delta(moved, removed=(("node", "node-1"),)))
     versions = state.known_versions()
     assert versions[versioned_key("workload", WEB_1.uid)] == codec.content_version(moved)
     assert versioned_key("node", "node-1") not in versions
@@ -157,7 +135,7 @@ def test_known_versions_track_updates_and_removals(state: ProxyState) -> None:
 
 def test_update_moves_indexes(state: ProxyState) -> None:
     moved = pod("web-1", "10.0.0.11", services=(), sa="web")
-    change = state.apply(update(moved))
+    change = state.apply(delta(moved))
     assert change.workloads.updated == {WEB_1.uid}
     assert not change.workloads.added and not change.workloads.removed
     assert state.workload_by_address("10.0.0.1") is None
@@ -167,13 +145,13 @@ def test_update_moves_indexes(state: ProxyState) -> None:
 
 def test_resending_identical_content_changes_nothing(state: ProxyState) -> None:
     generation = state.generation
-    change = state.apply(update(WEB_1, WEB))
+    change = state.apply(delta(WEB_1, WEB))
     assert change.empty
     assert state.generation == generation == change.generation
 
 
 def test_removals(state: ProxyState) -> None:
-    change = state.apply(update(removed=(("workload", WEB_1.uid), ("service", WEB_KEY))))
+    change = state.apply(delta(removed=(("workload", WEB_1.uid), ("service", WEB_KEY))))
     assert change.workloads.removed == {WEB_1.uid}
     assert change.services.removed == {WEB_KEY}
     assert state.workload_by_address("10.0.0.1") is None
@@ -181,7 +159,7 @@ def test_removals(state: ProxyState) -> None:
     assert state.endpoints(WEB_KEY) == [WEB_2]
     assert state.workload(WEB_1.uid) is None
     # Removing what is not there is harmless and reports nothing.
-    assert state.apply(update(removed=(("workload", "nope"),))).empty
+    assert state.apply(delta(removed=(("workload", "nope"),))).empty
 
 
 def test_bad_resource_keeps_the_whole_old_state(state: ProxyState) -> None:
@@ -189,7 +167,7 @@ def test_bad_resource_keeps_the_whole_old_state(state: ProxyState) -> None:
     good = pod("new", "10.0.0.50")
     bad = ResourceUpdate("workload", "Kubernetes//Pod/demo/bad", "v1",
                          {"uid": "Kubernetes//Pod/demo/bad", "name": "bad"})
-    upd = update(good, removed=(("workload", WEB_1.uid),))
+    upd = delta(good, removed=(("workload", WEB_1.uid),))
     upd = DeltaUpdate(upd.nonce, upd.system_version, upd.resources + (bad,), upd.removed)
     with pytest.raises(DecodeError, match="workload/Kubernetes//Pod/demo/bad"):
         state.apply(upd)
@@ -236,17 +214,17 @@ def test_decode_errors_name_the_resource(
 
 def test_unknown_removal_kind_and_update_plus_removal_are_rejected(state: ProxyState) -> None:
     with pytest.raises(DecodeError, match="unknown resource kind 'pod'"):
-        state.apply(update(removed=(("pod", "x"),)))
+        state.apply(delta(removed=(("pod", "x"),)))
     with pytest.raises(DecodeError, match="both updated and removed"):
-        state.apply(update(WEB_1, removed=(("workload", WEB_1.uid),)))
+        state.apply(delta(WEB_1, removed=(("workload", WEB_1.uid),)))
     assert state.workload(WEB_1.uid) == WEB_1
 
 
 def test_address_reuse_latest_writer_wins(state: ProxyState) -> None:
     reused = pod("web-1-new", "10.0.0.1")
-    state.apply(update(reused))
+    state.apply(delta(reused))
     assert state.workload_by_address("10.0.0.1") == reused
-    state.apply(update(removed=(("workload", reused.uid),)))
+    state.apply(delta(removed=(("workload", reused.uid),)))
     assert state.workload_by_address("10.0.0.1") == WEB_1
 
 
@@ -255,7 +233,7 @@ def test_addresses_are_canonical_and_per_network() -> None:
     v6 = pod("v6", "fd00:0:0::1")
     other_net = Service("s", "demo", "s.demo", (NetworkAddress("net-2", "10.96.0.20"),),
                         (PortMapping(80, 80),))
-    proxy_state.apply(update(v6, other_net))
+    proxy_state.apply(delta(v6, other_net))
     assert proxy_state.workload_by_address("fd00::1") == v6
     assert proxy_state.service_by_address("10.96.0.20") is None
     assert proxy_state.service_by_address("10.96.0.20", network="net-2") == other_net
@@ -268,7 +246,7 @@ def test_local_workloads_and_identities() -> None:
     captured_a2 = pod("a-2", "10.0.1.2", sa="a")
     not_enrolled = pod("legacy", "10.0.1.3", protocol=TunnelProtocol.NONE)
     elsewhere = pod("b", "10.0.1.4", node="node-2")
-    proxy_state.apply(update(captured_a, captured_a2, not_enrolled, elsewhere))
+    proxy_state.apply(delta(captured_a, captured_a2, not_enrolled, elsewhere))
     assert proxy_state.local_workloads("node-1") == [captured_a, captured_a2]
     assert proxy_state.local_workloads("node-1", hbone_only=False) == [
         captured_a, captured_a2, not_enrolled
@@ -276,7 +254,7 @@ def test_local_workloads_and_identities() -> None:
     assert proxy_state.local_identities("node-1") == {SpiffeId("cluster.local", "demo", "a")}
     assert proxy_state.local_identities("node-9") == set()
     # Moving a pod to another node moves its identity.
-    proxy_state.apply(update(pod("b", "10.0.1.4", node="node-1")))
+    proxy_state.apply(delta(pod("b", "10.0.1.4", node="node-1")))
     assert SpiffeId("cluster.local", "demo", "b") in proxy_state.local_identities("node-1")
     assert proxy_state.local_workloads("node-2") == []
 
@@ -293,7 +271,7 @@ class TestPolicyScoping:
         proxy_state = ProxyState()
         web = pod("web", "10.0.2.1", policies=("demo/web-only", "demo/missing"))
         ops = pod("tool", "10.0.2.2", namespace="ops")
-        proxy_state.apply(update(self.GLOBAL, self.GLOBAL_ELSEWHERE, self.DEMO_NS,
+        proxy_state.apply(delta(self.GLOBAL, self.GLOBAL_ELSEWHERE, self.DEMO_NS,
                                  self.OPS_NS, self.SELECTOR, self.OTHER_SELECTOR, web, ops))
         return proxy_state, web, ops
 
@@ -310,7 +288,7 @@ class TestPolicyScoping:
 
     def test_removed_policy_stops_applying(self) -> None:
         proxy_state, web, _ = self.make()
-        change = proxy_state.apply(update(removed=(("authorization", "istio-system/mesh-wide"),
+        change = proxy_state.apply(delta(removed=(("authorization", "istio-system/mesh-wide"),
                                                    ("authorization", "demo/ns-wide"))))
         assert change.authorizations.removed == {"istio-system/mesh-wide", "demo/ns-wide"}
         assert proxy_state.policies_for(web) == [self.SELECTOR]
@@ -318,7 +296,7 @@ class TestPolicyScoping:
     def test_scope_change_reindexes(self) -> None:
         proxy_state, web, ops = self.make()
         now_global = authz("ns-wide", "ops", AuthorizationScope.GLOBAL)
-        proxy_state.apply(update(Authorization("ns-wide", "ops", AuthorizationScope.GLOBAL,
+        proxy_state.apply(delta(Authorization("ns-wide", "ops", AuthorizationScope.GLOBAL,
                                                AuthorizationAction.DENY)))
         assert proxy_state.policies_for(ops) == [self.GLOBAL]
         assert proxy_state.policies_for(ops, root_namespace="ops") == [now_global]
@@ -335,7 +313,7 @@ class TestPolicyScoping:
                            Match(principals=("cluster.local/ns/demo/sa/sleep",)))
         web = pod("web", "10.0.2.1", policies=("demo/web-only",))
         other = pod("other", "10.0.2.3")
-        proxy_state.apply(update(strict, only_sleep, web, other))
+        proxy_state.apply(delta(strict, only_sleep, web, other))
         sleep = SpiffeId("cluster.local", "demo", "sleep")
         admin = SpiffeId("cluster.local", "ops", "admin")
 
@@ -364,7 +342,7 @@ def test_resolve_skips_unhealthy_and_addressless(state: ProxyState) -> None:
     sick = pod("web-2", "10.0.0.2", services=(WEB_KEY,), sa="web",
                status=WorkloadStatus.UNHEALTHY)
     no_ip = pod("web-3", "", services=(WEB_KEY,), sa="web")
-    state.apply(update(sick, no_ip))
+    state.apply(delta(sick, no_ip))
     assert len(state.endpoints(WEB_KEY)) == 3
     assert {state.resolve("10.96.0.10", 80).workload for _ in range(5)} == {WEB_1}
 
@@ -372,7 +350,7 @@ def test_resolve_skips_unhealthy_and_addressless(state: ProxyState) -> None:
 def test_resolve_errors(state: ProxyState) -> None:
     with pytest.raises(ResolveError, match=f"service {WEB_KEY} has no port 443"):
         state.resolve("10.96.0.10", 443)
-    state.apply(update(removed=(("workload", WEB_1.uid), ("workload", WEB_2.uid))))
+    state.apply(delta(removed=(("workload", WEB_1.uid), ("workload", WEB_2.uid))))
     with pytest.raises(ResolveError, match="has no healthy endpoint") as raised:
         state.resolve("10.96.0.10", 80)
     assert raised.value.reason == f"service {WEB_KEY} has no healthy endpoint"
@@ -383,14 +361,14 @@ def test_resolve_errors(state: ProxyState) -> None:
 def test_resolve_target_port_zero_keeps_service_port() -> None:
     proxy_state = ProxyState()
     service = svc("db", "10.96.0.30", (5432, 0))
-    proxy_state.apply(update(service, pod("db-0", "10.0.3.1",
+    proxy_state.apply(delta(service, pod("db-0", "10.0.3.1",
                                           services=("demo/db.demo.svc.cluster.local",))))
     assert proxy_state.resolve("10.96.0.30", 5432).port == 5432
 
 
 def test_resolve_workload_and_passthrough(state: ProxyState) -> None:
     legacy = pod("legacy", "10.0.0.40", protocol=TunnelProtocol.NONE)
-    state.apply(update(legacy))
+    state.apply(delta(legacy))
     direct = state.resolve("10.0.0.1", 8080)
     assert (direct.kind, direct.workload, direct.address, direct.use_hbone) == (
         "workload", WEB_1, ("10.0.0.1", 8080), True)
@@ -410,7 +388,7 @@ def test_resolve_to_plaintext_endpoint_and_waypoint() -> None:
                       (PortMapping(80, 8080),), waypoint=waypoint)
     endpoint = pod("api-0", "10.0.4.1", services=("demo/api.demo",),
                    protocol=TunnelProtocol.NONE)
-    proxy_state.apply(update(service, endpoint))
+    proxy_state.apply(delta(service, endpoint))
     destination = proxy_state.resolve("10.96.0.40", 80)
     assert not destination.use_hbone
     assert destination.waypoint == waypoint
@@ -422,7 +400,7 @@ def test_round_robin_is_per_service() -> None:
     b = svc("b", "10.96.1.2", (80, 80))
     keys = ("demo/a.demo.svc.cluster.local", "demo/b.demo.svc.cluster.local")
     one, two = pod("x-1", "10.0.5.1", services=keys), pod("x-2", "10.0.5.2", services=keys)
-    proxy_state.apply(update(a, b, one, two))
+    proxy_state.apply(delta(a, b, one, two))
     assert proxy_state.resolve("10.96.1.1", 80).workload == one
     assert proxy_state.resolve("10.96.1.2", 80).workload == one
     assert proxy_state.resolve("10.96.1.1", 80).workload == two
@@ -462,7 +440,7 @@ def test_every_kind_is_known_to_the_state() -> None:
 
 
 def test_l7_kinds_are_stored_versioned_and_listed_by_key(state: ProxyState) -> None:
-    change = state.apply(update(*L7_RESOURCES))
+    change = state.apply(delta(*L7_RESOURCES))
     assert change.of("httproute").added == {ROUTE_A.key, ROUTE_B.key}
     assert change.of("jwtpolicy").added == {JWT.key}
     assert not change.of("workload") and not change.workloads and not change.empty
@@ -486,12 +464,12 @@ def test_l7_kinds_are_stored_versioned_and_listed_by_key(state: ProxyState) -> N
 
 def test_l7_changes_removals_and_dump(state: ProxyState) -> None:
     assert "httproute" not in state.dump()  # a ztunnel's dump shows only what it holds
-    state.apply(update(*L7_RESOURCES))
+    state.apply(delta(*L7_RESOURCES))
     generation = state.generation
-    assert state.apply(update(ROUTE_A)).empty  # identical content
+    assert state.apply(delta(ROUTE_A)).empty  # identical content
     assert state.generation == generation
     changed = l7.HttpRoute("a-route", "demo", hostnames=("web.example",))
-    change = state.apply(update(changed, removed=(("tcproute", TCP_ROUTE.key),)))
+    change = state.apply(delta(changed, removed=(("tcproute", TCP_ROUTE.key),)))
     assert change.of("httproute").updated == {ROUTE_A.key}
     assert change.of("tcproute").removed == {TCP_ROUTE.key}
     assert state.resources("httproute") == [changed, ROUTE_B]
@@ -505,7 +483,7 @@ def test_l7_changes_removals_and_dump(state: ProxyState) -> None:
 
 def test_bad_l7_resource_rejects_the_whole_update(state: ProxyState) -> None:
     before = (state.dump(), state.known_versions(), state.generation)
-    good = update(ROUTE_A, pod("new", "10.0.0.50"))
+    good = delta(ROUTE_A, pod("new", "10.0.0.50"))
     bad = ResourceUpdate("ratelimit", "demo/broken", "v1",
                          {"name": "broken", "namespace": "demo", "targets": [WEB_KEY]})
     with pytest.raises(DecodeError, match="ratelimit/demo/broken: missing required field"):
@@ -531,7 +509,7 @@ def test_waypoint_workload_round_robins_healthy_instances() -> None:
     proxy_state = ProxyState()
     sick = pod("waypoint-0", "10.0.9.0", services=(WAYPOINT_KEY,), sa="waypoint",
                status=WorkloadStatus.UNHEALTHY)
-    proxy_state.apply(update(WAYPOINT_SVC, sick, WAYPOINT_1, WAYPOINT_2))
+    proxy_state.apply(delta(WAYPOINT_SVC, sick, WAYPOINT_1, WAYPOINT_2))
     gateway = GatewayAddress(WAYPOINT_HOST)
     chosen = [proxy_state.waypoint_workload(gateway) for _ in range(3)]
     assert chosen == [WAYPOINT_1, WAYPOINT_2, WAYPOINT_1]
@@ -559,7 +537,7 @@ def test_unresolvable_waypoint_says_why(destination: str, reason: str) -> None:
     proxy_state = ProxyState()
     sick = pod("waypoint-3", "10.0.9.3", services=(WAYPOINT_KEY,), sa="waypoint",
                status=WorkloadStatus.UNHEALTHY)
-    proxy_state.apply(update(WAYPOINT_SVC, sick))
+    proxy_state.apply(delta(WAYPOINT_SVC, sick))
     with pytest.raises(ResolveError) as caught:
         proxy_state.waypoint_workload(GatewayAddress(destination))
     assert caught.value.reason == reason
@@ -572,6 +550,6 @@ def test_endpoint_waypoint_is_not_the_service_waypoint() -> None:
     endpoint = Workload(uid="Kubernetes//Pod/demo/api-0", name="api-0", namespace="demo",
                         addresses=("10.0.4.1",), service_account="api", node="node-1",
                         services=("demo/api.demo.svc.cluster.local",), waypoint=gateway)
-    proxy_state.apply(update(svc("api", "10.96.0.41", (80, 8080)), endpoint))
+    proxy_state.apply(delta(svc("api", "10.96.0.41", (80, 8080)), endpoint))
     assert proxy_state.resolve("10.96.0.41", 80).waypoint is None
     assert proxy_state.resolve("10.0.4.1", 8080).waypoint == gateway

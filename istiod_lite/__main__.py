@@ -34,7 +34,7 @@ from istiod_lite.discovery import ResourceStore
 from istiod_lite.server import IstiodApp, hypercorn_config, serve
 from istiod_lite.sources.file import FileSource
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate import MeshConfig, translate
+from istiod_lite.translate import IncrementalTranslator, MeshConfig
 
 log = structlog.get_logger()
 
@@ -120,9 +120,10 @@ async def feed_store(
 ) -> None:
     """Translate every snapshot of the cluster into the store; a failed translation keeps the
     last good resource set (and is logged) instead of serving a partial one."""
+    translator = IncrementalTranslator(mesh)
     async for objects in receive:
         try:
-            resources = translate(objects, mesh)
+            resources = translator.translate(objects)
         except Exception:
             log.exception("translation failed; still serving the previous resources")
             continue

@@ -23,20 +23,27 @@ def convert_each(
     the latter with a warning naming the object and the reason."""
     converted: list[T] = []
     for key in sorted(objects):
-        obj = objects[key]
-        try:
-            result = convert(obj)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            logger.warning(
-                "object not translated",
-                kind=obj.get("kind") if isinstance(obj, dict) else None,
-                key=key,
-                reason=f"{type(exc).__name__}: {exc}",
-            )
-            continue
+        result = convert_one(key, objects[key], convert)
         if result is not None:
             converted.append(result)
     return converted
+
+
+def convert_one(
+    key: str, obj: dict[str, Any], convert: Callable[[dict[str, Any]], T | None]
+) -> T | None:
+    """``convert(obj)``, or None with a warning naming the object and the reason if it is
+    broken."""
+    try:
+        return convert(obj)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        logger.warning(
+            "object not translated",
+            kind=obj.get("kind") if isinstance(obj, dict) else None,
+            key=key,
+            reason=f"{type(exc).__name__}: {exc}",
+        )
+        return None
 
 
 def name_of(obj: Mapping[str, Any]) -> str:

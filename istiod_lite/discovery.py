@@ -53,18 +53,36 @@ T = TypeVar("T")
 
 # How many recently sent nonces a subscriber remembers, to attribute late ACKs.
 _REMEMBERED_NONCES = 32
+# How many recent changes the store remembers the keys of: a subscriber that fell further
+# behind is diffed against the whole set instead.
+_REMEMBERED_CHANGES = 64
 
 
 def compute_delta(
-    held: Mapping[str, str], current: Mapping[str, tuple[str, T]]
+    held: Mapping[str, str],
+    current: Mapping[str, tuple[str, T]],
+    touched: Iterable[str] | None = None,
 ) -> tuple[list[tuple[str, str, T]], list[str]]:
     """What a client holding ``held`` (key -> version) needs to reach ``current``
     (key -> (version, value)).
 
     Returns ``(updates, removals)``: updates are ``(key, version, value)`` for every key the
     client lacks or holds at another version; removals are the keys it holds that no longer
-    exist. Both are sorted by key so that deltas are deterministic.
+    exist. Both are sorted by key so that deltas are deterministic. ``touched``, when known,
+    are the only keys that can differ (the changes since the client was last in sync): then
+    only they are compared, instead of the whole set.
     """
+    if touched is not None:
+        updates = []
+        removals = []
+        for key in sorted(set(touched)):
+            entry = current.get(key)
+            if entry is None:
+                if key in held:
+                    removals.append(key)
+            elif held.get(key) != entry[0]:
+                updates.append((key, entry[0], entry[1]))
+        return updates, removals
     updates = [
         (key, version, value)
         for key, (version, value) in sorted(current.items())
@@ -202,6 +220,12 @@ class ResourceStore:
         # kinds -> the current resources of those kinds, built once per change and shared by
         # every subscriber asking for the same kinds.
         self._snapshots: dict[frozenset[str], dict[str, tuple[str, StoredResource]]] = {}
+        # system version -> the keys that changed or went away in that change.
+        self._changes: OrderedDict[int, frozenset[str]] = OrderedDict()
+        # kinds -> every current resource of those kinds as ResourceUpdates and as the JSON
+        # of that list: what a subscriber starting from nothing is sent, built once per
+        # change however many proxies (re)connect.
+        self._full_sets: dict[frozenset[str], tuple[tuple[ResourceUpdate, ...], str]] = {}
 
     # -- the resource set ----------------------------------------------------------------
 
@@ -218,18 +242,28 @@ class ResourceStore:
         """Make ``resources`` the complete current set. Returns whether anything changed;
         only then is ``system_version`` bumped and are subscribers woken."""
         new: dict[str, StoredResource] = {}
+        touched: set[str] = set()
         for resource in resources:
-            stored = self._reuse(resource) or StoredResource.of(resource)
+            stored = self._reuse(resource)
+            if stored is None:
+                stored = StoredResource.of(resource)
+                held = self._current.get(stored.key)
+                if held is None or held.version != stored.version:
+                    touched.add(stored.key)
             if stored.key in new:
                 log.warning("duplicate resource key, keeping the last one", key=stored.key)
             new[stored.key] = stored
+        touched.update(key for key in self._current if key not in new)
         first = not self._initialized.is_set()
-        changed = first or _versions(new) != _versions(self._current)
-        if not changed:
+        if not first and not touched:
             return False
         self._current = new
         self._snapshots.clear()
+        self._full_sets.clear()
         self.system_version += 1
+        self._changes[self.system_version] = frozenset(touched)
+        while len(self._changes) > _REMEMBERED_CHANGES:
+            self._changes.popitem(last=False)
         self._initialized.set()
         woken, self._changed = self._changed, trio.Event()
         woken.set()
@@ -237,9 +271,21 @@ class ResourceStore:
             "resource set updated",
             system_version=self.system_version,
             resources=len(new),
+            changed=len(touched),
             subscribers=len(self._subscribers),
         )
         return True
+
+    def changed_since(self, version: int) -> frozenset[str] | None:
+        """The keys changed or removed after ``version``, or None if the store no longer
+        remembers that far back."""
+        if version == self.system_version:
+            return frozenset()
+        if version + 1 not in self._changes:
+            return None
+        return frozenset().union(
+            *(self._changes[v] for v in range(version + 1, self.system_version + 1))
+        )
 
     def _reuse(self, resource: AnyResource) -> StoredResource | None:
         """The stored form of an unchanged resource: comparing frozen dataclasses is far
@@ -249,7 +295,10 @@ class ResourceStore:
         if kind is None:
             return None
         held = self._current.get(versioned_key(kind, resource_key(resource)))
-        return held if held is not None and held.resource == resource else None
+        if held is None:
+            return None
+        # The translator hands unchanged resources over as the very same objects.
+        return held if held.resource is resource or held.resource == resource else None
 
     def versions(self) -> dict[str, str]:
         """key ("kind/name") -> content version of everything current."""
@@ -321,19 +370,38 @@ class ResourceStore:
         return matched
 
     def encode_line(self, update: DeltaUpdate) -> bytes:
-        """``update`` as one NDJSON line, reusing each resource's JSON from the store (the
-        same bytes as encoding the whole DeltaUpdate, without re-encoding per subscriber)."""
+        """``update`` as one NDJSON line, reusing the JSON already encoded in the store: each
+        resource's, and a whole full set's (the same bytes as encoding the DeltaUpdate,
+        without re-encoding per subscriber)."""
+        head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
+        removed = _compact_json(codec.to_jsonable(update.removed))
+        return (f'{head[:-1]},"resources":[{self._resources_json(update.resources)}],'
+                f'"removed":{removed}}}\n').encode()
+
+    def _resources_json(self, resources: tuple[ResourceUpdate, ...]) -> str:
+        for full_set, encoded in self._full_sets.values():
+            if resources is full_set:
+                return encoded
         parts = []
-        for item in update.resources:
+        for item in resources:
             stored = self._current.get(versioned_key(item.kind, item.name))
             if stored is not None and stored.version == item.version:
                 parts.append(stored.update_json)
             else:  # replaced since the delta was computed: encode this one item
                 parts.append(_compact_json(codec.to_jsonable(item)))
-        removed = _compact_json(codec.to_jsonable(update.removed))
-        head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
-        return (f'{head[:-1]},"resources":[{",".join(parts)}],"removed":{removed}}}\n'
-                .encode())
+        return ",".join(parts)
+
+    def _full_set(self, kinds: frozenset[str]) -> tuple[ResourceUpdate, ...]:
+        """Every current resource of ``kinds`` as updates, sorted by key."""
+        full = self._full_sets.get(kinds)
+        if full is None:
+            stored = [s for _key, (_v, s) in sorted(self._snapshot(kinds).items())]
+            full = (
+                tuple(_resource_update(s) for s in stored),
+                ",".join(s.update_json for s in stored),
+            )
+            self._full_sets[kinds] = full
+        return full[0]
 
     def _snapshot(self, kinds: frozenset[str]) -> dict[str, tuple[str, StoredResource]]:
         """The current resources of ``kinds``: what a subscriber to them should hold."""
@@ -344,6 +412,12 @@ class ResourceStore:
             }
             self._snapshots[kinds] = snapshot
         return snapshot
+
+
+def _resource_update(stored: StoredResource) -> ResourceUpdate:
+    return ResourceUpdate(
+        kind=stored.kind, name=stored.name, version=stored.version, resource=stored.encoded
+    )
 
 
 def _versions(resources: Mapping[str, StoredResource]) -> dict[str, str]:
@@ -360,6 +434,8 @@ class Subscription:
         self._store = store
         self.status = status
         self._held = held
+        # The store version ``_held`` was brought to (None: what the proxy said it holds).
+        self._synced: int | None = None
         self._sent_first = False
 
     def __enter__(self) -> Subscription:
@@ -387,23 +463,30 @@ class Subscription:
         """The pending delta if there is one, without waiting (the first one is always
         pending once the store is initialized, even if empty: it tells the proxy it is in
         sync)."""
-        if not self._store.initialized:
+        store = self._store
+        if not store.initialized:
             return None
-        updates, removals = compute_delta(self._held, self._store._snapshot(self.status.kinds))
-        if self._sent_first and not updates and not removals:
+        kinds = self.status.kinds
+        if not self._held:  # a proxy starting from nothing gets the shared full set
+            resources = store._full_set(kinds)
+            removals: list[str] = []
+            self._held = {versioned_key(r.kind, r.name): r.version for r in resources}
+        else:
+            touched = None if self._synced is None else store.changed_since(self._synced)
+            updates, removals = compute_delta(self._held, store._snapshot(kinds), touched)
+            for key, version, _ in updates:
+                self._held[key] = version
+            for key in removals:
+                del self._held[key]
+            resources = tuple(_resource_update(s) for _key, _version, s in updates)
+        self._synced = store.system_version
+        if self._sent_first and not resources and not removals:
             return None
         self._sent_first = True
-        for key, version, _ in updates:
-            self._held[key] = version
-        for key in removals:
-            del self._held[key]
         update = DeltaUpdate(
             nonce=secrets.token_hex(8),
-            system_version=self._store.system_version,
-            resources=tuple(
-                ResourceUpdate(kind=s.kind, name=s.name, version=version, resource=s.encoded)
-                for _key, version, s in updates
-            ),
+            system_version=store.system_version,
+            resources=resources,
             removed=tuple(ResourceRemoval(*split_versioned_key(key)) for key in removals),
         )
         self._record_sent(update)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import structlog
@@ -64,8 +64,15 @@ from istiod_lite.api.model import (
     WorkloadStatus,
     resource_key,
 )
-from istiod_lite.convert import convert_each, labels_of, name_of, namespace_of, service_hostname
-from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.convert import (
+    convert_each,
+    convert_one,
+    labels_of,
+    name_of,
+    namespace_of,
+    service_hostname,
+)
+from istiod_lite.sources.objects import CLUSTER_OBJECT_FIELDS, ClusterObjects
 from istiod_lite.translate_routes import (
     GATEWAY_NAME_LABEL,
     route_resources,
@@ -139,15 +146,132 @@ def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, st
 def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[AnyResource]:
     """Everything the proxies should know, sorted by kind then key (stable output): the L4
     model, the waypoints' Services and Workloads, and the L7 resources waypoints read."""
-    mesh = mesh or MeshConfig()
-    l4 = _Translator(objects, mesh).run()
-    waypoints = sorted(waypoint_resources(objects, mesh), key=resource_key)
-    return [
-        *l4,
-        *waypoints,
-        *route_resources(objects, mesh),
-        *security_resources(objects, mesh),
-    ]
+    return IncrementalTranslator(mesh).translate(objects)
+
+
+class IncrementalTranslator:
+    """Translates successive snapshots of one cluster, as istiod's source loop does.
+
+    Pods change far more often than anything else (every rollout, every scale-up), and at
+    10,000 pods translating the whole cluster per change is what bounds how fast a change
+    reaches the proxies. Sources hand over the very same dict for an object that did not
+    change, so when only pods changed, only the pods that are new or different are
+    translated again, plus what reads pods (Services with a named ``targetPort``, embedded
+    waypoints); any other change translates everything, since a Service, namespace, node,
+    policy or Gateway can change any workload. Either way the result equals
+    ``translate(objects)``."""
+
+    def __init__(self, mesh: MeshConfig | None = None) -> None:
+        self.mesh = mesh or MeshConfig()
+        self._last: _Translation | None = None
+
+    def translate(self, objects: ClusterObjects) -> list[AnyResource]:
+        last = self._last
+        if last is None or not _same_except_pods(last.objects, objects):
+            translation = _Translation.full(objects, self.mesh)
+        elif _same_objects(last.objects.pods, objects.pods):
+            translation = last
+        else:
+            translation = last.with_pods(objects)
+        self._last = translation  # only once it succeeded: a failure keeps the last good one
+        return translation.resources()
+
+
+@dataclass(frozen=True)
+class _Translation:
+    """One snapshot's results, kept per object so that the next snapshot can reuse them."""
+
+    objects: ClusterObjects
+    mesh: MeshConfig
+    selector_policies: list[_SelectorPolicy]
+    nodes: list[Resource]
+    authorizations: list[Resource]
+    services: dict[str, Service | None]  # Service key -> result (None: left out)
+    workloads: dict[str, tuple[dict[str, Any], Workload | None]]  # pod key -> (pod, result)
+    waypoints: list[Resource]
+    l7: list[AnyResource]
+
+    @classmethod
+    def full(cls, objects: ClusterObjects, mesh: MeshConfig) -> _Translation:
+        translator = _Translator(objects, mesh, [])
+        # Authorizations first: workloads list the selector-scoped ones that select them.
+        authorizations: list[Resource] = [
+            *convert_each(objects.authorization_policies, translator._authorization),
+            *convert_each(objects.peer_authentications, translator._peer_authentication),
+        ]
+        return cls(
+            objects=objects,
+            mesh=mesh,
+            selector_policies=translator.selector_policies,
+            nodes=sorted(convert_each(objects.nodes, translator._node), key=resource_key),
+            authorizations=sorted(authorizations, key=resource_key),
+            services={
+                key: convert_one(key, service, translator._service)
+                for key, service in objects.services.items()
+            },
+            workloads={
+                key: (pod, convert_one(key, pod, translator._workload))
+                for key, pod in objects.pods.items()
+            },
+            waypoints=sorted(waypoint_resources(objects, mesh), key=resource_key),
+            l7=[*route_resources(objects, mesh), *security_resources(objects, mesh)],
+        )
+
+    def with_pods(self, objects: ClusterObjects) -> _Translation:
+        """This translation for ``objects``, which differs from ours in pods only."""
+        translator = _Translator(objects, self.mesh, self.selector_policies)
+        workloads = {}
+        for key, pod in objects.pods.items():
+            held = self.workloads.get(key)
+            if held is None or held[0] is not pod:
+                held = (pod, convert_one(key, pod, translator._workload))
+            workloads[key] = held
+        services = dict(self.services)
+        for key, service in objects.services.items():
+            if _reads_pods(service):
+                services[key] = convert_one(key, service, translator._service)
+        return replace(
+            self,
+            objects=objects,
+            services=services,
+            workloads=workloads,
+            waypoints=sorted(waypoint_resources(objects, self.mesh), key=resource_key),
+        )
+
+    def resources(self) -> list[AnyResource]:
+        services = [service for service in self.services.values() if service is not None]
+        workloads = [workload for _pod, workload in self.workloads.values() if workload]
+        return [
+            *self.nodes,
+            *sorted(services, key=resource_key),
+            *self.authorizations,
+            *sorted(workloads, key=resource_key),
+            *self.waypoints,
+            *self.l7,
+        ]
+
+
+def _same_objects(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two snapshots of one kind hold the very same objects (identity: a source
+    passes an unchanged object on as the same dict)."""
+    return len(old) == len(new) and all(new.get(key) is obj for key, obj in old.items())
+
+
+def _same_except_pods(old: ClusterObjects, new: ClusterObjects) -> bool:
+    return all(
+        _same_objects(getattr(old, name), getattr(new, name))
+        for name in CLUSTER_OBJECT_FIELDS
+        if name != "pods"
+    )
+
+
+def _reads_pods(service: Mapping[str, Any]) -> bool:
+    """A Service whose translation reads its pods: a named ``targetPort`` is looked up in
+    the selected pods' container ports."""
+    return any(
+        isinstance(port.get("targetPort"), str) and not port["targetPort"].isdecimal()
+        for port in (service.get("spec") or {}).get("ports") or []
+    )
 
 
 # -- internals ------------------------------------------------------------------------------
@@ -169,24 +293,17 @@ class _SelectorPolicy:
 
 
 class _Translator:
-    def __init__(self, objects: ClusterObjects, mesh: MeshConfig) -> None:
+    """Converts one object at a time, given the rest of the cluster (with indexes built once
+    per snapshot, so that matching pods and Services is not a scan of either)."""
+
+    def __init__(
+        self, objects: ClusterObjects, mesh: MeshConfig, selector_policies: list[_SelectorPolicy]
+    ) -> None:
         self.objects = objects
         self.mesh = mesh
-        self.selector_policies: list[_SelectorPolicy] = []
-
-    def run(self) -> list[Resource]:
-        # Authorizations first: workloads list the selector-scoped ones that select them.
-        nodes: list[Resource] = [*convert_each(self.objects.nodes, self._node)]
-        authorizations: list[Resource] = [
-            *convert_each(self.objects.authorization_policies, self._authorization),
-            *convert_each(self.objects.peer_authentications, self._peer_authentication),
-        ]
-        services: list[Resource] = [*convert_each(self.objects.services, self._service)]
-        workloads: list[Resource] = [*convert_each(self.objects.pods, self._workload)]
-        result: list[Resource] = []
-        for group in (nodes, services, authorizations, workloads):
-            result.extend(sorted(group, key=resource_key))
-        return result
+        self.selector_policies = selector_policies
+        self._services_by_label = _index_by_selector(objects.services)
+        self._pods_by_label: dict[tuple[str, str, str], list[str]] | None = None
 
     def _namespace_labels(self, namespace: str) -> dict[str, str]:
         return labels_of(self.objects.namespaces.get(namespace) or {})
@@ -221,7 +338,6 @@ class _Translator:
             for ip in cluster_ips
             if ip not in ("", "None")
         )
-        selected = self._pods_selected_by(service)
         ports = []
         for port in spec.get("ports") or []:
             if str(port.get("protocol", "TCP")).upper() != "TCP":
@@ -229,7 +345,7 @@ class _Translator:
             ports.append(
                 PortMapping(
                     service_port=int(port["port"]),
-                    target_port=_target_port(port, selected),
+                    target_port=_target_port(port, lambda: self._pods_selected_by(service)),
                     app_protocol=_app_protocol(port),
                 )
             )
@@ -247,16 +363,33 @@ class _Translator:
         )
 
     def _pods_selected_by(self, service: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The pods ``service`` selects, sorted by key."""
         selector = (service.get("spec") or {}).get("selector") or {}
         if not selector:
             return []
+        if self._pods_by_label is None:
+            self._pods_by_label = _index_by_labels(self.objects.pods)
         namespace = namespace_of(service)
+        candidates = min(
+            (self._pods_by_label.get((namespace, k, v), []) for k, v in selector.items()),
+            key=len,
+        )
+        pods = self.objects.pods
         return [
-            pod
-            for _key, pod in sorted(self.objects.pods.items())
-            if namespace_of(pod) == namespace
-            and all(labels_of(pod).get(k) == v for k, v in selector.items())
+            pods[key]
+            for key in candidates
+            if all(labels_of(pods[key]).get(k) == v for k, v in selector.items())
         ]
+
+    def _services_selecting(self, namespace: str, labels: Mapping[str, str]) -> list[str]:
+        """The names of the Services of ``namespace`` whose selector ``labels`` satisfy, in
+        key order."""
+        found = set()
+        for label, value in labels.items():
+            for key, selector in self._services_by_label.get((namespace, label, value), ()):
+                if all(labels.get(k) == v for k, v in selector.items()):
+                    found.add(key)
+        return [name_of(self.objects.services[key]) for key in sorted(found)]
 
     def _waypoint(
         self,
@@ -323,9 +456,8 @@ class _Translator:
         if GATEWAY_NAME_LABEL not in labels:
             waypoint = self._waypoint(labels, namespace, "workload", f"Pod {namespace}/{name}")
         services = tuple(
-            f"{namespace}/{service_hostname(name_of(svc), namespace, self.mesh)}"
-            for _key, svc in sorted(self.objects.services.items())
-            if namespace_of(svc) == namespace and _service_selects(svc, labels)
+            f"{namespace}/{service_hostname(service_name, namespace, self.mesh)}"
+            for service_name in self._services_selecting(namespace, labels)
         )
         policies = tuple(
             p.key for p in self.selector_policies if p.selects(namespace, labels)
@@ -447,13 +579,40 @@ def _has_selector(selector: Mapping[str, Any] | None) -> bool:
     return bool(selector and (selector.get("matchLabels") or selector.get("matchExpressions")))
 
 
-def _service_selects(service: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    """A Service selector is a plain label map; a Service without one selects nothing."""
-    selector = (service.get("spec") or {}).get("selector") or {}
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+def _index_by_selector(
+    services: Mapping[str, Mapping[str, Any]],
+) -> dict[tuple[str, str, str], list[tuple[str, Mapping[str, str]]]]:
+    """(namespace, label, value) -> the Services (key, selector) whose selector requires that
+    label, by its first entry: a pod's candidates are then those under one of its labels. A
+    Service without a selector selects nothing and is not indexed."""
+    index: dict[tuple[str, str, str], list[tuple[str, Mapping[str, str]]]] = {}
+    for key in sorted(services):
+        selector = (services[key].get("spec") or {}).get("selector") or {}
+        if selector:
+            label, value = next(iter(selector.items()))
+            index.setdefault((namespace_of(services[key]), label, value), []).append(
+                (key, selector)
+            )
+    return index
 
 
-def _target_port(port: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> int:
+def _index_by_labels(
+    objects: Mapping[str, Mapping[str, Any]],
+) -> dict[tuple[str, str, str], list[str]]:
+    """(namespace, label, value) -> the keys of the objects carrying that label, sorted."""
+    index: dict[tuple[str, str, str], list[str]] = {}
+    for key in sorted(objects):
+        namespace = namespace_of(objects[key])
+        for label, value in labels_of(objects[key]).items():
+            index.setdefault((namespace, label, value), []).append(key)
+    return index
+
+
+def _target_port(
+    port: Mapping[str, Any], selected_pods: Callable[[], Iterable[Mapping[str, Any]]]
+) -> int:
+    """The port number a Service port forwards to; a named ``targetPort`` is resolved in the
+    selected pods (only then are they looked up)."""
     target = port.get("targetPort")
     if target is None:
         return int(port["port"])
@@ -461,7 +620,7 @@ def _target_port(port: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> 
         return target
     if target.isdecimal():
         return int(target)
-    for pod in pods:
+    for pod in selected_pods():
         for container in (pod.get("spec") or {}).get("containers") or []:
             for container_port in container.get("ports") or []:
                 if container_port.get("name") == target:

@@ -115,18 +115,23 @@ class ClusterObjects:
     local_rate_limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def from_objects(cls, objects: Iterable[Mapping[str, Any]]) -> ClusterObjects:
-        """Group already validated objects by kind; a later object with the same key wins."""
-        by_field: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in _FIELD_NAMES}
+    def from_objects(cls, objects: Iterable[dict[str, Any]]) -> ClusterObjects:
+        """Group already validated objects by kind; a later object with the same key wins.
+        The objects are shared, not copied: successive snapshots hold the very same dict for
+        an unchanged object, which is how translation tells what a change touched (so
+        nothing may mutate an object once it is in a snapshot)."""
+        by_field: dict[str, dict[str, dict[str, Any]]] = {
+            name: {} for name in CLUSTER_OBJECT_FIELDS
+        }
         for obj in objects:
-            by_field[field_for(obj)][object_key(obj)] = dict(obj)
+            by_field[field_for(obj)][object_key(obj)] = obj
         return cls(**by_field)
 
     def count(self) -> int:
-        return sum(len(getattr(self, name)) for name in _FIELD_NAMES)
+        return sum(len(getattr(self, name)) for name in CLUSTER_OBJECT_FIELDS)
 
 
-_FIELD_NAMES = tuple(dict.fromkeys(KIND_FIELDS.values()))
+CLUSTER_OBJECT_FIELDS = tuple(dict.fromkeys(KIND_FIELDS.values()))
 
 
 def field_for(obj: Mapping[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 import trio.testing
@@ -320,8 +322,6 @@ def test_requested_kinds() -> None:
 
 
 async def test_encoded_line_is_the_update_reusing_each_resources_json() -> None:
-    import json
-
     store = ResourceStore()
     store.replace_all([workload("w1"), workload("w2", address="127.0.20.2")])
     with store.subscribe("node-1", {"workload/w3": "old"}) as sub:
@@ -332,3 +332,66 @@ async def test_encoded_line_is_the_update_reusing_each_resources_json() -> None:
         # A resource replaced after the delta was computed is encoded from the delta itself.
         store.replace_all([workload("w1", address="127.0.20.9"), workload("w2", "127.0.20.2")])
         assert json.loads(store.encode_line(update)) == codec.to_jsonable(update)
+
+
+def test_compute_delta_over_touched_keys_only_compares_those() -> None:
+    held = {"workload/a": "v1", "workload/b": "v1", "workload/gone": "v1"}
+    current = {"workload/a": ("v2", "A"), "workload/b": ("v2", "B"), "workload/new": ("v1", "N")}
+    updates, removals = compute_delta(held, current, touched=["workload/new", "workload/a",
+                                                              "workload/gone", "workload/x"])
+    assert updates == [("workload/a", "v2", "A"), ("workload/new", "v1", "N")]
+    assert removals == ["workload/gone"]
+
+
+def test_changed_since_unions_the_remembered_changes() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), workload("w2")])
+    store.replace_all([workload("w1", address="127.0.20.9"), workload("w2")])
+    store.replace_all([workload("w1", address="127.0.20.9")])
+    assert store.changed_since(3) == frozenset()
+    assert store.changed_since(2) == {"workload/w2"}
+    assert store.changed_since(1) == {"workload/w1", "workload/w2"}
+    for index in range(70):  # more changes than the store remembers
+        store.replace_all([workload(f"x{index}")])
+    assert store.changed_since(1) is None
+    assert store.changed_since(store.system_version - 1) is not None
+
+
+async def test_a_subscriber_following_changes_gets_what_a_full_diff_gives() -> None:
+    """Subscribers in sync are diffed over the changed keys only; one that fell behind
+    further than the store remembers is diffed against everything. Both end up holding
+    exactly the current set."""
+    store = ResourceStore()
+    store.replace_all([workload(f"w{i}") for i in range(5)])
+    with store.subscribe("node-1", {}) as close, store.subscribe("node-2", {}) as behind:
+        held_close = {versioned_key(r.kind, r.name): r.version
+                      for r in (await close.next_update()).resources}
+        held_behind = {versioned_key(r.kind, r.name): r.version
+                       for r in (await behind.next_update()).resources}
+        for step in range(80):
+            store.replace_all([workload(f"w{i}", address=f"127.0.21.{(i * step) % 200 + 1}")
+                               for i in range(step % 7)])
+            update = close.poll()
+            assert update is not None
+            for item in update.resources:
+                held_close[versioned_key(item.kind, item.name)] = item.version
+            for gone in update.removed:
+                del held_close[versioned_key(gone.kind, gone.name)]
+            assert held_close == store.versions(), step
+        update = behind.poll()
+        assert update is not None
+        for item in update.resources:
+            held_behind[versioned_key(item.kind, item.name)] = item.version
+        for gone in update.removed:
+            del held_behind[versioned_key(gone.kind, gone.name)]
+        assert held_behind == store.versions()
+
+
+async def test_fresh_subscribers_share_one_full_set_encoded_once() -> None:
+    store = ResourceStore()
+    store.replace_all([workload("w1"), workload("w2"), Node(name="n", address="127.0.10.1")])
+    with store.subscribe("node-1", {}) as one, store.subscribe("node-2", {}) as two:
+        first, second = await one.next_update(), await two.next_update()
+    assert first.resources is second.resources
+    assert json.loads(store.encode_line(first)) == codec.to_jsonable(first)
+    assert json.loads(store.encode_line(second)) == codec.to_jsonable(second)

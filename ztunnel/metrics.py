@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -128,6 +128,15 @@ def connection_labels(
     )
 
 
+class _Series(NamedTuple):
+    """One label set's children of the four ``istio_tcp_*`` counters."""
+
+    opened: Counter
+    closed: Counter
+    sent: Counter
+    received: Counter
+
+
 class ZtunnelMetrics:
     """The ``istio_tcp_*`` counters of one ztunnel."""
 
@@ -158,28 +167,40 @@ class ZtunnelMetrics:
             LABEL_NAMES,
             registry=self.registry,
         )
+        self._series: dict[ConnectionLabels, _Series] = {}
+
+    def _series_of(self, labels: ConnectionLabels) -> _Series:
+        """The four counters of one label set, looked up in prometheus_client once: its
+        ``labels()`` (validation, string conversion, a lock) per call and counter was a
+        visible share of a short connection's CPU. The cache holds exactly the label sets
+        the registry holds anyway."""
+        series = self._series.get(labels)
+        if series is None:
+            values = labels.values()
+            series = self._series[labels] = _Series(
+                *(counter.labels(*values) for counter in (
+                    self.connections_opened, self.connections_closed,
+                    self.sent_bytes, self.received_bytes)))
+        return series
 
     def connection_opened(self, labels: ConnectionLabels) -> None:
         """Count the open; the connection's other series start at 0 so rates work at once."""
-        values = labels.values()
-        self.connections_opened.labels(*values).inc()
-        for counter in (self.connections_closed, self.sent_bytes, self.received_bytes):
-            counter.labels(*values)
+        self._series_of(labels).opened.inc()
 
     def bytes_transferred(self, labels: ConnectionLabels, sent: int = 0, received: int = 0) -> None:
         """Report bytes as they flow, so long-lived connections show up before they close."""
         if sent < 0 or received < 0:
             raise ValueError(f"byte counts cannot be negative (sent={sent}, received={received})")
-        values = labels.values()
+        series = self._series_of(labels)
         if sent:
-            self.sent_bytes.labels(*values).inc(sent)
+            series.sent.inc(sent)
         if received:
-            self.received_bytes.labels(*values).inc(received)
+            series.received.inc(received)
 
     def connection_closed(self, labels: ConnectionLabels, sent: int = 0, received: int = 0) -> None:
         """Count the close, plus any bytes not yet reported with ``bytes_transferred``."""
         self.bytes_transferred(labels, sent, received)
-        self.connections_closed.labels(*labels.values()).inc()
+        self._series_of(labels).closed.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition for ``/metrics``."""

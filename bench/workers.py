@@ -33,6 +33,10 @@ HTTP_RESPONSE = (
 )
 
 
+# Linux's IP_BIND_ADDRESS_NO_PORT (not exported by the socket module).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
 class WorkerError(RuntimeError):
     """A load generator could not do its job (connect or protocol failure)."""
 
@@ -67,17 +71,22 @@ class Route:
         return route
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.create_connection(
-            (self.host, self.port), timeout=timeout,
-            source_address=(self.source, 0) if self.source else None,
-        )
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.kind == "socks":
-            try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            if self.source:
+                # Pick the source port at connect(), not bind(): a bind to port 0 scans every
+                # port in use, TIME-WAIT included, and churn leaves tens of thousands of them
+                # (connecting took ~3 ms then, for every system alike).
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.source, 0))
+            sock.connect((self.host, self.port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.kind == "socks":
                 socks5_handshake(sock, self.dest_host, self.dest_port)
-            except BaseException:
-                sock.close()
-                raise
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
 
@@ -222,6 +231,79 @@ def run_bulk(args: dict[str, Any]) -> dict[str, Any]:
     return {"bytes": streams * per_stream, "seconds": seconds}
 
 
+HTTP_REQUEST = (
+    b"POST /bench HTTP/1.1\r\nhost: bench\r\ncontent-length: 1024\r\n\r\n" + b"y" * 1024
+)
+
+
+class HttpClient:
+    """One blocking keep-alive HTTP/1.1 connection that reads whole responses (status line,
+    headers, content-length body), so a proxy may add or rewrite headers (an L7 proxy does);
+    anything but a 200 with a 1 KB body is a ``WorkerError``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""
+
+    def exchange(self, request: bytes) -> None:
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.pending:
+            self._receive()
+        head, _, self.pending = self.pending.partition(b"\r\n\r\n")
+        status, length = parse_response_head(head)
+        while len(self.pending) < length:
+            self._receive()
+        self.pending = self.pending[length:]
+        if status != 200 or length != len(RESPONSE_BODY):
+            raise WorkerError(f"expected 200 with {len(RESPONSE_BODY)} bytes, got {status} "
+                              f"with {length}")
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise WorkerError("peer closed the connection mid-response")
+        self.pending += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def parse_response_head(head: bytes) -> tuple[int, int]:
+    """(status, content-length) of an HTTP/1.1 response head; a response without a
+    content-length (chunked, or close-delimited) is a ``WorkerError``: the backend never
+    sends one, so a proxy that does changed the response."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise WorkerError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(parts[1]), int(value)
+    raise WorkerError(f"response {int(parts[1])} without a content-length")
+
+
+def open_clients(route: Route, connections: int) -> list[HttpClient]:
+    """``connections`` keep-alive connections, each warmed by one exchange (outside any
+    measurement: the tunnel and the proxies' upstream connections are set up here)."""
+    clients: list[HttpClient] = []
+    try:
+        for _ in range(connections):
+            clients.append(HttpClient(route.connect()))
+            clients[-1].exchange(HTTP_REQUEST)
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+    return clients
+
+
+def latency_summary(latencies: list[list[float]]) -> dict[str, float]:
+    merged = sorted(value for values in latencies for value in values)
+    return {"requests": len(merged), "p50_ms": percentile(merged, 50) * 1e3,
+            "p90_ms": percentile(merged, 90) * 1e3, "p99_ms": percentile(merged, 99) * 1e3}
+
+
 def run_rate(args: dict[str, Any]) -> dict[str, Any]:
     """Open loop: ``rps`` 1 KB requests per second spread over ``connections`` keep-alive
     connections for ``duration`` seconds. Latency is measured from each request's scheduled
@@ -229,21 +311,14 @@ def run_rate(args: dict[str, Any]) -> dict[str, Any]:
     route = Route.from_json(args["route"])
     rps, connections = float(args["rps"]), int(args["connections"])
     duration = float(args["duration"])
-    request = (
-        b"POST /bench HTTP/1.1\r\nhost: bench\r\ncontent-length: 1024\r\n\r\n" + b"y" * 1024
-    )
     interval = connections / rps
     per_connection = int(duration / interval)
     latencies: list[list[float]] = [[] for _ in range(connections)]
     errors: list[str] = []
-    socks = [route.connect() for _ in range(connections)]
-    for sock in socks:  # warm each path once, outside the measurement
-        sock.sendall(request)
-        receive_exactly(sock, len(HTTP_RESPONSE))
+    clients = open_clients(route, connections)
     start = time.perf_counter() + 0.05
 
     def client(index: int) -> None:
-        sock = socks[index]
         offset = start + index * interval / connections
         try:
             for n in range(per_connection):
@@ -251,8 +326,7 @@ def run_rate(args: dict[str, Any]) -> dict[str, Any]:
                 delay = scheduled - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                sock.sendall(request)
-                receive_exactly(sock, len(HTTP_RESPONSE))
+                clients[index].exchange(HTTP_REQUEST)
                 latencies[index].append(time.perf_counter() - scheduled)
         except (OSError, WorkerError) as exc:
             errors.append(repr(exc))
@@ -263,16 +337,46 @@ def run_rate(args: dict[str, Any]) -> dict[str, Any]:
     for thread in threads:
         thread.join(duration + 30)
     elapsed = time.perf_counter() - start
-    for sock in socks:
-        sock.close()
+    for each in clients:
+        each.close()
     if errors:
         raise WorkerError(f"rate load failed: {errors[:3]}")
-    merged = sorted(value for values in latencies for value in values)
-    return {
-        "requests": len(merged), "seconds": elapsed,
-        "p50_ms": percentile(merged, 50) * 1e3, "p90_ms": percentile(merged, 90) * 1e3,
-        "p99_ms": percentile(merged, 99) * 1e3,
-    }
+    return {**latency_summary(latencies), "seconds": elapsed}
+
+
+def run_closed(args: dict[str, Any]) -> dict[str, Any]:
+    """Closed loop (saturation): ``connections`` keep-alive connections each send the next
+    1 KB request as soon as the previous response is in, for ``duration`` seconds. The rate
+    achieved is what the path sustains; latency is per exchange. A failed exchange ends its
+    connection and is counted (an L7 proxy refusing under load is a finding, not a crash)."""
+    route = Route.from_json(args["route"])
+    connections, duration = int(args["connections"]), float(args["duration"])
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+    errors: list[str] = []
+    clients = open_clients(route, connections)
+    started = time.perf_counter()
+    deadline = started + duration
+
+    def client(index: int) -> None:
+        own = latencies[index]
+        try:
+            while (sent := time.perf_counter()) < deadline:
+                clients[index].exchange(HTTP_REQUEST)
+                own.append(time.perf_counter() - sent)
+        except (OSError, WorkerError) as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(duration + 30)
+    elapsed = time.perf_counter() - started
+    for each in clients:
+        each.close()
+    summary = latency_summary(latencies)
+    return {**summary, "seconds": elapsed, "rps": summary["requests"] / elapsed,
+            "errors": len(errors), "first_errors": errors[:3]}
 
 
 def run_churn(args: dict[str, Any]) -> dict[str, Any]:
@@ -335,8 +439,8 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 
 
 ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "backend": run_backend, "bulk": run_bulk, "rate": run_rate, "churn": run_churn,
-    "idle": run_idle,
+    "backend": run_backend, "bulk": run_bulk, "rate": run_rate, "closed": run_closed,
+    "churn": run_churn, "idle": run_idle,
 }
 
 

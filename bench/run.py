@@ -81,7 +81,7 @@ class Settings:
                        idle_tunnels=200, pods=2000, services=200, subscribers=20, probes=3,
                        profile_seconds=3.0)
         return cls(repetitions=3, bulk_bytes=384 << 20, rate_seconds=5.0, churn_seconds=3.0,
-                   idle_tunnels=1000, pods=10_000, services=1000, subscribers=100, probes=2,
+                   idle_tunnels=1000, pods=10_000, services=1000, subscribers=100, probes=5,
                    profile_seconds=6.0)
 
 

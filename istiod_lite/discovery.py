@@ -222,10 +222,12 @@ class ResourceStore:
         self._snapshots: dict[frozenset[str], dict[str, tuple[str, StoredResource]]] = {}
         # system version -> the keys that changed or went away in that change.
         self._changes: OrderedDict[int, frozenset[str]] = OrderedDict()
-        # kinds -> every current resource of those kinds as ResourceUpdates and as the JSON
-        # of that list: what a subscriber starting from nothing is sent, built once per
-        # change however many proxies (re)connect.
-        self._full_sets: dict[frozenset[str], tuple[tuple[ResourceUpdate, ...], str]] = {}
+        # (version the subscriber holds or None for nothing, kinds) -> the delta to the
+        # current version: every proxy in sync (or starting from nothing) gets the same one,
+        # computed and encoded once per change however many proxies there are.
+        self._shared_deltas: dict[tuple[int | None, frozenset[str]], _Delta] = {}
+        # id(ResourceUpdate tuple of a delta) -> that delta (with the tuple's JSON).
+        self._encoded: dict[int, _Delta] = {}
 
     # -- the resource set ----------------------------------------------------------------
 
@@ -259,7 +261,8 @@ class ResourceStore:
             return False
         self._current = new
         self._snapshots.clear()
-        self._full_sets.clear()
+        self._shared_deltas.clear()
+        self._encoded.clear()
         self.system_version += 1
         self._changes[self.system_version] = frozenset(touched)
         while len(self._changes) > _REMEMBERED_CHANGES:
@@ -370,18 +373,26 @@ class ResourceStore:
         return matched
 
     def encode_line(self, update: DeltaUpdate) -> bytes:
-        """``update`` as one NDJSON line, reusing the JSON already encoded in the store: each
-        resource's, and a whole full set's (the same bytes as encoding the DeltaUpdate,
-        without re-encoding per subscriber)."""
+        """``update`` as one NDJSON line (the same bytes as encoding the DeltaUpdate)."""
+        return b"".join(self.line_parts(update))
+
+    def line_parts(self, update: DeltaUpdate) -> tuple[bytes, bytes, bytes]:
+        """``update``'s NDJSON line in three parts: what precedes the resources, the
+        resources and what follows them. The resources part reuses the JSON already encoded
+        in the store: each resource's, and a whole shared delta's (the same bytes object for
+        every subscriber given that delta, so it can be compressed once too)."""
         head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
         removed = _compact_json(codec.to_jsonable(update.removed))
-        return (f'{head[:-1]},"resources":[{self._resources_json(update.resources)}],'
-                f'"removed":{removed}}}\n').encode()
+        return (
+            f'{head[:-1]},"resources":['.encode(),
+            self._resources_json(update.resources),
+            f'],"removed":{removed}}}\n'.encode(),
+        )
 
-    def _resources_json(self, resources: tuple[ResourceUpdate, ...]) -> str:
-        for full_set, encoded in self._full_sets.values():
-            if resources is full_set:
-                return encoded
+    def _resources_json(self, resources: tuple[ResourceUpdate, ...]) -> bytes:
+        delta = self._encoded.get(id(resources))
+        if delta is not None and delta.resources is resources:
+            return delta.json
         parts = []
         for item in resources:
             stored = self._current.get(versioned_key(item.kind, item.name))
@@ -389,19 +400,44 @@ class ResourceStore:
                 parts.append(stored.update_json)
             else:  # replaced since the delta was computed: encode this one item
                 parts.append(_compact_json(codec.to_jsonable(item)))
-        return ",".join(parts)
+        return ",".join(parts).encode()
 
-    def _full_set(self, kinds: frozenset[str]) -> tuple[ResourceUpdate, ...]:
-        """Every current resource of ``kinds`` as updates, sorted by key."""
-        full = self._full_sets.get(kinds)
-        if full is None:
-            stored = [s for _key, (_v, s) in sorted(self._snapshot(kinds).items())]
-            full = (
-                tuple(_resource_update(s) for s in stored),
-                ",".join(s.update_json for s in stored),
-            )
-            self._full_sets[kinds] = full
-        return full[0]
+    def _delta(
+        self, held: Mapping[str, str], kinds: frozenset[str], touched: frozenset[str] | None
+    ) -> _Delta:
+        if touched is None:
+            current = self._snapshot(kinds)
+        else:  # only the touched keys can differ: no need for the whole snapshot
+            current = {}
+            for key in touched:
+                stored = self._current.get(key)
+                if stored is not None and stored.kind in kinds:
+                    current[key] = (stored.version, stored)
+        updates, removals = compute_delta(held, current, touched)
+        delta = _Delta(
+            resources=tuple(_resource_update(s) for _key, _version, s in updates),
+            removed=tuple(ResourceRemoval(*split_versioned_key(key)) for key in removals),
+            changed=tuple((key, version) for key, version, _ in updates),
+            removed_keys=tuple(removals),
+            json=",".join(s.update_json for _key, _version, s in updates).encode(),
+        )
+        self._encoded[id(delta.resources)] = delta
+        return delta
+
+    def _shared_delta(
+        self,
+        since: int | None,
+        held: Mapping[str, str],
+        kinds: frozenset[str],
+        touched: frozenset[str] | None,
+    ) -> _Delta:
+        """The delta of a subscriber of ``kinds`` holding exactly what the store held at
+        version ``since`` (None: nothing), computed once per change."""
+        delta = self._shared_deltas.get((since, kinds))
+        if delta is None:
+            delta = self._delta(held, kinds, touched)
+            self._shared_deltas[(since, kinds)] = delta
+        return delta
 
     def _snapshot(self, kinds: frozenset[str]) -> dict[str, tuple[str, StoredResource]]:
         """The current resources of ``kinds``: what a subscriber to them should hold."""
@@ -418,6 +454,18 @@ def _resource_update(stored: StoredResource) -> ResourceUpdate:
     return ResourceUpdate(
         kind=stored.kind, name=stored.name, version=stored.version, resource=stored.encoded
     )
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """What a subscriber is sent: the wire form, the (key, version) changes to what it holds
+    and the resources' JSON."""
+
+    resources: tuple[ResourceUpdate, ...]
+    removed: tuple[ResourceRemoval, ...]
+    changed: tuple[tuple[str, str], ...]
+    removed_keys: tuple[str, ...]
+    json: bytes
 
 
 def _versions(resources: Mapping[str, StoredResource]) -> dict[str, str]:
@@ -467,27 +515,26 @@ class Subscription:
         if not store.initialized:
             return None
         kinds = self.status.kinds
-        if not self._held:  # a proxy starting from nothing gets the shared full set
-            resources = store._full_set(kinds)
-            removals: list[str] = []
-            self._held = {versioned_key(r.kind, r.name): r.version for r in resources}
+        if not self._held:  # starting from nothing: the full set, shared
+            delta = store._shared_delta(None, self._held, kinds, None)
         else:
             touched = None if self._synced is None else store.changed_since(self._synced)
-            updates, removals = compute_delta(self._held, store._snapshot(kinds), touched)
-            for key, version, _ in updates:
-                self._held[key] = version
-            for key in removals:
-                del self._held[key]
-            resources = tuple(_resource_update(s) for _key, _version, s in updates)
+            if touched is None:  # resuming, or fell behind: diffed against everything
+                delta = store._delta(self._held, kinds, None)
+            else:  # in sync with an earlier version: the shared delta from there
+                delta = store._shared_delta(self._synced, self._held, kinds, touched)
         self._synced = store.system_version
-        if self._sent_first and not resources and not removals:
+        if self._sent_first and not delta.resources and not delta.removed:
             return None
         self._sent_first = True
+        self._held.update(delta.changed)
+        for key in delta.removed_keys:
+            del self._held[key]
         update = DeltaUpdate(
             nonce=secrets.token_hex(8),
             system_version=store.system_version,
-            resources=resources,
-            removed=tuple(ResourceRemoval(*split_versioned_key(key)) for key in removals),
+            resources=delta.resources,
+            removed=delta.removed,
         )
         self._record_sent(update)
         return update

@@ -51,6 +51,7 @@ from istiod_lite.ca import (
     authorize_service_account,
     csr_identity,
 )
+from istiod_lite.deflate import ZLIB_HEADER, SegmentCache, accepts_deflate, compress_segment
 from istiod_lite.discovery import ResourceStore, requested_kinds
 
 log = structlog.get_logger()
@@ -137,6 +138,9 @@ class IstiodApp:
         self.max_cert_ttl = max_cert_ttl
         self.max_body_bytes = max_body_bytes
         self.shutting_down = trio.Event()
+        # Deltas many streams share (the full set, a change every proxy in sync gets) are
+        # compressed once for all of them.
+        self._shared_segments = SegmentCache()
 
     def begin_shutdown(self) -> None:
         self.shutting_down.set()
@@ -249,13 +253,11 @@ class IstiodApp:
                 kinds=sorted(kinds),
                 initial_resources=len(request.initial_resource_versions),
             )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", NDJSON), (b"cache-control", b"no-store")],
-                }
-            )
+            deflate = accepts_deflate(request_headers(scope).get("accept-encoding", ""))
+            headers = [(b"content-type", NDJSON), (b"cache-control", b"no-store")]
+            if deflate:
+                headers += [(b"content-encoding", b"deflate"), (b"vary", b"accept-encoding")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             ended_by = "server shutdown"
             async with trio.open_nursery() as nursery:
 
@@ -271,14 +273,21 @@ class IstiodApp:
                     nursery.cancel_scope.cancel()
 
                 async def stream_updates() -> None:
+                    prefix = ZLIB_HEADER if deflate else b""
                     async for update in subscription:
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": self.store.encode_line(update),
-                                "more_body": True,
-                            }
-                        )
+                        head, resources, tail = self.store.line_parts(update)
+                        if deflate:
+                            body = b"".join((
+                                prefix,
+                                compress_segment(head),
+                                self._shared_segments.segment(resources),
+                                compress_segment(tail),
+                            ))
+                        else:
+                            body = head + resources + tail
+                        prefix = b""
+                        await send({"type": "http.response.body", "body": body,
+                                    "more_body": True})
                         log.debug(
                             "delta sent",
                             node=caller.principal,

@@ -28,6 +28,7 @@ import structlog
 import trio
 
 from istiod_lite.sources.objects import (
+    CLUSTER_OBJECT_FIELDS,
     ClusterObjects,
     InvalidObject,
     SourceError,
@@ -57,8 +58,9 @@ class LoadResult:
 class _FileState:
     stat_key: tuple[int, int, int]
     digest: str
-    # The objects last parsed successfully from this file (empty if it never parsed).
-    good_objects: tuple[dict[str, Any], ...] = ()
+    # The objects last parsed successfully from this file (empty if it never parsed), each
+    # with its (ClusterObjects field, key): worked out once per parse, not once per merge.
+    good_objects: tuple[tuple[str, str, dict[str, Any]], ...] = ()
     # Errors of the current content: the parse error, or warnings about skipped documents.
     problems: tuple[SourceError, ...] = ()
 
@@ -181,7 +183,9 @@ class FileSource:
         except InvalidObject as exc:
             new_state.problems = (SourceError(str(path), exc.reason),)
         else:
-            new_state.good_objects = parsed.objects
+            new_state.good_objects = tuple(
+                (field_for(obj), object_key(obj), obj) for obj in parsed.objects
+            )
             new_state.problems = parsed.warnings
         for problem in new_state.problems:
             log = logger.warning if problem.severity == "warning" else logger.error
@@ -200,14 +204,16 @@ class FileSource:
 
     def _merge(self) -> tuple[ClusterObjects, list[SourceError]]:
         """All files' good objects; on a duplicate the later file (sorted path order) wins."""
+        by_field: dict[str, dict[str, dict[str, Any]]] = {
+            name: {} for name in CLUSTER_OBJECT_FIELDS
+        }
         origin: dict[tuple[str, str], Path] = {}
-        ordered: list[dict[str, Any]] = []
         duplicates: list[SourceError] = []
         for path in sorted(self._files):
-            for obj in self._files[path].good_objects:
-                identity = (field_for(obj), object_key(obj))
-                if identity in origin:
-                    earlier = origin[identity]
+            for field_name, key, obj in self._files[path].good_objects:
+                objects = by_field[field_name]
+                if key in objects:
+                    earlier = origin[(field_name, key)]
                     where = "earlier in this file" if earlier == path else f"in {earlier}"
                     duplicates.append(
                         SourceError(
@@ -215,6 +221,6 @@ class FileSource:
                             f"{describe(obj)} is also defined {where}; this definition wins",
                         )
                     )
-                origin[identity] = path
-                ordered.append(obj)
-        return ClusterObjects.from_objects(ordered), duplicates
+                origin[(field_name, key)] = path
+                objects[key] = obj
+        return ClusterObjects(**by_field), duplicates

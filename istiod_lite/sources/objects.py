@@ -160,6 +160,10 @@ class ParsedDocuments:
     warnings: tuple[SourceError, ...] = ()
 
 
+# libyaml's safe loader when PyYAML was built with it: ~10x faster on a 10,000-pod file.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_documents(text: str, path: str) -> ParsedDocuments:
     """Parse a (multi-document) YAML file into validated objects.
 
@@ -168,7 +172,7 @@ def parse_documents(text: str, path: str) -> ParsedDocuments:
     does not use come back as warnings instead (see the module docstring).
     """
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_SAFE_LOADER))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -8,6 +8,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -164,6 +165,7 @@ async def test_stream_follows_file_edits_and_records_acks(
         assert response.status_code == 200
         assert response.http_version == "HTTP/2"
         assert response.headers["content-type"] == "application/x-ndjson"
+        assert response.headers["content-encoding"] == "deflate"  # httpx asks for it
         lines = response.aiter_lines()
         first = await next_update(lines)
         assert {f"workload/{SLEEP_UID}", f"workload/{HTTPBIN_UID}", "node/node-1"} <= (
@@ -200,6 +202,31 @@ async def test_stream_follows_file_edits_and_records_acks(
     with trio.fail_after(5):
         while await syncz(client):
             await trio.sleep(0.02)
+
+
+async def test_stream_is_plain_ndjson_or_deflate_as_the_client_asks(
+    istiod: RunningIstiod,
+) -> None:
+    """Two clients, one refusing compression: the same updates, one compressed on the wire."""
+    raw: dict[str, bytes] = {}
+    for encoding in ("identity", "deflate"):
+        async with client_for(istiod) as streaming, streaming.stream(
+            "POST", DISCOVERY_PATH, json={"node": "node-1"},
+            headers={**auth("node-1"), "accept-encoding": encoding},
+        ) as response:
+            assert response.headers.get("content-encoding", "identity") == encoding
+            with trio.fail_after(5):
+                async for chunk in response.aiter_raw():
+                    raw[encoding] = raw.get(encoding, b"") + chunk
+                    if encoding == "identity" and raw[encoding].endswith(b"\n"):
+                        break
+                    if encoding == "deflate" and zlib.decompressobj().decompress(
+                        raw[encoding]).endswith(b"\n"):
+                        break
+    plain = json.loads(raw["identity"])
+    decoded = json.loads(zlib.decompressobj().decompress(raw["deflate"]))
+    assert plain["resources"] and plain["resources"] == decoded["resources"]
+    assert raw["deflate"][:2] == b"\x78\x9c"  # a zlib stream, as Content-Encoding: deflate
 
 
 async def test_resume_after_restart_gets_only_what_changed(

@@ -5,7 +5,9 @@ The transport is HTTP/2 over TLS to istiod_lite (default port 15012, as Istio's)
 - ``POST /v1/discovery``: body is a ``DiscoveryRequest``; the response is a stream of
   newline-delimited JSON ``DeltaUpdate`` objects, kept open for as long as the client listens.
   The first update brings everything the client does not already have at the version it holds
-  (delta xDS's ``initial_resource_versions``), later ones only what changed.
+  (delta xDS's ``initial_resource_versions``), later ones only what changed. A client whose
+  ``Accept-Encoding`` allows ``deflate`` gets the stream as ``Content-Encoding: deflate``
+  (each update decodable as soon as it arrives; see istiod_lite/deflate.py).
 - ``POST /v1/discovery/ack``: body is an ``Ack``; answers 204. A NACK is an Ack with ``error``.
 - ``POST /v1/certificate``: body is a ``CertificateRequest``; answers a ``CertificateResponse``
   (200) or an ``ErrorResponse`` (400 malformed CSR, 401 unauthenticated, 403 refused: a node

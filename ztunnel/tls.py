@@ -6,6 +6,8 @@ part, so hostname checking is off and callers verify the identity explicitly aft
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 import ssl
 import tempfile
@@ -13,7 +15,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from cryptography import x509
@@ -21,13 +23,274 @@ from cryptography.hazmat.primitives import serialization
 
 from istiod_lite.api.identity import InvalidSpiffeId, SpiffeId
 
-# Anything that exposes the negotiated TLS session (trio.SSLStream forwards to its SSLObject).
-TlsConnection = ssl.SSLObject | ssl.SSLSocket | trio.SSLStream[Any]
-
 ALPN_H2 = "h2"
 # TLS 1.2 is only enabled behind an explicit flag; these are its AEAD ECDHE suites.
 _TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:" \
     "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256"
+
+
+# Ciphertext read from the socket at once: many 16 KB TLS records per wake-up under bulk load.
+_SOCKET_READ_SIZE = 256 * 1024
+_DEFAULT_RECEIVE_SIZE = 256 * 1024
+
+
+def write_nowait(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """How much of ``data`` the non-blocking socket ``fd`` takes now (0 when it is full)."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+
+
+async def read_socket(fd: int, size: int, *, wait_first: bool) -> bytes:
+    """Up to ``size`` bytes from the non-blocking socket ``fd`` (b"" at EOF), waiting for data.
+
+    One checkpoint, as any trio receive (the wait, or a yield when data was there at once,
+    taken after reading and shielded so that no data is lost to a cancellation).
+    ``wait_first``: the last read left the socket empty, so skip the read that would fail.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = wait_first
+    if wait_first:
+        await trio.lowlevel.wait_readable(fd)
+    while True:
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
+            continue
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+
+class TlsStream(trio.abc.Stream):
+    """TLS over a trio socket with the ssl module's memory BIOs, lean for the HBONE data path.
+
+    trio.SSLStream hands out one 16 KB record per receive_some and reads the socket 64 KB at
+    a time, and every send goes through locks and extra scheduler round trips. Here
+    receive_some decrypts every record already read (up to ``max_bytes``) and reads the socket
+    256 KB at a time, and ``send_nowait`` encrypts and writes without awaiting, so the HBONE
+    session passes bytes on without a task switch; what the socket does not take yet waits
+    in ``pending`` for ``flush``. Sending and receiving are cancel-safe (nothing is lost when
+    a wait is cancelled). Errors are trio's: BrokenResourceError (with the ssl or OS error as
+    its cause) and ClosedResourceError.
+    """
+
+    def __init__(
+        self, transport: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool
+    ) -> None:
+        self.transport_stream = transport
+        self._fd = transport.socket.fileno()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self._unsent = bytearray()  # ciphertext the socket has not taken yet
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._socket_drained = False  # the last read took all the socket had
+        self._receiving = False
+        self._sending = False
+        self._flush_lock = trio.Lock()
+
+    # -- what the handshake negotiated -------------------------------------------------------
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._ssl.getpeercert(binary_form)
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    @property
+    def pending(self) -> int:
+        """Ciphertext bytes written but not yet taken by the socket."""
+        return len(self._unsent)
+
+    # -- handshake ---------------------------------------------------------------------------
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (its last flight is sent before this returns)."""
+        while True:
+            self._check_usable()
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                self._take_outgoing()
+                await self.flush()
+                await self._read_socket()
+                continue
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                self._fail(exc)
+            self._take_outgoing()
+            await self.flush()
+            return
+
+    # -- receiving ---------------------------------------------------------------------------
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Every plaintext byte decryptable now (up to ``max_bytes``), reading the socket only
+        when none is; b"" once the peer sent close_notify."""
+        size = _DEFAULT_RECEIVE_SIZE if max_bytes is None else operator.index(max_bytes)
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+        self._receiving = True
+        try:
+            self._check_usable()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False  # a wait already was this call's checkpoint
+            while (data := self._decrypt(size)) is None:
+                await self._read_socket()
+                waited = True
+            if self._outgoing.pending:  # e.g. a KeyUpdate answer
+                self._take_outgoing()
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    def _decrypt(self, size: int) -> bytes | bytearray | None:
+        """Plaintext now available (b"" at close_notify), or None when more ciphertext is
+        needed."""
+        if not self._incoming.pending and not self._ssl.pending() and not self._incoming.eof:
+            return None
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while total < size:
+                chunk = self._ssl.read(size - total)
+                if not chunk:
+                    break  # close_notify
+                chunks.append(chunk)
+                total += len(chunk)
+                if not self._incoming.pending and not self._ssl.pending():
+                    break
+        except ssl.SSLWantReadError:
+            if not chunks:
+                return None
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            if not chunks:
+                self._fail(exc)
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    async def _read_socket(self) -> None:
+        """Move ciphertext from the socket into the TLS object (waiting for it)."""
+        try:
+            data = await read_socket(self._fd, _SOCKET_READ_SIZE, wait_first=self._socket_drained)
+        except OSError as exc:
+            self._check_usable()  # closed while waiting: ClosedResourceError
+            self._fail(exc)
+        self._check_usable()
+        self._socket_drained = len(data) < _SOCKET_READ_SIZE
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    # -- sending -----------------------------------------------------------------------------
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and write what the socket takes now; the rest stays ``pending``
+        until ``flush`` (or a later send) writes it."""
+        self._check_usable()
+        if data:
+            try:
+                self._ssl.write(data)
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                self._fail(exc)
+        self._take_outgoing()
+
+    async def flush(self) -> None:
+        """Wait until the socket took every pending byte."""
+        if not self._unsent:
+            return
+        async with self._flush_lock:
+            while self._unsent:
+                await trio.lowlevel.wait_writable(self._fd)
+                self._write_unsent()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self.send_nowait(data)
+            if self._unsent:
+                await self.flush()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_usable()
+        if self._unsent:
+            await trio.lowlevel.wait_writable(self._fd)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _take_outgoing(self) -> None:
+        """Write what TLS produced, or queue it behind ciphertext still unsent (the socket was
+        full then: ``flush`` writes once it can take more)."""
+        ciphertext = self._outgoing.read()
+        if self._unsent:
+            self._unsent += ciphertext
+        elif ciphertext:
+            written = self._write(ciphertext)
+            if written < len(ciphertext):
+                self._unsent += memoryview(ciphertext)[written:]
+
+    def _write_unsent(self) -> None:
+        del self._unsent[:self._write(self._unsent)]
+
+    def _write(self, data: bytes | bytearray) -> int:
+        """What the socket takes of ``data`` now, without waiting."""
+        self._check_usable()
+        try:
+            return write_nowait(self._fd, data)
+        except OSError as exc:
+            self._fail(exc)
+
+    # -- closing -----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Send close_notify if the socket takes it now (never waits for it), then close."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._broken is None:
+            # close_notify is queued even when unwrap says it wants the peer's (not waited for).
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()
+            with contextlib.suppress(trio.BrokenResourceError):
+                self._take_outgoing()
+        self._closed = True
+        await self.transport_stream.aclose()
+
+    def abort(self) -> None:
+        """Close at once, without close_notify and without yielding: a refused peer sees the
+        connection end only after the caller, in the same step, logged why."""
+        if not self._closed:
+            self._closed = True
+            self.transport_stream.socket.close()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(str(self._broken)) from self._broken
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        self._broken = exc
+        raise trio.BrokenResourceError(str(exc)) from exc
+
+
+# Anything that exposes the negotiated TLS session (the streams forward to their SSLObject).
+TlsConnection = ssl.SSLObject | ssl.SSLSocket | trio.SSLStream[Any] | TlsStream
 
 
 class CertificateError(ValueError):
@@ -158,6 +421,9 @@ def server_context(
     """Server side of HBONE: client certificates required and chained to ``trust_bundle``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _configure(context, cert, trust_bundle, allow_tls12)
+    # No TLS 1.3 session tickets: no client resumes, and tickets the client never reads (it
+    # hangs up first) would turn its close into a TCP reset that can destroy data in flight.
+    context.num_tickets = 0
     return context
 
 
@@ -212,7 +478,7 @@ def _ensure_newline(pem: str) -> str:
 
 
 async def mutual_handshake(
-    tls: trio.SSLStream[Any],
+    tls: TlsStream,
     timeout: float,
     check_peer: Callable[[TlsConnection], SpiffeId],
     what: str,
@@ -227,11 +493,11 @@ async def mutual_handshake(
         check_alpn(tls)
         return check_peer(tls)
     except trio.TooSlowError:
-        await trio.aclose_forcefully(tls)
+        tls.abort()
         raise PeerIdentityError(f"TLS handshake {what} took longer than {timeout}s") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        await trio.aclose_forcefully(tls)
+        tls.abort()
         raise PeerIdentityError(describe_tls_error(exc)) from exc
     except PeerIdentityError:
-        await trio.aclose_forcefully(tls)
+        tls.abort()
         raise

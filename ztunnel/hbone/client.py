@@ -19,7 +19,7 @@ import trio
 from istiod_lite.api.identity import SpiffeId
 from ztunnel.hbone.protocol import DEFAULT_MAX_CONCURRENT_STREAMS, REASON_HEADER
 from ztunnel.hbone.session import GoawayNotice, H2Session, HboneStream
-from ztunnel.tls import mutual_handshake, verify_peer
+from ztunnel.tls import TlsStream, mutual_handshake, verify_peer
 
 _CONNECT_TIMEOUT = 10.0
 
@@ -224,7 +224,7 @@ async def connect_tls(
     connect_timeout: float = _CONNECT_TIMEOUT,
     local_address: str | None = None,
     open_socket: SocketOpener | None = None,
-) -> trio.SSLStream[trio.SocketStream]:
+) -> TlsStream:
     """TCP + TLS to a peer's HBONE port, checking ALPN h2 and the server's SPIFFE id.
 
     Raises OSError when the TCP connect fails and PeerIdentityError (with the reason) when
@@ -237,7 +237,7 @@ async def connect_tls(
             tcp = await open_socket(address, port)
         else:
             tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
-    tls = trio.SSLStream(tcp, ssl_context, server_side=False)
+    tls = TlsStream(tcp, ssl_context, server_side=False)
     await mutual_handshake(
         tls, connect_timeout, lambda c: verify_peer(c, expected_identity),
         f"with {address}:{port}",

@@ -9,12 +9,14 @@ as soon as it has no tunnel left, so an idle pooled connection ends at once.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import structlog
 import trio
 
@@ -31,6 +33,7 @@ from ztunnel.hbone.session import H2Session, HboneStream
 from ztunnel.tls import (
     PeerIdentityError,
     TlsConnection,
+    TlsStream,
     check_trust_domain,
     mutual_handshake,
     peer_identity,
@@ -124,7 +127,10 @@ class _ServerSession(H2Session):
         if drained_after is not None and stream_id > drained_after:
             # Sent before the client read our GOAWAY: not processed, so it may go elsewhere.
             self._log.debug("hbone.stream_refused_draining", stream=stream_id)
-            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            # The client may have reset it already in the same read (h2 reports that event
+            # after this one): then there is nothing left to answer.
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         headers = [(bytes(name), bytes(value)) for name, value in event.headers or ()]
         try:
@@ -134,14 +140,15 @@ class _ServerSession(H2Session):
                 "hbone.request_rejected", stream=stream_id, status=rejection.status,
                 reason=rejection.reason, peer=str(self._connection.peer_identity),
             )
-            self.conn.send_headers(
-                stream_id,
-                [(b":status", str(rejection.status).encode()),
-                 (REASON_HEADER.encode(), _header_safe(rejection.reason).encode())],
-                end_stream=True,
-            )
-            if event.stream_ended is None:
-                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset already, as above
+                self.conn.send_headers(
+                    stream_id,
+                    [(b":status", str(rejection.status).encode()),
+                     (REASON_HEADER.encode(), _header_safe(rejection.reason).encode())],
+                    end_stream=True,
+                )
+                if event.stream_ended is None:
+                    self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
             return
         stream = HboneStream(self, stream_id)
         self.streams[stream_id] = stream
@@ -187,7 +194,10 @@ async def serve_hbone(
         session = _ServerSession(
             stream, handler, nursery, connection or ConnectionInfo(), max_concurrent_streams
         )
-        if drain is not None:
+        if drain is not None and drain.started:
+            # Before the first read: a CONNECT already on the wire is then refused, never run.
+            session.begin_drain()
+        elif drain is not None:
             nursery.start_soon(_drain_when_told, session, drain)
         try:
             await session.run()
@@ -212,12 +222,12 @@ async def accept_tls(
     *,
     accepted_trust_domains: Collection[str] | None = None,
     handshake_timeout: float = _HANDSHAKE_TIMEOUT,
-) -> tuple[trio.SSLStream[trio.SocketStream], SpiffeId]:
+) -> tuple[TlsStream, SpiffeId]:
     """Server handshake plus the HBONE checks (ALPN h2, SPIFFE id, trust domain).
 
     Raises PeerIdentityError with the reason on any failure (the TCP stream is then closed).
     """
-    tls = trio.SSLStream(tcp_stream, ssl_context, server_side=True)
+    tls = TlsStream(tcp_stream, ssl_context, server_side=True)
 
     def check_client(connection: TlsConnection) -> SpiffeId:
         identity = peer_identity(connection)

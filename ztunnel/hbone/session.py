@@ -1,9 +1,12 @@
 """The Trio driver shared by both HBONE ends: one h2 connection over a (TLS) byte stream.
 
-All h2 state changes are synchronous. A single writer task moves everything h2 has queued to
-the transport in one ``send_all`` per wake-up, so writes from many streams coalesce. The reader
-never writes itself: if both peers' readers could block on full TCP buffers, neither would
-drain the other and the connection would deadlock under bulk transfer both ways.
+All h2 state changes are synchronous. What h2 queues is handed to the transport at once,
+without awaiting (``TlsStream.send_nowait`` encrypts and writes what the socket takes, so a
+1 KB request costs no task switch); only what the socket does not take yet waits for the
+writer task, and a sender waits for it (backpressure) once more than ``_UNSENT_LIMIT`` bytes
+are unsent. The reader never waits for writes itself: if both peers' readers could block on
+full TCP buffers, neither would drain the other and the connection would deadlock under bulk
+transfer both ways.
 
 Graceful drain (HTTP/2 GOAWAY with NO_ERROR, RFC 9113 section 6.8): the sender keeps serving
 the streams up to the last stream id it named and the peer opens new streams on a new
@@ -21,6 +24,7 @@ import collections
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -33,7 +37,7 @@ import trio
 from hyperframe.frame import DataFrame
 
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
-from ztunnel.tls import describe_tls_error
+from ztunnel.tls import TlsStream, describe_tls_error
 
 
 def _data_frame_repr(frame: DataFrame) -> str:
@@ -51,6 +55,9 @@ DataFrame.__repr__ = _data_frame_repr  # type: ignore[assignment, method-assign]
 log = structlog.get_logger()
 
 _READ_SIZE = 256 * 1024
+# A sender returns once its bytes are handed to the transport while at most this much of the
+# connection's output is still unsent; beyond it, it waits for the socket (backpressure).
+_UNSENT_LIMIT = 256 * 1024
 _CLOSE_TIMEOUT = 1.0
 _DEFAULT_WINDOW = 65535
 # A drained server waits this long for the client to close first (ours does as soon as it has
@@ -173,6 +180,44 @@ class GoawayFilter:
 # -- the Trio driver -------------------------------------------------------------------------
 
 
+class _Sender(Protocol):
+    """Where a session's outbound bytes go: handed over without awaiting, sent by ``flush``."""
+
+    @property
+    def pending(self) -> int: ...
+
+    def send_nowait(self, data: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class _QueuedSender:
+    """For transports that cannot write without awaiting (in-memory streams, trio.SSLStream):
+    bytes queue here and the session's writer task sends them, coalesced, with send_all."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._queue = bytearray()
+        self._in_flight = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + self._in_flight
+
+    def send_nowait(self, data: bytes) -> None:
+        self._queue += data
+
+    async def flush(self) -> None:
+        while self._queue:
+            data = bytes(self._queue)
+            self._queue.clear()
+            self._in_flight = len(data)
+            try:
+                await self._stream.send_all(data)
+            finally:
+                self._in_flight = 0
+
+
 class H2Session:
     """Owns the h2 state machine, the transport and the streams multiplexed on it.
 
@@ -204,18 +249,17 @@ class H2Session:
         self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
         self.client_side = client_side
         self.transport = transport
+        self._sender: _Sender = (
+            transport if isinstance(transport, TlsStream) else _QueuedSender(transport)
+        )
         self.streams: dict[int, HboneStream] = {}
         self.closed_reason: str | None = None
         self.closed_event = trio.Event()
         self.last_used = trio.current_time()
         self._window_opened = trio.Event()
         self._write_wanted = trio.Event()
-        self._write_requests = 0  # flush() calls so far
-        self._writes_done = 0  # flush() calls whose bytes reached the transport
-        self._write_progress = trio.Event()
+        self._write_progress = trio.Event()  # set each time the writer emptied the transport
         self._log = log.bind(side="client" if client_side else "server")
-        # Frames we write ourselves (GOAWAY while h2 stays open), sent before h2's later ones.
-        self._raw_outbound = bytearray()
         self._goaway_filter = GoawayFilter() if client_side else None
         self.goaway_sent_last_stream_id: int | None = None
         self.goaway_received: GoawayNotice | None = None
@@ -258,57 +302,59 @@ class H2Session:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await self.transport.aclose()
 
-    def request_write(self) -> int:
-        """Wake the writer; returns a ticket that flush() can wait for."""
-        self._write_requests += 1
-        self._write_wanted.set()
-        return self._write_requests
+    def request_write(self) -> None:
+        """Hand everything h2 has queued to the transport now (never waits); the writer task
+        sends what the socket does not take at once."""
+        self._send_now(self.conn.data_to_send())
 
-    async def flush(self) -> None:
-        """Wait until everything h2 has queued so far reached the transport (backpressure)."""
-        ticket = self.request_write()
-        while self._writes_done < ticket:
-            if self.is_closed:
-                raise trio.BrokenResourceError(self.closed_reason)
+    def _send_now(self, data: bytes) -> None:
+        if self.is_closed:
+            return
+        if data:
+            try:
+                self._sender.send_nowait(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.mark_closed(f"transport failed while sending: {describe_tls_error(exc)}")
+                return
+        if self._sender.pending:
+            self._write_wanted.set()
+
+    async def flush(self, limit: int = _UNSENT_LIMIT) -> None:
+        """Hand h2's bytes to the transport and wait while more than ``limit`` bytes of the
+        connection's output are unsent (backpressure); raises BrokenResourceError once the
+        connection is gone."""
+        self.request_write()
+        while not self.is_closed and self._sender.pending > limit:
             await self._write_progress.wait()
+        if self.is_closed:
+            raise trio.BrokenResourceError(self.closed_reason)
 
     async def flush_quietly(self) -> None:
-        """Best-effort flush for cleanup paths (RST_STREAM, GOAWAY): bounded and shielded."""
+        """Best-effort complete flush for cleanup paths (RST_STREAM, GOAWAY): bounded and
+        shielded."""
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(_CLOSE_TIMEOUT),
             contextlib.suppress(trio.BrokenResourceError),
         ):
-            await self.flush()
+            await self.flush(limit=0)
 
     async def _write_loop(self) -> None:
         while True:
             await self._write_wanted.wait()
             self._write_wanted = trio.Event()
-            ticket = self._write_requests
-            data = self._take_outbound()
-            if data:
-                try:
-                    await self.transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.mark_closed(f"transport failed while sending: {describe_tls_error(exc)}")
-                    return
-            self._writes_done = ticket
+            try:
+                await self._sender.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.mark_closed(f"transport failed while sending: {describe_tls_error(exc)}")
+                return
             self._write_progress.set()
             self._write_progress = trio.Event()
 
-    def _take_outbound(self) -> bytes:
-        data = self.conn.data_to_send()
-        if self._raw_outbound:
-            data = bytes(self._raw_outbound) + data
-            self._raw_outbound.clear()
-        return data
-
-    def _queue_raw(self, frame: bytes) -> None:
-        """Queue a frame h2 must not know about, after everything h2 has queued so far."""
-        self._raw_outbound += self.conn.data_to_send()
-        self._raw_outbound += frame
+    def _send_raw(self, frame: bytes) -> None:
+        """Send a frame h2 must not know about, after everything h2 has queued so far."""
         self.request_write()
+        self._send_now(frame)
 
     # -- graceful drain ------------------------------------------------------------------------
 
@@ -324,7 +370,7 @@ class H2Session:
             return
         last = self.conn.highest_inbound_stream_id
         self.goaway_sent_last_stream_id = last
-        self._queue_raw(encode_goaway(last, h2.errors.ErrorCodes.NO_ERROR, b"draining"))
+        self._send_raw(encode_goaway(last, h2.errors.ErrorCodes.NO_ERROR, b"draining"))
         self._log.debug("hbone.drain_started", last_stream_id=last, streams=len(self.streams))
         self._start_draining("drained: GOAWAY sent and the last stream ended")
 
@@ -628,6 +674,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is receiving on this HBONE stream")
         self._receiving = True
         try:
+            waited = False  # a wait already was this call's checkpoint
             while not self._inbound:
                 if self._closed:
                     raise trio.ClosedResourceError("HBONE stream was closed")
@@ -637,6 +684,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 if self._broken is not None:
                     raise trio.BrokenResourceError(self._broken)
                 await self._inbound_changed.wait()
+                waited = True
             if self._closed:
                 raise trio.ClosedResourceError("HBONE stream was closed")
             chunk = self._inbound.popleft()
@@ -647,7 +695,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 chunk = chunk[:max_bytes]
             self._session._acknowledge(self.stream_id, len(chunk))
             self._session.request_write()  # WINDOW_UPDATE, if h2 decided one is due
-            await trio.lowlevel.checkpoint()
+            if not waited:
+                await trio.lowlevel.checkpoint()
             return chunk
         finally:
             self._receiving = False

@@ -91,6 +91,10 @@ def run_control_plane(root: Path, *, pods: int, services: int, subscribers: int,
             connecting = min((e["started"] for e in events if "started" in e), default=started)
             full_sync = last_synced - connecting
             rss_synced = rss_bytes(istiod_pid)
+            # Each process decodes one full update once all its subscribers synced; wait for
+            # that to be over so that it does not slow the probes' deliveries.
+            decoded = _collect(workers, events, lambda e: "decoded" in e, len(workers),
+                               SYNC_TIMEOUT)
             per_probe: list[float] = []
             timed_out_probes = 0
             deliveries: list[float] = []
@@ -120,7 +124,7 @@ def run_control_plane(root: Path, *, pods: int, services: int, subscribers: int,
             "probes_timed_out": timed_out_probes, "error_samples": [e["error"] for e in errors[:3]],
             "istiod_ready_seconds": ready_seconds, "full_sync_seconds": full_sync,
             "full_sync_from_process_spawn_seconds": full_sync_from_spawn,
-            "first_update_resources": next(e["resources"] for e in synced if "resources" in e),
+            "first_update_resources": decoded[0]["resources"] if decoded else None,
             "first_update_bytes": synced[0]["bytes"],
             "propagation_all_subscribers_ms": {
                 "p50": statistics.median(per_probe) * 1e3,

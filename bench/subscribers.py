@@ -3,11 +3,13 @@ discovery endpoint (HTTP/2 over TLS, bearer token per node), many per process.
 
 ``python -m bench.subscribers ARGS.json`` opens one discovery stream per node, and prints a
 JSON line per event with wall-clock times (``time.time()``, comparable across processes):
-``{"synced": node, "at": t, "resources": n, "bytes": b}`` for each first (full) update and
-``{"probe": name, "node": node, "at": t}`` when an update carries a probe pod. The probe
-check is a byte search, so the simulated client's own decode cost stays out of istiod's
-numbers; one subscriber per process fully decodes its first update as a sanity check.
-Bounded by ``max_seconds``.
+``{"started": t}`` once the process starts connecting, ``{"synced": node, "at": t, "bytes":
+b}`` for each first (full) update and ``{"probe": name, "node": node, "at": t}`` when an
+update carries a probe pod. The probe check is a byte search, so the simulated client's own
+decode cost stays out of istiod's numbers; one subscriber per process fully decodes its first
+update as a sanity check (``{"decoded": node, "resources": n}``), once every subscriber of
+the process has synced, so that its decoding does not delay the others' clocks. Bounded by
+``max_seconds``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import ssl
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,21 @@ def emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
-async def subscribe(client: httpx.AsyncClient, node: str, token: str, *, decode: bool) -> None:
+@dataclass
+class Process:
+    """What the subscribers of one process share: how many have yet to sync."""
+
+    pending: int
+    all_synced: trio.Event = field(default_factory=trio.Event)
+
+    def synced(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.all_synced.set()
+
+
+async def subscribe(client: httpx.AsyncClient, node: str, token: str, process: Process, *,
+                    decode: bool) -> None:
     request = codec.to_jsonable(DiscoveryRequest(node=node, initial_resource_versions={}))
     seen: set[bytes] = set()
     first = True
@@ -49,16 +66,17 @@ async def subscribe(client: httpx.AsyncClient, node: str, token: str, *, decode:
             parts.append(lines[0])
             for rest in lines[1:]:
                 line, parts = b"".join(parts), [rest]
-                if not line.strip():
+                if not line or line.isspace():
                     continue
                 now = time.time()
                 if first:
                     first = False
-                    event: dict[str, Any] = {"synced": node, "at": now, "bytes": len(line)}
-                    if decode:  # after the clock was read: decoding is the client's cost
+                    emit({"synced": node, "at": now, "bytes": len(line)})
+                    process.synced()
+                    if decode:
+                        await process.all_synced.wait()
                         update = codec.from_jsonable(DeltaUpdate, json.loads(line))
-                        event["resources"] = len(update.resources)
-                    emit(event)
+                        emit({"decoded": node, "resources": len(update.resources)})
                     continue  # probes are written after every subscriber synced
                 for probe in set(PROBE.findall(line)) - seen:
                     seen.add(probe)
@@ -69,6 +87,7 @@ async def run(args: dict[str, Any]) -> None:
     context = ssl.create_default_context(cafile=args["root_cert"])
     context.check_hostname = False  # istiod's serving cert is checked against the mesh root
     limits = httpx.Limits(max_connections=1)
+    process = Process(pending=len(args["nodes"]))
     # The clock of "time to full sync" starts here, not at process start: interpreter
     # start-up and imports are the load generator's cost, not istiod's.
     emit({"started": time.time()})
@@ -79,15 +98,16 @@ async def run(args: dict[str, Any]) -> None:
                     base_url=args["url"], http2=True, verify=context, limits=limits,
                     timeout=httpx.Timeout(30.0, read=None), trust_env=False,
                 )
-                nursery.start_soon(_subscribe_and_close, client, node, token, index == 0)
+                nursery.start_soon(_subscribe_and_close, client, node, token, process,
+                                   index == 0)
 
 
 async def _subscribe_and_close(
-    client: httpx.AsyncClient, node: str, token: str, decode: bool
+    client: httpx.AsyncClient, node: str, token: str, process: Process, decode: bool
 ) -> None:
     async with client:
         try:
-            await subscribe(client, node, token, decode=decode)
+            await subscribe(client, node, token, process, decode=decode)
         except httpx.HTTPError as exc:
             emit({"error": f"{node}: {exc!r}"})
 

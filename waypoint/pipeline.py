@@ -265,9 +265,8 @@ class RequestPipeline:
             return response.with_headers(
                 set=[("www-authenticate", JwtError.www_authenticate(request.authority))]
             )
-        request = request.with_headers(
-            set=jwt.headers_to_add, remove=jwt.headers_to_remove
-        )
+        if jwt.headers_to_add or jwt.headers_to_remove:
+            request = request.with_headers(set=jwt.headers_to_add, remove=jwt.headers_to_remove)
         denial = self._authorize(request, target, caller, jwt, config.authorizations)
         if denial is not None:
             outcome.response_flags.append(FLAG_RBAC)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 import trio
@@ -26,7 +26,7 @@ from waypoint.config import WaypointConfig
 from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
 from waypoint.pipeline import Caller, Outcome, RequestPipeline, Target
 from waypoint.routing import choose_backend
-from waypoint.telemetry import Tracer, WaypointMetrics, access_log, request_labels
+from waypoint.telemetry import RequestLabeler, Tracer, WaypointMetrics, access_log
 from waypoint.upstream import HttpUpstream
 from ztunnel.admin import (
     StructlogLevelControl,
@@ -94,6 +94,15 @@ def protocol_of(target: Target) -> str | None:
         if mapping.service_port == target.port and mapping.app_protocol:
             return "http" if mapping.app_protocol.lower() in HTTP_PROTOCOLS else "tcp"
     return None
+
+
+class _Downstream(NamedTuple):
+    """What every request of one HTTP tunnel shares, worked out once per tunnel."""
+
+    target: Target
+    caller: Caller
+    forwarded: tuple[tuple[str, str], ...]  # who the caller is, for the upstream
+    labeler: RequestLabeler
 
 
 class Waypoint:
@@ -251,8 +260,14 @@ class Waypoint:
                     prefix += chunk
             protocol = "http" if looks_like_http(prefix) else "tcp"
         if protocol == "http":
+            downstream = _Downstream(
+                target, caller,
+                (("x-forwarded-for", caller.ip),
+                 ("x-forwarded-client-cert", f"By={self.identity};URI={caller.identity}")),
+                RequestLabeler(caller.workload, caller.identity),
+            )
             await serve_http(
-                tunnel, lambda r: self._handle_request(r, target, caller), self.limits,
+                tunnel, lambda r: self._handle_request(r, downstream), self.limits,
                 initial_bytes=prefix,
             )
         else:
@@ -260,43 +275,41 @@ class Waypoint:
 
     # -- HTTP ----------------------------------------------------------------------------
 
-    async def _handle_request(
-        self, request: HttpRequest, target: Target, caller: Caller
-    ) -> HttpResponse:
+    async def _handle_request(self, request: HttpRequest, downstream: _Downstream) -> HttpResponse:
+        target, caller = downstream.target, downstream.caller
         started = trio.current_time()
-        span = self.tracer.start(request.header("traceparent"), request.header("tracestate"))
-        request = request.with_headers(remove=("traceparent", "tracestate"))
+        traceparent, tracestate = request.header("traceparent"), request.header("tracestate")
+        span = self.tracer.start(traceparent, tracestate)
+        if traceparent is not None or tracestate is not None:  # ours replace them upstream
+            request = request.with_headers(remove=("traceparent", "tracestate"))
         outcome = Outcome()
-        forwarded = (
-            *span.propagation_headers(),
-            ("x-forwarded-for", caller.ip),
-            ("x-forwarded-client-cert", f"By={self.identity};URI={caller.identity}"),
-        )
+        forwarded = (*span.propagation_headers(), *downstream.forwarded)
         response = await self.pipeline.handle(request, target, caller, outcome, forwarded)
-        response = response.replace(response_flags=outcome.flags)
+        flags = outcome.flags
+        response = response.replace(response_flags=flags)
         duration_ms = (trio.current_time() - started) * 1000
         service = outcome.backend_service or target.service
-        labels = request_labels(
-            caller.workload, caller.identity, outcome.endpoint, service,
-            status=response.status, response_flags=outcome.flags,
+        labels = downstream.labeler.labels(
+            outcome.endpoint, service, status=response.status, response_flags=flags,
             protocol="grpc" if (request.header("content-type") or "").startswith(
                 "application/grpc") else "http",
         )
         self.metrics.record(labels, duration_ms, len(request.body), len(response.body))
-        self.tracer.finish(
-            span, method=request.method, path=request.path, status=response.status,
-            authority=request.authority, route_name=outcome.route_name,
-            upstream_cluster=service.hostname if service else None,
-            response_flags=outcome.flags, source_principal=str(caller.identity),
-            destination_principal=(
-                str(identity_of(outcome.endpoint)) if outcome.endpoint else None
-            ),
-            end_time_ns=time.time_ns(),
-        )
+        if self.tracer.exporting:
+            self.tracer.finish(
+                span, method=request.method, path=request.path, status=response.status,
+                authority=request.authority, route_name=outcome.route_name,
+                upstream_cluster=service.hostname if service else None,
+                response_flags=flags, source_principal=str(caller.identity),
+                destination_principal=(
+                    str(identity_of(outcome.endpoint)) if outcome.endpoint else None
+                ),
+                end_time_ns=time.time_ns(),
+            )
         access_log(
             method=request.method, authority=request.authority, path=request.path,
             protocol=f"HTTP/{request.http_version}", status=response.status,
-            response_flags=outcome.flags, duration_ms=round(duration_ms, 1),
+            response_flags=flags, duration_ms=round(duration_ms, 1),
             request_bytes=len(request.body), response_bytes=len(response.body),
             upstream_host=outcome.upstream_host, source_principal=str(caller.identity),
             route_name=outcome.route_name, trace_id=span.context.trace_id,

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -182,6 +182,44 @@ def request_labels(
     )
 
 
+class RequestLabeler:
+    """``request_labels`` for the requests of one caller (one tunnel), remembering the last
+    answer: the requests of a keep-alive connection mostly reach the same endpoint with the
+    same outcome, and comparing (identical objects first) costs less than building the
+    labels anew."""
+
+    def __init__(self, source: Workload | None, source_identity: SpiffeId | None) -> None:
+        self._source = source
+        self._source_identity = source_identity
+        self._last: tuple[tuple[object, ...], RequestLabels] | None = None
+
+    def labels(
+        self,
+        destination: Workload | None,
+        destination_service: Service | None,
+        *,
+        status: int,
+        response_flags: str = "-",
+        protocol: RequestProtocol = "http",
+    ) -> RequestLabels:
+        key = (destination, destination_service, status, response_flags, protocol)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        labels = request_labels(
+            self._source, self._source_identity, destination, destination_service,
+            status=status, response_flags=response_flags, protocol=protocol,
+        )
+        self._last = (key, labels)
+        return labels
+
+
+class _RequestSeries(NamedTuple):
+    requests: Counter
+    duration: Histogram
+    request_bytes: Histogram
+    response_bytes: Histogram
+
+
 class WaypointMetrics:
     """The ``istio_request*`` series of one waypoint (a registry each, as ztunnel's)."""
 
@@ -219,6 +257,9 @@ class WaypointMetrics:
             registry=self.registry,
             buckets=buckets,
         )
+        # Each label set's four series, looked up once: prometheus_client's labels() call
+        # validates and locks every time, and a waypoint sees few distinct label sets.
+        self._series: dict[RequestLabels, _RequestSeries] = {}
 
     def record(
         self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int
@@ -231,11 +272,19 @@ class WaypointMetrics:
                 f"byte counts cannot be negative (request={request_bytes}, "
                 f"response={response_bytes})"
             )
-        values = labels.values()
-        self.requests.labels(*values).inc()
-        self.request_duration.labels(*values).observe(duration_ms)
-        self.request_bytes.labels(*values).observe(request_bytes)
-        self.response_bytes.labels(*values).observe(response_bytes)
+        series = self._series.get(labels)
+        if series is None:
+            values = labels.values()
+            series = self._series[labels] = _RequestSeries(
+                self.requests.labels(*values),
+                self.request_duration.labels(*values),
+                self.request_bytes.labels(*values),
+                self.response_bytes.labels(*values),
+            )
+        series.requests.inc()
+        series.duration.observe(duration_ms)
+        series.request_bytes.observe(request_bytes)
+        series.response_bytes.observe(response_bytes)
 
     def render(self) -> bytes:
         """The Prometheus text exposition for ``/metrics`` (content type ``CONTENT_TYPE``)."""

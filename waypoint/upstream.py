@@ -4,22 +4,28 @@ Each upstream "connection" is one HBONE CONNECT stream (``:authority = <pod ip>:
 pooled mTLS connection to the endpoint's ztunnel, with the waypoint's own identity as the
 source. Idle HTTP/1.1 connections are kept per (tunnel key, authority) and reused; failures
 come out as ``UpstreamError`` with the kind retry policies and response flags are based on.
+
+The pool grows to what the concurrency needs and shrinks by idle timeout, like Envoy's: a
+connection that finished its exchange stays idle (up to a generous cap per target) rather
+than being closed, so a steady load of N concurrent requests keeps N tunnels instead of
+opening one per request above a small idle limit. What bounds the number of connections is
+the concurrency itself, which the circuit breaker bounds per service (a request is only
+dispatched while fewer than ``maxConnections`` are).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-import h11
 import structlog
 import trio
 
 from istiod_lite.api.identity import SpiffeId
 from waypoint.http import HttpRequest, HttpResponse, sendable_headers, strip_hop_by_hop
+from waypoint.http1 import Response, ResponseError, ResponseParser, render_request
 from ztunnel.hbone import HboneConnectError, HboneStream, connect_headers, format_authority
 from ztunnel.pool import HbonePool, PoolKey
 from ztunnel.tls import PeerIdentityError
@@ -35,6 +41,9 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 _REAP_INTERVAL = 0.5
+# Idle connections kept per target: Envoy's default circuit-breaker maxConnections, a safety
+# cap only (the concurrency, bounded by the circuit breaker, is what sizes the pool).
+DEFAULT_MAX_IDLE_PER_TARGET = 1024
 
 
 class UpstreamError(Exception):
@@ -62,12 +71,11 @@ class _Target(NamedTuple):
 
 @dataclass
 class _Connection:
-    """One HTTP/1.1 client connection inside one HBONE stream."""
+    """One HTTP/1.1 client connection inside one HBONE stream; between exchanges it holds
+    no parser state (a connection is kept only when nothing followed the last response)."""
 
     stream: HboneStream
-    protocol: h11.Connection
     idle_since: float = 0.0
-    exchanges: int = 0
 
 
 class _StaleConnection(Exception):
@@ -76,12 +84,6 @@ class _StaleConnection(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass
-class _Progress:
-    received: bool = False
-    chunks: list[bytes] = field(default_factory=list)
 
 
 class HttpUpstream:
@@ -94,7 +96,7 @@ class HttpUpstream:
         source_ip: str,
         *,
         hbone_port: int = 15008,
-        max_idle_per_endpoint: int = 8,
+        max_idle_per_target: int = DEFAULT_MAX_IDLE_PER_TARGET,
         idle_timeout: float = 60.0,
         max_response_header_bytes: int = 64 * 1024,
         max_response_body_bytes: int = 10 * 1024 * 1024,
@@ -103,7 +105,7 @@ class HttpUpstream:
         self._source_identity = source_identity
         self._source_ip = source_ip
         self._hbone_port = hbone_port
-        self._max_idle = max_idle_per_endpoint
+        self._max_idle = max_idle_per_target
         self._idle_timeout = idle_timeout
         self._max_header_bytes = max_response_header_bytes
         self._max_body_bytes = max_response_body_bytes
@@ -142,25 +144,27 @@ class HttpUpstream:
             format_authority(endpoint_ip, port),
             service_host,
         )
-        events = _request_events(request, target.authority, extra_headers)
-        with trio.move_on_after(math.inf if timeout is None else max(timeout, 0.0)):
-            return await self._send(events, request.method, target)
+        # Written out once, before any connection is used: a request that cannot be sent
+        # (a rewrite that produced a bad target, say) fails here.
+        data = _request_bytes(request, target.authority, extra_headers)
+        if timeout is None:
+            return await self._send(data, request.method, target)
+        with trio.move_on_after(max(timeout, 0.0)):
+            return await self._send(data, request.method, target)
         raise UpstreamError("timeout", f"no complete response from {target.authority} "
                             f"within {timeout:g}s")
 
-    async def _send(
-        self, events: list[h11.Event], method: str, target: _Target
-    ) -> HttpResponse:
+    async def _send(self, data: bytes, method: str, target: _Target) -> HttpResponse:
         connection = await self._take_idle(target)
         if connection is not None:
             try:
-                return await self._exchange(connection, events, method, target)
+                return await self._exchange(connection, data, method, target)
             except _StaleConnection as stale:
                 log.debug("upstream.stale_connection_retried", authority=target.authority,
                           reason=stale.reason)
         connection = await self._open(target)
         try:
-            return await self._exchange(connection, events, method, target)
+            return await self._exchange(connection, data, method, target)
         except _StaleConnection as stale:
             raise UpstreamError("reset", stale.reason) from None
 
@@ -181,7 +185,8 @@ class HttpUpstream:
             await _close(connection, graceful=True)
         return found
 
-    async def _release(self, target: _Target, connection: _Connection) -> None:
+    def _release(self, target: _Target, connection: _Connection) -> list[_Connection]:
+        """Keep ``connection`` idle; returns the oldest ones over the cap, to be closed."""
         connection.idle_since = trio.current_time()
         connections = self._idle.setdefault(target, [])
         connections.append(connection)
@@ -189,8 +194,7 @@ class HttpUpstream:
         del connections[:len(evicted)]
         if not connections:
             del self._idle[target]
-        for old in evicted:
-            await _close(old, graceful=True)
+        return evicted
 
     async def _open(self, target: _Target) -> _Connection:
         key = target.key
@@ -213,89 +217,36 @@ class HttpUpstream:
             detail = str(exc) or type(exc).__name__
             raise UpstreamError("connect-failure", f"connecting to {via}: {detail}") from None
         self.connections_opened += 1
-        return _Connection(
-            stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_header_bytes)
-        )
+        return _Connection(stream)
 
     async def _exchange(
-        self, connection: _Connection, events: list[h11.Event], method: str, target: _Target
+        self, connection: _Connection, data: bytes, method: str, target: _Target
     ) -> HttpResponse:
         """Request out, response in; the connection goes back to the idle list only when
-        both sides finished the exchange cleanly (anything else closes it)."""
+        the response was complete, kept alive and followed by nothing (anything else closes
+        it)."""
         reusable = completed = False
-        progress = _Progress()
-        protocol = connection.protocol
+        parser = ResponseParser(method, max_head_bytes=self._max_header_bytes,
+                                max_body_bytes=self._max_body_bytes)
         try:
-            data = b"".join(protocol.send(event) or b"" for event in events)
-            connection.exchanges += 1
             try:
                 await connection.stream.send_all(data)
-                response = await self._read_response(connection, method, progress)
+                response = await _read_response(connection.stream, parser)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = f"connection to {target.authority} broke: {exc or type(exc).__name__}"
-                if not progress.received:
+                if not parser.received:
                     raise _StaleConnection(reason) from None
                 raise UpstreamError("reset", reason) from None
             completed = True
-            reusable = protocol.our_state is h11.DONE and protocol.their_state is h11.DONE
-            return response
+            reusable = response.reusable
+            return HttpResponse(response.status, strip_hop_by_hop(response.headers),
+                                response.body)
         finally:
-            with trio.CancelScope(shield=True):
-                if reusable:
-                    protocol.start_next_cycle()
-                    await self._release(target, connection)
-                else:  # a finished exchange on a closing connection ends cleanly
-                    await _close(connection, graceful=completed)
-
-    async def _read_response(
-        self, connection: _Connection, method: str, progress: _Progress
-    ) -> HttpResponse:
-        protocol = connection.protocol
-        head: h11.Response | None = None
-        size = 0
-        eof = False
-        while True:
-            try:
-                event = protocol.next_event()
-            except h11.RemoteProtocolError as exc:
-                if eof:  # h11 saw the end of the stream inside a message
-                    raise self._ended_early(progress) from None
-                raise UpstreamError("protocol", f"malformed response: {exc}") from None
-            if event is h11.NEED_DATA:
-                data = bytes(await connection.stream.receive_some(_READ_SIZE))
-                if data:
-                    progress.received = True
-                else:
-                    eof = True
-                protocol.receive_data(data)
-            elif isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue, 103 Early Hints: not forwarded
-            elif isinstance(event, h11.Response):
-                head = event
-                declared = _declared_length(event)
-                if declared is not None and declared > self._max_body_bytes and method != "HEAD":
-                    raise UpstreamError("protocol", f"response body of {declared} bytes exceeds "
-                                        f"{self._max_body_bytes}")
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self._max_body_bytes:
-                    raise UpstreamError("protocol", "response body exceeds "
-                                        f"{self._max_body_bytes} bytes")
-                progress.chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None  # h11 orders Response before EndOfMessage
-                headers = strip_hop_by_hop(
-                    (name.decode("ascii"), value.decode("latin-1")) for name, value in head.headers
-                )
-                return HttpResponse(head.status_code, headers, b"".join(progress.chunks))
-            else:  # ConnectionClosed
-                raise self._ended_early(progress)
-
-    @staticmethod
-    def _ended_early(progress: _Progress) -> Exception:
-        if not progress.received:
-            return _StaleConnection("upstream closed the connection without responding")
-        return UpstreamError("reset", "upstream closed the connection mid-response")
+            if reusable:
+                for old in self._release(target, connection):
+                    await _close(old, graceful=True)
+            else:  # a finished exchange on a closing connection ends cleanly
+                await _close(connection, graceful=completed)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Optional: close idle connections as they expire (otherwise that happens on the
@@ -320,8 +271,9 @@ class HttpUpstream:
         now = trio.current_time()
         expired: list[_Connection] = []
         for target, connections in list(self._idle.items()):
-            keep = [c for c in connections if self._reusable(c, now)]
-            expired += [c for c in connections if c not in keep]
+            keep: list[_Connection] = []
+            for connection in connections:
+                (keep if self._reusable(connection, now) else expired).append(connection)
             if keep:
                 self._idle[target] = keep
             else:
@@ -350,13 +302,32 @@ async def _close(connection: _Connection, *, graceful: bool) -> None:
         await stream.aclose()
 
 
-def _request_events(
+async def _read_response(stream: HboneStream, parser: ResponseParser) -> Response:
+    """Feed the parser until the response is complete. A stream that ends before any byte
+    came back is stale (``_StaleConnection``: the request may be sent again)."""
+    while True:
+        try:
+            response = parser.response()
+        except ResponseError as error:
+            if not error.incomplete:
+                raise UpstreamError("protocol", f"malformed response: {error.reason}"
+                                    ) from None
+            if not parser.received:
+                raise _StaleConnection("upstream closed the connection without responding"
+                                       ) from None
+            raise UpstreamError("reset", "upstream closed the connection mid-response"
+                                ) from None
+        if response is not None:
+            return response
+        parser.feed(bytes(await stream.receive_some(_READ_SIZE)))
+
+
+def _request_bytes(
     request: HttpRequest, endpoint_authority: str, extra_headers: Sequence[tuple[str, str]]
-) -> list[h11.Event]:
-    """The request as h11 events: Host from the request's authority, its own headers minus
-    hop-by-hop and framing, the extra headers, and a Content-Length for the body. Checked
-    against a scratch h11 connection, so a request that cannot be written (a rewrite that
-    produced a bad target, say) fails here as ``protocol`` before any connection is used."""
+) -> bytes:
+    """The request on the wire: Host from the request's authority, its own headers minus
+    hop-by-hop and framing, the extra headers, and a Content-Length for the body. Raises
+    ``protocol`` for a method or target that cannot be written."""
     headers: list[tuple[str, str]] = [("host", request.authority or endpoint_authority)]
     headers += [
         (name.lower(), value) for name, value in strip_hop_by_hop(request.headers)
@@ -369,27 +340,9 @@ def _request_events(
     if dropped:
         log.warning("upstream.request_headers_dropped", names=dropped)
     try:
-        events: list[h11.Event] = [h11.Request(
-            method=request.method.encode("ascii"),
-            target=request.target.encode("ascii"),
-            headers=[(name.encode("ascii"), value.encode("latin-1")) for name, value in kept],
-        )]
-        if request.body:
-            events.append(h11.Data(data=request.body))
-        events.append(h11.EndOfMessage())
-        scratch = h11.Connection(h11.CLIENT)
-        for event in events:
-            scratch.send(event)
-    except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+        return render_request(request.method, request.target, kept, request.body)
+    except ValueError as exc:
         raise UpstreamError("protocol", f"request cannot be sent: {exc}") from None
-    return events
-
-
-def _declared_length(response: h11.Response) -> int | None:
-    for name, value in response.headers:
-        if name == b"content-length" and value.strip().isdigit():
-            return int(value)
-    return None
 
 
 __all__ = ["HttpUpstream", "UpstreamError", "UpstreamErrorKind"]

@@ -75,7 +75,7 @@ L7_PROXY = {"waypoint": "waypoint", "envoy": "envoy-waypoint"}
 UPSTREAM_ACCOUNT = {"no_waypoint": "client", **L7_PROXY}
 OPENED = "istio_tcp_connections_opened_total"
 FIXED_RPS = 500
-# Closed-loop concurrency: 8 is within our waypoint's idle pool per endpoint (8), 16 beyond.
+# Closed-loop concurrency: 8 and 16 keep-alive client connections.
 SATURATION_CONNECTIONS = (8, 16)
 RATE_CONNECTIONS = 4
 

@@ -318,6 +318,8 @@ class CertificateManager:
     async def wait_for(self, identity: SpiffeId, timeout: float) -> CertifiedKey:
         """Wait until the identity has a valid certificate; TimeoutError names the last
         failure. Raises KeyError if the identity is not wanted."""
+        if (cert := self.current(identity)) is not None:
+            return cert  # the common case: no cancel scope (and deadline) to set up
         with trio.move_on_after(timeout):
             while True:
                 entry = self._entries.get(identity)

@@ -15,9 +15,14 @@ from http import HTTPStatus
 import h2.events
 import h2.exceptions
 import trio
+from hpack import NeverIndexedHeaderTuple
 
 from istiod_lite.api.identity import SpiffeId
-from ztunnel.hbone.protocol import DEFAULT_MAX_CONCURRENT_STREAMS, REASON_HEADER
+from ztunnel.hbone.protocol import (
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    REASON_HEADER,
+    UNIQUE_PER_CONNECTION_HEADERS,
+)
 from ztunnel.hbone.session import GoawayNotice, H2Session, HboneStream
 from ztunnel.tls import TlsStream, mutual_handshake, verify_peer
 
@@ -146,8 +151,8 @@ class HboneClient:
             raise HboneConnectError(None, "connection is draining (GOAWAY)", retryable=True)
         if self.available_streams <= 0:
             raise HboneConnectError(None, "connection has no free stream slots")
-        block = [(b":method", b"CONNECT"), (b":authority", authority.encode())]
-        block += [(k.encode(), v.encode()) for k, v in headers if not k.startswith(":")]
+        block = [(b":method", b"CONNECT"), (b":authority", authority.encode()),
+                 *(_encoded_header(k, v) for k, v in headers if not k.startswith(":"))]
         stream_id = session.conn.get_next_available_stream_id()
         try:
             session.conn.send_headers(stream_id, block)
@@ -182,6 +187,15 @@ class HboneClient:
     async def aclose(self) -> None:
         """GOAWAY and close; streams still open on it break."""
         await self._session.close()
+
+
+def _encoded_header(name: str, value: str) -> tuple[bytes, bytes]:
+    """A header as h2 sends it; one unique to this connection stays out of the HPACK
+    dynamic table: adding it would cost hpack work on both ends and evict the entries that
+    do repeat (the authority, baggage), for a value never sent again."""
+    if name in UNIQUE_PER_CONNECTION_HEADERS:
+        return NeverIndexedHeaderTuple(name.encode(), value.encode())
+    return name.encode(), value.encode()
 
 
 def request_target(

@@ -21,6 +21,8 @@ MAX_FRAME_SIZE = 1024 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS = 100
 # Optional header on a rejection that carries a human-readable reason (never policy internals).
 REASON_HEADER = "x-hbone-reason"
+# CONNECT headers whose value differs on every tunnel (the client's port, a fresh trace id).
+UNIQUE_PER_CONNECTION_HEADERS = frozenset({"forwarded", "traceparent"})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

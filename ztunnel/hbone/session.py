@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,8 +41,7 @@ from ztunnel.tls import TlsStream, describe_tls_error
 
 
 def _data_frame_repr(frame: DataFrame) -> str:
-    return (f"DataFrame(stream_id={frame.stream_id}, flags={sorted(frame.flags)}, "
-            f"length={len(frame.data)})")
+    return f"DataFrame(stream_id={frame.stream_id}, length={len(frame.data)})"
 
 
 # h2 (4.x) logs every received frame with ``logger.trace("...", repr(frame))``: the repr is
@@ -122,6 +121,8 @@ class GoawayFilter:
         self._goaway_left = 0
 
     def feed(self, data: bytes | bytearray) -> list[bytes | bytearray | GoawayNotice]:
+        if self._goaway is None and not self._header and self._pass_whole(data):
+            return [data]
         out: list[bytes | bytearray | GoawayNotice] = []
         run: list[bytes | memoryview] = []  # bytes for h2 since the last notice
         view = memoryview(data)
@@ -175,6 +176,21 @@ class GoawayFilter:
                     self._payload_left = length
         flush_run()
         return out
+
+    def _pass_whole(self, data: bytes | bytearray) -> bool:
+        """The fast path for a chunk of whole frame headers without GOAWAY (nearly all of
+        them): only the frame lengths are read. False, with nothing changed, when a GOAWAY's
+        type byte is seen or a frame header continues in the next chunk: then ``feed`` takes
+        the chunk apart."""
+        position, end = self._payload_left, len(data)
+        while position + _FRAME_HEADER_SIZE <= end:
+            if data[position + 3] == _GOAWAY_TYPE:
+                return False
+            position += _FRAME_HEADER_SIZE + int.from_bytes(data[position:position + 3], "big")
+        if position < end:
+            return False
+        self._payload_left = position - end
+        return True
 
 
 # -- the Trio driver -------------------------------------------------------------------------
@@ -549,6 +565,10 @@ class H2Session:
             self.conn.acknowledge_received_data(length, stream_id)
 
 
+# Writes what its sink takes now without waiting and says how much that was (0 when full).
+DirectWrite = Callable[[bytes], int]
+
+
 def _code_name(code: object) -> str:
     if isinstance(code, h2.errors.ErrorCodes):
         return code.name
@@ -570,6 +590,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._sending = False
         self._receiving = False
+        self._direct_write: DirectWrite | None = None  # set while deliver_to runs
         # The peer did no work on this stream (REFUSED_STREAM, or above its GOAWAY's last
         # stream id): opening it again elsewhere is safe.
         self.refused = False
@@ -586,6 +607,18 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._inbound_changed = trio.Event()
 
     def _on_data(self, data: bytes) -> None:
+        if data and self._direct_write is not None and not self._inbound:
+            # deliver_to runs and nothing is queued before this: write it from here, so the
+            # delivering task is not woken for a DATA frame the sink takes at once.
+            try:
+                taken = self._direct_write(data)
+            except (OSError, trio.ClosedResourceError):
+                taken = 0  # queued: the delivering task meets the error when it writes
+            if taken:
+                self._session._acknowledge(self.stream_id, taken)
+                if taken == len(data):
+                    return
+                data = data[taken:]
         if data:
             self._inbound.append(data)
         self._signal()
@@ -700,6 +733,59 @@ class HboneStream(trio.abc.HalfCloseableStream):
             return chunk
         finally:
             self._receiving = False
+
+    async def deliver_to(
+        self, write: DirectWrite, wait_writable: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Pass everything received to ``write`` until END_STREAM (then return).
+
+        Meant for a sink that can be written without waiting (a socket): while this runs,
+        the session's reader itself writes each DATA frame that has nothing queued before
+        it, so a request costs no wake-up of this task; this task writes only what ``write``
+        did not take, after ``wait_writable``. Bytes count as consumed (flow control) once
+        ``write`` took them. ``write`` may raise (OSError, ClosedResourceError): that comes
+        out of here. Otherwise the errors of receive_some.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this HBONE stream")
+        self._receiving = True
+        self._direct_write = write
+        try:
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("HBONE stream was closed")
+                if self._inbound:
+                    if not self._write_queued(write):
+                        await wait_writable()
+                    continue
+                if self._remote_ended:
+                    await trio.lowlevel.checkpoint()
+                    return
+                if self._broken is not None:
+                    raise trio.BrokenResourceError(self._broken)
+                await self._inbound_changed.wait()
+        finally:
+            self._direct_write = None
+            self._receiving = False
+
+    def _write_queued(self, write: DirectWrite) -> bool:
+        """Write queued chunks in order while ``write`` takes them whole; True once none is
+        left."""
+        taken_total = 0
+        try:
+            while self._inbound:
+                chunk = self._inbound[0]
+                taken = write(chunk)
+                taken_total += taken
+                if taken < len(chunk):
+                    self._inbound[0] = chunk[taken:]
+                    return False
+                self._inbound.popleft()
+            return True
+        finally:
+            if taken_total:
+                self._session._acknowledge(self.stream_id, taken_total)
+                self._session.request_write()  # WINDOW_UPDATE, if h2 decided one is due
 
     async def aclose(self) -> None:
         """Release the stream; RST_STREAM unless both directions finished cleanly."""

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import trio
 
+from ztunnel.hbone.session import HboneStream
 from ztunnel.tls import read_socket, write_nowait
 
 _CHUNK = 256 * 1024
@@ -50,13 +51,18 @@ class _SocketSide:
         self._drained = len(data) < max_bytes
         return data
 
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        return write_nowait(self._fd(), data)
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self._fd())
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
-            sent = write_nowait(self._fd(), view)
-            view = view[sent:]
+            view = view[self.write_nowait(view):]
             if view:
-                await trio.lowlevel.wait_writable(self._fd())
+                await self.wait_writable()
 
     async def send_eof(self) -> None:
         await self._stream.send_eof()
@@ -82,9 +88,18 @@ async def splice(
 
     async def pump(source: _Side, sink: _Side, index: int, cancel_scope: trio.CancelScope) -> None:
         try:
-            while data := await source.receive_some(_CHUNK):
-                await sink.send_all(data)
-                counts[index] += len(data)
+            if isinstance(source, HboneStream) and isinstance(sink, _SocketSide):
+                # The session's reader writes to the socket itself: no wake-up per request.
+                def write(data: bytes) -> int:
+                    taken = sink.write_nowait(data)
+                    counts[index] += taken
+                    return taken
+
+                await source.deliver_to(write, sink.wait_writable)
+            else:
+                while data := await source.receive_some(_CHUNK):
+                    await sink.send_all(data)
+                    counts[index] += len(data)
             await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             direction = "a->b" if index == 0 else "b->a"

@@ -488,7 +488,13 @@ class H2Session:
                 self.mark_closed("closed locally")
                 return
             except trio.BrokenResourceError as exc:
-                self.mark_closed(f"transport broken: {describe_tls_error(exc)}")
+                if (self.goaway_sent_last_stream_id is not None
+                        and isinstance(exc.__cause__, ConnectionResetError)):
+                    # We asked it to go: a peer closing with our last frames still unread
+                    # resets the connection, but it did what it was told.
+                    self.mark_closed("peer closed the connection")
+                else:
+                    self.mark_closed(f"transport broken: {describe_tls_error(exc)}")
                 return
             if not data:
                 self.mark_closed("peer closed the connection")

@@ -3,6 +3,7 @@ docs/benchmarks.md and a PNG plot (matplotlib, from the ``bench`` extra)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import re
@@ -230,11 +231,23 @@ def plot(document: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="The markdown tables (and optionally the plot) of a results file.")
+    parser.add_argument("results", type=Path, help="a bench/results/<timestamp>.json file")
+    parser.add_argument("plot", type=Path, nargs="?", help="where to write the PNG plot")
+    args = parser.parse_args(argv)
+    try:
+        loaded = json.loads(args.results.read_text())
+        table = markdown_table(loaded)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"{args.results}: not a readable results file ({type(exc).__name__}: {exc})")
+    print(table)
+    if args.plot is not None:
+        plot(loaded, args.plot)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        print("usage: python -m bench.report RESULTS.json [PLOT.png]", file=sys.stderr)
-        sys.exit(2)
-    loaded = json.loads(Path(sys.argv[1]).read_text())
-    print(markdown_table(loaded))
-    if len(sys.argv) > 2:
-        plot(loaded, Path(sys.argv[2]))
+    sys.exit(main(sys.argv[1:]))

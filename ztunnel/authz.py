@@ -61,8 +61,14 @@ class AuthzDecision:
     policy: str | None = None
 
 
+_NO_POLICY = AuthzDecision(True, "no ALLOW policy applies", None)
+
+
 def evaluate(policies: Iterable[Authorization], attrs: ConnectionAttributes) -> AuthzDecision:
     """Decide one connection against the policies that apply to its destination."""
+    policies = tuple(policies)
+    if not policies:
+        return _NO_POLICY  # nothing to match: the attributes need not even be parsed
     subject = _Subject.of(attrs)
     allow_policies: list[Authorization] = []
     for policy in policies:
@@ -72,7 +78,7 @@ def evaluate(policies: Iterable[Authorization], attrs: ConnectionAttributes) -> 
         else:
             allow_policies.append(policy)
     if not allow_policies:
-        return AuthzDecision(True, "no ALLOW policy applies", None)
+        return _NO_POLICY
     for policy in allow_policies:
         if _policy_matches(policy, subject):
             return AuthzDecision(True, f"allowed by {policy.key}", policy.key)
@@ -171,8 +177,10 @@ def _parse_network(entry: str) -> IpNetwork | None:
         return None
 
 
+@lru_cache(maxsize=4096)
 def parse_ip(value: str) -> IpAddress | None:
-    """The connection's address; IPv4-mapped IPv6 (dual-stack sockets) counts as IPv4."""
+    """The connection's address; IPv4-mapped IPv6 (dual-stack sockets) counts as IPv4.
+    Cached: the same few peer and pod addresses come back on every connection."""
     try:
         address = ipaddress.ip_address(value)
     except ValueError:

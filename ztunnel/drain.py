@@ -11,6 +11,7 @@ same way). See ``ztunnel.hbone.server.serve_hbone``.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -96,7 +97,12 @@ async def serve_tracked(
 ) -> None:
     """Serve ``listeners`` until cancelled: every connection is tracked (so a shutdown can
     drain it), a failing handler costs only its own connection (logged as ``what``), the
-    stream is always closed, and the listeners are closed on the way out."""
+    stream is always closed, and the listeners are closed on the way out.
+
+    This is ``trio.serve_listeners`` without its per-connection wrapper: that one closes the
+    stream again with ``aclose_forcefully`` (a cancel scope and a Cancelled raised through
+    the close) after we closed it, which showed in a short connection's CPU (bench churn).
+    """
 
     async def guarded(stream: trio.SocketStream) -> None:
         with connections.track():
@@ -105,10 +111,37 @@ async def serve_tracked(
             except Exception:  # one bad connection never takes the proxy down
                 structlog.get_logger().exception(f"{what} connection handler failed")
             finally:
-                await trio.aclose_forcefully(stream)
+                # Closing a socket needs no wait: a cancelled handler closes it just the same.
+                stream.socket.close()
 
     try:
-        await trio.serve_listeners(guarded, listeners, handler_nursery=handler_nursery)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, handler_nursery, guarded)
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
+
+
+# accept() errors that mean "out of file descriptors or memory for now", as trio's own
+# serve_listeners treats them: wait a little and accept again instead of stopping to listen.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_DELAY = 0.1
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handler_nursery: trio.Nursery,
+    guarded: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            structlog.get_logger().error("accept failed, retrying", error=str(exc),
+                                         retry_in=_ACCEPT_RETRY_DELAY)
+            await trio.sleep(_ACCEPT_RETRY_DELAY)
+        else:
+            handler_nursery.start_soon(guarded, stream)

@@ -270,9 +270,11 @@ class Inbound:
                                     response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
             await responder.reject(503, upstream)
             return
-        async with upstream:
+        try:
             tunnel = await responder.accept()
             await self._splice(record, tunnel, upstream)
+        finally:
+            upstream.socket.close()  # no checkpoint needed to close (SocketStream.aclose has one)
 
     def _targeted_service(self, request: ConnectRequest, workload: Workload) -> Service | None:
         """The Service the caller addressed (``forwarded: ...;host=``), for telemetry, but
@@ -325,10 +327,12 @@ class Inbound:
             self._telemetry.refused(record, reason=upstream,
                                     response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
             return
-        async with upstream:
+        try:
             if early_data:
                 await upstream.send_all(early_data)
             await self._splice(record, stream, upstream, already_sent=len(early_data))
+        finally:
+            upstream.socket.close()
 
     def _captured_destination(self, stream: trio.SocketStream) -> tuple[str, int]:
         """The destination iptables rewrote to 15006 (SO_ORIGINAL_DST). Under capture a

@@ -7,6 +7,7 @@ fields the same way.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -69,6 +70,8 @@ class ConnectionTelemetry:
         """An accepted connection ended. ``sent`` flowed towards the destination."""
         assert record.labels is not None, "closed() without opened()"
         self._metrics.connection_closed(record.labels, sent=sent, received=received)
+        if not self._log.is_enabled_for(logging.INFO):
+            return  # the access line's fields are not worth building for nobody
         self._log.info(
             "connection complete" if error is None else "connection broken",
             **self._fields(record),

@@ -11,11 +11,12 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from typing import Any
 
 import h2.events
 import h2.exceptions
 import trio
-from hpack import NeverIndexedHeaderTuple
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 from istiod_lite.api.identity import SpiffeId
 from ztunnel.hbone.protocol import (
@@ -48,9 +49,24 @@ class HboneConnectError(Exception):
         self.retryable = retryable
 
 
+class PlainLiteralEncoder(Encoder):
+    """HPACK without Huffman coding: string literals go out as they are (valid HPACK, RFC
+    7541 section 5.2; decoders must accept both).
+
+    hpack's Huffman coder is pure Python and h2 always asks for it. A CONNECT's literals are
+    the few headers unique to one tunnel (forwarded, traceparent: ~80 bytes) plus, once per
+    connection, the ones that then stay indexed; Huffman saves ~20-30 bytes of them but costs
+    an encode here and a decode on the peer per string, a visible share of a short tunnel's
+    CPU on both ends (bench ``churn``)."""
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
 class _ClientSession(H2Session):
     def __init__(self, transport: trio.abc.Stream, max_concurrent_streams: int) -> None:
         super().__init__(transport, client_side=True, max_concurrent_streams=max_concurrent_streams)
+        self.conn.encoder = PlainLiteralEncoder()
         self.responses: dict[int, trio.Event] = {}
 
     def handle_event(self, event: h2.events.Event) -> None:

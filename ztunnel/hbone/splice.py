@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import NamedTuple
 
 import trio
@@ -27,11 +28,12 @@ class SpliceError(Exception):
         self.reason = reason
 
 
-class _SocketSide:
+class SocketSide:
     """A trio.SocketStream read and written through its file descriptor.
 
-    The splice is the only reader and writer of its sockets, so trio's per-call conflict
-    checks and the extra scheduler round trip in every send are pure cost per request: this
+    The splice (and, before it, the SOCKS5 handshake) is the only reader and writer of its
+    sockets, so trio's per-call conflict checks and the extra scheduler round trip in every
+    send are pure cost per request: this
     writes at once and reads after waiting for readability only. EOF still goes through the
     stream (``send_eof``); a socket closed by its owner raises ClosedResourceError.
     """
@@ -65,14 +67,20 @@ class _SocketSide:
                 await self.wait_writable()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        """FIN, as SocketStream.send_eof but without its checkpoint: the pump that calls
+        this returns right after."""
+        sock = self._stream.socket
+        if sock.fileno() < 0:
+            raise trio.ClosedResourceError("socket was closed")
+        if not sock.did_shutdown_SHUT_WR:
+            sock.shutdown(socket.SHUT_WR)
 
 
-_Side = trio.abc.HalfCloseableStream | _SocketSide
+_Side = trio.abc.HalfCloseableStream | SocketSide
 
 
 def _side(stream: trio.abc.HalfCloseableStream) -> _Side:
-    return _SocketSide(stream) if isinstance(stream, trio.SocketStream) else stream
+    return SocketSide(stream) if isinstance(stream, trio.SocketStream) else stream
 
 
 async def splice(
@@ -88,7 +96,7 @@ async def splice(
 
     async def pump(source: _Side, sink: _Side, index: int, cancel_scope: trio.CancelScope) -> None:
         try:
-            if isinstance(source, HboneStream) and isinstance(sink, _SocketSide):
+            if isinstance(source, HboneStream) and isinstance(sink, SocketSide):
                 # The session's reader writes to the socket itself: no wake-up per request.
                 def write(data: bytes) -> int:
                     taken = sink.write_nowait(data)
@@ -108,8 +116,9 @@ async def splice(
 
     side_a, side_b = _side(a), _side(b)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, side_a, side_b, 0, nursery.cancel_scope)
+        # One direction runs in this task: a short connection spawns one task, not two.
         nursery.start_soon(pump, side_b, side_a, 1, nursery.cancel_scope)
+        await pump(side_a, side_b, 0, nursery.cancel_scope)
     if failure:
         raise SpliceError(counts[0], counts[1], failure[0])
     return SpliceResult(counts[0], counts[1])

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 # HTTP/2 settings shared by both sides (reference.md section 1).
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
-# Istio's ztunnel advertises 1 MiB frames. h2 copies every received frame whole (out of its
-# frame buffer, then into the DATA frame's body), and with 1 MiB frames the receiving proxy's
-# CPU per GB swung between 1.6 and 3.0 s (bench bulk, 384 MiB runs); at 128 KiB it stayed at
-# 1.5-1.7 (docs/benchmarks.md). Only what peers may send us; any size interoperates.
+# Istio's ztunnel advertises 1 MiB frames. With h2's own frame buffer (which copied every
+# received frame whole, twice) 1 MiB frames made the receiving proxy's CPU per GB swing
+# between 1.6 and 3.0 s (bench bulk, 384 MiB runs) and 128 KiB kept it at 1.5-1.7; our
+# frame buffer (framebuffer.py) now copies a payload once, and 128 KiB stays (not re-measured
+# at 1 MiB since). Only what peers may send us; any size interoperates.
 MAX_FRAME_SIZE = 128 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS = 100
 # Optional header on a rejection that carries a human-readable reason (never policy internals).

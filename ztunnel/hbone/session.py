@@ -36,6 +36,7 @@ import structlog
 import trio
 from hyperframe.frame import DataFrame
 
+from ztunnel.hbone import framebuffer
 from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
 from ztunnel.tls import TlsStream, describe_tls_error
 
@@ -263,6 +264,7 @@ class H2Session:
             },
         )
         self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
+        framebuffer.install(self.conn)  # one copy of each received frame, not three
         self.client_side = client_side
         self.transport = transport
         self._sender: _Sender = (

@@ -162,19 +162,22 @@ def internal_listener(name: str, filter_chain: Config) -> Config:
     return {"name": name, "internal_listener": {}, "filter_chains": [filter_chain]}
 
 
-def internal_cluster(name: str, listener_name: str) -> Config:
-    """Upstream connections that land on internal listener ``listener_name``."""
+def static_cluster(name: str, address: Config) -> Config:
+    """A cluster of one fixed endpoint at ``address``."""
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "envoy_internal_address": {"server_listener_name": listener_name},
-            }}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
         },
     }
+
+
+def internal_cluster(name: str, listener_name: str) -> Config:
+    """Upstream connections that land on internal listener ``listener_name``."""
+    return static_cluster(name, {"envoy_internal_address": {"server_listener_name": listener_name}})
 
 
 def http_router_chain(name: str, cluster: str) -> Config:
@@ -238,13 +241,7 @@ def hbone_upstream_cluster(
 ) -> Config:
     """h2 + mTLS to an HBONE server, verifying its exact SPIFFE id."""
     return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
-        },
+        **static_cluster(name, _address(host, port)),
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."

@@ -331,17 +331,24 @@ def run_rate(args: dict[str, Any]) -> dict[str, Any]:
         except (OSError, WorkerError) as exc:
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    run_clients(client, clients, duration)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise WorkerError(f"rate load failed: {errors[:3]}")
+    return {**latency_summary(latencies), "seconds": elapsed}
+
+
+def run_clients(client: Callable[[int], None], clients: list[HttpClient], duration: float
+                ) -> None:
+    """``client(i)`` for every connection, each in a thread, waited for (bounded), then every
+    connection closed."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(clients))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(duration + 30)
-    elapsed = time.perf_counter() - start
     for each in clients:
         each.close()
-    if errors:
-        raise WorkerError(f"rate load failed: {errors[:3]}")
-    return {**latency_summary(latencies), "seconds": elapsed}
 
 
 def run_closed(args: dict[str, Any]) -> dict[str, Any]:
@@ -366,14 +373,8 @@ def run_closed(args: dict[str, Any]) -> dict[str, Any]:
         except (OSError, WorkerError) as exc:
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(duration + 30)
+    run_clients(client, clients, duration)
     elapsed = time.perf_counter() - started
-    for each in clients:
-        each.close()
     summary = latency_summary(latencies)
     return {**summary, "seconds": elapsed, "rps": summary["requests"] / elapsed,
             "errors": len(errors), "first_errors": errors[:3]}

@@ -357,6 +357,16 @@ def test_changed_since_unions_the_remembered_changes() -> None:
     assert store.changed_since(store.system_version - 1) is not None
 
 
+def apply(held: dict[str, str], update: DeltaUpdate | None) -> dict[str, str]:
+    """What a proxy holding ``held`` holds after ``update`` (which must exist)."""
+    assert update is not None
+    for item in update.resources:
+        held[versioned_key(item.kind, item.name)] = item.version
+    for gone in update.removed:
+        del held[versioned_key(gone.kind, gone.name)]
+    return held
+
+
 async def test_a_subscriber_following_changes_gets_what_a_full_diff_gives() -> None:
     """Subscribers in sync are diffed over the changed keys only; one that fell behind
     further than the store remembers is diffed against everything. Both end up holding
@@ -364,27 +374,13 @@ async def test_a_subscriber_following_changes_gets_what_a_full_diff_gives() -> N
     store = ResourceStore()
     store.replace_all([workload(f"w{i}") for i in range(5)])
     with store.subscribe("node-1", {}) as close, store.subscribe("node-2", {}) as behind:
-        held_close = {versioned_key(r.kind, r.name): r.version
-                      for r in (await close.next_update()).resources}
-        held_behind = {versioned_key(r.kind, r.name): r.version
-                       for r in (await behind.next_update()).resources}
+        held_close = apply({}, await close.next_update())
+        held_behind = apply({}, await behind.next_update())
         for step in range(80):
             store.replace_all([workload(f"w{i}", address=f"127.0.21.{(i * step) % 200 + 1}")
                                for i in range(step % 7)])
-            update = close.poll()
-            assert update is not None
-            for item in update.resources:
-                held_close[versioned_key(item.kind, item.name)] = item.version
-            for gone in update.removed:
-                del held_close[versioned_key(gone.kind, gone.name)]
-            assert held_close == store.versions(), step
-        update = behind.poll()
-        assert update is not None
-        for item in update.resources:
-            held_behind[versioned_key(item.kind, item.name)] = item.version
-        for gone in update.removed:
-            del held_behind[versioned_key(gone.kind, gone.name)]
-        assert held_behind == store.versions()
+            assert apply(held_close, close.poll()) == store.versions(), step
+        assert apply(held_behind, behind.poll()) == store.versions()
 
 
 async def test_fresh_subscribers_share_one_full_set_encoded_once() -> None:

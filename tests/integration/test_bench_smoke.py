@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,15 +25,21 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_smallest_scenario_writes_well_formed_results(tmp_path: Path) -> None:
+def run_smoke(scenario: str, tmp_path: Path) -> dict[str, Any]:
+    """``python -m bench --smoke --only <scenario>``: its results document (it must succeed)."""
     output = tmp_path / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--only", "churn", "--no-plot",
+        [sys.executable, "-m", "bench", "--smoke", "--only", scenario, "--no-plot",
          "--output", str(output)],
         cwd=ROOT, capture_output=True, text=True, timeout=80, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    document = json.loads(output.read_text())
+    document: dict[str, Any] = json.loads(output.read_text())
+    return document
+
+
+def test_smallest_scenario_writes_well_formed_results(tmp_path: Path) -> None:
+    document = run_smoke("churn", tmp_path)
 
     assert document["smoke"] is True
     machine = document["machine"]
@@ -62,14 +69,7 @@ def test_smallest_scenario_writes_well_formed_results(tmp_path: Path) -> None:
 def test_waypoint_scenario_writes_well_formed_results(tmp_path: Path) -> None:
     """Scenario 6: HTTP through node-1's ztunnel to a Service VIP with no L7 proxy, our
     waypoint, or Envoy as the waypoint; every request answered, through the proxy named."""
-    output = tmp_path / "results.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--only", "waypoint", "--no-plot",
-         "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=80, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    document = json.loads(output.read_text())
+    document = run_smoke("waypoint", tmp_path)
     results = document["results"]
     ztunnels = {"ztunnel-node-1", "ztunnel-node-2"}
     expected_proxies = {"no_waypoint": ztunnels, "waypoint": ztunnels | {"waypoint"},

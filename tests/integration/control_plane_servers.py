@@ -107,7 +107,6 @@ class StreamScript:
 class ScriptedIstiod:
     scripts: list[StreamScript]
     requests: list[DiscoveryRequest] = field(default_factory=list)
-    request_times: list[float] = field(default_factory=list)
     acks: list[Ack] = field(default_factory=list)
     authorizations: list[str] = field(default_factory=list)
     ack_received: trio.Event = field(default_factory=trio.Event)
@@ -142,7 +141,6 @@ class ScriptedIstiod:
             return
         assert scope["path"] == DISCOVERY_PATH
         self.requests.append(codec.from_jsonable(DiscoveryRequest, json.loads(body)))
-        self.request_times.append(trio.current_time())
         script = self.scripts.pop(0) if self.scripts else StreamScript()
         if script.status != 200:
             await send({"type": "http.response.start", "status": script.status,

@@ -243,27 +243,38 @@ async def test_server_errors_back_off_then_recover(cluster: Cluster) -> None:
     server = cluster.server
     server.apply(namespace("demo"))
     server.fail_next(3, 500, path_contains="/api/v1/pods")
-    started = trio.current_time()
-    async with running(cluster.api_client, kinds=(NAMESPACES, PODS)) as run:
-        # Three failed LISTs waited >= 0.0375 + 0.075 + 0.15 s (jittered 0.05 * 2^n).
-        assert trio.current_time() - started >= 0.26
-        assert len(requests_to(server, "/api/v1/pods", watch=False)) == 4
-        assert run.first.pods == {}
+    with capture_logs() as logs:
+        async with running(cluster.api_client, kinds=(NAMESPACES, PODS)) as run:
+            assert len(requests_to(server, "/api/v1/pods", watch=False)) == 4
+            assert run.first.pods == {}
+            listed = pod_retries(logs)
 
-        web_0 = server.apply(pod("web-0", "127.0.20.10"))  # a delivered event resets the backoff
-        await run.until(lambda s: "demo/web-0" in s.pods)
-        server.fail_next(3, 503, path_contains="/api/v1/pods")
-        await server.drop_watches()
-        broke_at = trio.current_time()
-        server.apply(pod("web-1", "127.0.20.1"))
-        await run.until(lambda s: "demo/web-1" in s.pods)
-        # The drop and three refusals: >= 0.0375 + 0.075 + 0.15 + 0.3 s, not a tight loop.
-        assert trio.current_time() - broke_at >= 0.5
-        watches = requests_to(server, "/api/v1/pods", watch=True)
-        assert len(watches) == 5  # the first, three refused, the one that worked
-        resumed_from = {query["resourceVersion"] for query in watches[1:]}
-        assert resumed_from == {web_0["metadata"]["resourceVersion"]}
-        assert len(requests_to(server, "/api/v1/pods", watch=False)) == 4  # no relist
+            web_0 = server.apply(pod("web-0", "127.0.20.10"))  # a delivered event resets it
+            await run.until(lambda s: "demo/web-0" in s.pods)
+            server.fail_next(3, 503, path_contains="/api/v1/pods")
+            await server.drop_watches()
+            server.apply(pod("web-1", "127.0.20.1"))
+            await run.until(lambda s: "demo/web-1" in s.pods)
+            rewatched = pod_retries(logs)[len(listed):]
+            watches = requests_to(server, "/api/v1/pods", watch=True)
+            assert len(watches) == 5  # the first, three refused, the one that worked
+            resumed_from = {query["resourceVersion"] for query in watches[1:]}
+            assert resumed_from == {web_0["metadata"]["resourceVersion"]}
+            assert len(requests_to(server, "/api/v1/pods", watch=False)) == 4  # no relist
+    # Three failed LISTs, then (the backoff reset by a delivered event) the dropped watch and
+    # three refused ones: each retry waited the policy's growing, jittered delay.
+    assert [failures for failures, _delay in listed] == [1, 2, 3]
+    assert [failures for failures, _delay in rewatched] == [1, 2, 3, 4]
+    # FAST_BACKOFF: 0.05 s doubling, capped at 0.5 s, up to 25% shorter (jitter).
+    for failures, delay in listed + rewatched:
+        longest = min(0.5, 0.05 * 2 ** (failures - 1))
+        assert round(0.75 * longest, 3) <= delay <= longest, (failures, delay)
+
+
+def pod_retries(logs: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(failures, retry_in) of every retry the pods reflector logged, in order."""
+    return [(e["failures"], e["retry_in"]) for e in logs
+            if e.get("resource") == "pods" and "failures" in e and "retry_in" in e]
 
 
 async def test_missing_crd_is_logged_once_retried_and_others_keep_working(

@@ -60,12 +60,6 @@ async def call(
         return await http_request(stream, "GET", host, path, headers=headers)
 
 
-async def timed_call(mesh: Mesh, vip: str, host: str, path: str) -> tuple[Response, float]:
-    started = trio.current_time()
-    response = await call(mesh, vip, host, path)
-    return response, trio.current_time() - started
-
-
 def waypoint_address(mesh: Mesh) -> str:
     assert mesh.waypoint is not None, "no waypoint started"
     return mesh.waypoint.config.address
@@ -192,18 +186,17 @@ spec:{REVIEWS_PARENT}
 """)
     await wait_for_config(mesh, l7={"httproute": ["reviews-timeouts"]})
 
-    (status, _headers, body), elapsed = await timed_call(mesh, REVIEWS_VIP, "reviews", "/slow/1")
+    # The waypoint's own timeout answers (its body and, below, its UT flag), not the app.
+    status, _headers, body = await call(mesh, REVIEWS_VIP, "reviews", "/slow/1")
     assert status == 504 and b"upstream request timeout" in body
-    assert elapsed >= 0.2, elapsed  # not before the 200 ms timeout (504: not the app)
     # The rewritten path is what the app gets: a fast one passes within the same timeout.
     status, _headers, body = await call(mesh, REVIEWS_VIP, "reviews", "/slow/0")
     assert status == 200 and json.loads(body)["path"] == "/delay/0"
 
-    # Per try: the first try times out after 200 ms, the one retry as well, then 504.
-    (status, _headers, _body), elapsed = await timed_call(
-        mesh, REVIEWS_VIP, "reviews", "/per-try/1")
+    # Per try: the first try times out after 200 ms, the one retry as well, then 504 (the
+    # UT,URX outcome below: timed out and out of retries).
+    status, _headers, _body = await call(mesh, REVIEWS_VIP, "reviews", "/per-try/1")
     assert status == 504
-    assert elapsed >= 0.4, elapsed  # two tries of 200 ms each
 
     outcomes = await waypoint_outcomes(mesh, "reviews-v1")
     timed_out = {flags: n for (code, flags), n in outcomes.items() if code == "504"}

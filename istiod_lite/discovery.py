@@ -305,7 +305,7 @@ class ResourceStore:
 
     def versions(self) -> dict[str, str]:
         """key ("kind/name") -> content version of everything current."""
-        return _versions(self._current)
+        return {key: s.version for key, s in self._current.items()}
 
     def get(self, kind: str, name: str) -> AnyResource | None:
         stored = self._current.get(versioned_key(kind, name))
@@ -372,15 +372,12 @@ class ResourceStore:
                 status.last_nack_at = _now()
         return matched
 
-    def encode_line(self, update: DeltaUpdate) -> bytes:
-        """``update`` as one NDJSON line (the same bytes as encoding the DeltaUpdate)."""
-        return b"".join(self.line_parts(update))
-
     def line_parts(self, update: DeltaUpdate) -> tuple[bytes, bytes, bytes]:
-        """``update``'s NDJSON line in three parts: what precedes the resources, the
-        resources and what follows them. The resources part reuses the JSON already encoded
-        in the store: each resource's, and a whole shared delta's (the same bytes object for
-        every subscriber given that delta, so it can be compressed once too)."""
+        """``update``'s NDJSON line (the same bytes as encoding the DeltaUpdate) in three
+        parts: what precedes the resources, the resources and what follows them. The
+        resources part reuses the JSON already encoded in the store: each resource's, and a
+        whole shared delta's (the same bytes object for every subscriber given that delta,
+        so it can be compressed once too)."""
         head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
         removed = _compact_json(codec.to_jsonable(update.removed))
         return (
@@ -466,10 +463,6 @@ class _Delta:
     changed: tuple[tuple[str, str], ...]
     removed_keys: tuple[str, ...]
     json: bytes
-
-
-def _versions(resources: Mapping[str, StoredResource]) -> dict[str, str]:
-    return {key: s.version for key, s in resources.items()}
 
 
 class Subscription:

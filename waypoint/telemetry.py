@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.trace.span import TraceState
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from ambient_common.metrics import CONTENT_TYPE, render_registry
+from ambient_common.metrics import CONTENT_TYPE, LabelledSeries, render_registry
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import Service, Workload
 from ztunnel.metrics import UNKNOWN, connection_labels
@@ -259,7 +259,10 @@ class WaypointMetrics:
         )
         # Each label set's four series, looked up once: prometheus_client's labels() call
         # validates and locks every time, and a waypoint sees few distinct label sets.
-        self._series: dict[RequestLabels, _RequestSeries] = {}
+        self._series: LabelledSeries[RequestLabels, _RequestSeries] = LabelledSeries(
+            lambda values: _RequestSeries(
+                self.requests.labels(*values), self.request_duration.labels(*values),
+                self.request_bytes.labels(*values), self.response_bytes.labels(*values)))
 
     def record(
         self, labels: RequestLabels, duration_ms: float, request_bytes: int, response_bytes: int
@@ -272,15 +275,7 @@ class WaypointMetrics:
                 f"byte counts cannot be negative (request={request_bytes}, "
                 f"response={response_bytes})"
             )
-        series = self._series.get(labels)
-        if series is None:
-            values = labels.values()
-            series = self._series[labels] = _RequestSeries(
-                self.requests.labels(*values),
-                self.request_duration.labels(*values),
-                self.request_bytes.labels(*values),
-                self.response_bytes.labels(*values),
-            )
+        series = self._series.of(labels)
         series.requests.inc()
         series.duration.observe(duration_ms)
         series.request_bytes.observe(request_bytes)

@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 
-from ambient_common.metrics import render_registry
+from ambient_common.metrics import LabelledSeries, render_registry
 from istiod_lite.api.identity import SpiffeId
 from istiod_lite.api.model import Service, TunnelProtocol, Workload
 
@@ -167,31 +167,20 @@ class ZtunnelMetrics:
             LABEL_NAMES,
             registry=self.registry,
         )
-        self._series: dict[ConnectionLabels, _Series] = {}
-
-    def _series_of(self, labels: ConnectionLabels) -> _Series:
-        """The four counters of one label set, looked up in prometheus_client once: its
-        ``labels()`` (validation, string conversion, a lock) per call and counter was a
-        visible share of a short connection's CPU. The cache holds exactly the label sets
-        the registry holds anyway."""
-        series = self._series.get(labels)
-        if series is None:
-            values = labels.values()
-            series = self._series[labels] = _Series(
-                *(counter.labels(*values) for counter in (
-                    self.connections_opened, self.connections_closed,
-                    self.sent_bytes, self.received_bytes)))
-        return series
+        self._series: LabelledSeries[ConnectionLabels, _Series] = LabelledSeries(
+            lambda values: _Series(*(counter.labels(*values) for counter in (
+                self.connections_opened, self.connections_closed,
+                self.sent_bytes, self.received_bytes))))
 
     def connection_opened(self, labels: ConnectionLabels) -> None:
         """Count the open; the connection's other series start at 0 so rates work at once."""
-        self._series_of(labels).opened.inc()
+        self._series.of(labels).opened.inc()
 
     def bytes_transferred(self, labels: ConnectionLabels, sent: int = 0, received: int = 0) -> None:
         """Report bytes as they flow, so long-lived connections show up before they close."""
         if sent < 0 or received < 0:
             raise ValueError(f"byte counts cannot be negative (sent={sent}, received={received})")
-        series = self._series_of(labels)
+        series = self._series.of(labels)
         if sent:
             series.sent.inc(sent)
         if received:
@@ -200,7 +189,7 @@ class ZtunnelMetrics:
     def connection_closed(self, labels: ConnectionLabels, sent: int = 0, received: int = 0) -> None:
         """Count the close, plus any bytes not yet reported with ``bytes_transferred``."""
         self.bytes_transferred(labels, sent, received)
-        self._series_of(labels).closed.inc()
+        self._series.of(labels).closed.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition for ``/metrics``."""

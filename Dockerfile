@@ -21,6 +21,8 @@ WORKDIR /src
 # Metadata first so the dependency layer is reused while only the code changes.
 COPY pyproject.toml README.md ./
 COPY ambient_common ./ambient_common
+COPY ambient_api ./ambient_api
+COPY ambient_dataplane ./ambient_dataplane
 COPY istiod_lite ./istiod_lite
 COPY ztunnel ./ztunnel
 COPY waypoint ./waypoint

@@ -7,7 +7,7 @@ SYSTEM_STAMP := $(VENV)/.system-deps-stamp
 # Debian packages the network-namespace tests and the capture mode use; tcpdump, nc and curl
 # are the capture lab's packet captures and unmodified clients (test_capture_lab.py).
 SYSTEM_PACKAGES := iproute2 iptables util-linux tcpdump netcat-openbsd curl
-PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common
+PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common ambient_api ambient_dataplane
 
 .PHONY: venv system-deps kubectl demo test lint bench clean distclean
 

@@ -2,7 +2,7 @@
 
 The config dump (served by ``ztunnel/admin.py`` on the node's admin port 15000) is a JSON
 object ``{"workloads": [...], "services": [...], "policies": [...], "certificates": [...]}``
-whose workloads/services/policies are ``istiod_lite.api.codec.to_jsonable`` of the wire
+whose workloads/services/policies are ``ambient_api.codec.to_jsonable`` of the wire
 contract and whose certificates are ``{"identity", "state", "certChain": [{"serialNumber",
 "validFrom", "expirationTime"}]}`` (Istio's spelling; snake_case is accepted too). Each
 kind's field access lives in one small ``*_rows`` function so a change of the dump format is

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 import yaml
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
 
 Config = dict[str, Any]
 

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import yaml
 
+from ambient_api.identity import SpiffeId
 from ambient_common.files import write_atomically
+from ambient_dataplane.identity import new_key_and_csr
 from bench import envoyconf
-from istiod_lite.api.identity import SpiffeId
 from istiod_lite.ca import CertificateAuthority
-from ztunnel.identity import new_key_and_csr
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NAMESPACE = "bench"

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import trio
 
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import DISCOVERY_PATH, DeltaUpdate, DiscoveryRequest
+from ambient_api import codec
+from ambient_api.discovery import DISCOVERY_PATH, DeltaUpdate, DiscoveryRequest
 
 PROBE = re.compile(rb"bench-probe-\d+")
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from ambient_api.identity import SpiffeId
 from bench import envoyconf
 from bench.mesh import (
     HTTP_PORT,
@@ -55,7 +56,6 @@ from bench.mesh import (
     wait_http_ok,
 )
 from bench.workers import Route, WorkerError, open_clients
-from istiod_lite.api.identity import SpiffeId
 from istiod_lite.ca import CertificateAuthority
 
 SYSTEMS = ("no_waypoint", "waypoint", "envoy")

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import structlog
 import trio
 
+from ambient_api.identity import SpiffeId
 from ambient_common.errors import describe
 from ambient_common.files import write_atomically
 from ambient_common.logging import configure_logging
-from istiod_lite.api.identity import SpiffeId
 from istiod_lite.auth import (
     Authenticator,
     BootstrapTokenAuthenticator,

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import yaml
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
 
 
 class AuthenticationError(Exception):

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ambient_api.identity import InvalidSpiffeId, SpiffeId
+from ambient_api.model import Workload
 from ambient_common.files import write_atomically
-from istiod_lite.api.identity import InvalidSpiffeId, SpiffeId
-from istiod_lite.api.model import Workload
 
 DEFAULT_TTL = timedelta(hours=24)
 # Istio's MAX_WORKLOAD_CERT_TTL default.

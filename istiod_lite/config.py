@@ -11,9 +11,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar, get_args
 
+from ambient_api.discovery import DEFAULT_DISCOVERY_PORT
 from ambient_common.flags import parse_duration
 from ambient_common.logging import LogFormat
-from istiod_lite.api.discovery import DEFAULT_DISCOVERY_PORT
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ gets the diff between that and what is current *now*. Several changes that happe
 subscriber is busy therefore collapse into one delta, and a slow subscriber never queues
 stale intermediate states.
 
-Each subscriber names the kinds it wants (``istiod_lite.api.kinds``): a ztunnel the L4 kinds,
+Each subscriber names the kinds it wants (``ambient_api.kinds``): a ztunnel the L4 kinds,
 a waypoint all of them. It is sent, and told to remove, resources of those kinds only, so a
 change to an L7 resource never sends a ztunnel an update.
 
@@ -30,15 +30,15 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from istiod_lite.api import codec, model
-from istiod_lite.api.discovery import (
+from ambient_api import codec, model
+from ambient_api.discovery import (
     Ack,
     DeltaUpdate,
     ResourceRemoval,
     ResourceUpdate,
     versioned_key,
 )
-from istiod_lite.api.kinds import (
+from ambient_api.kinds import (
     ALL_KINDS,
     KIND_BY_TYPE,
     L4_KINDS,

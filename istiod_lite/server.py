@@ -1,7 +1,7 @@
 """istiod_lite's HTTP/2 API: an ASGI application written against the ASGI spec, served by
 hypercorn's trio worker over TLS.
 
-Endpoints (see ``istiod_lite.api.discovery``):
+Endpoints (see ``ambient_api.discovery``):
 
 - ``POST /v1/discovery``: a stream of NDJSON ``DeltaUpdate`` lines for the caller's node (or,
   for a waypoint, its ``serviceaccount:<ns>/<sa>``), of the kinds it asks for.
@@ -28,10 +28,8 @@ import trio
 from cryptography import x509
 from hypercorn.config import Config as HypercornConfig
 
-from ambient_common.asgi import answer_lifespan
-from ambient_common.hypercorn_serving import serve_isolated
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import (
+from ambient_api import codec
+from ambient_api.discovery import (
     ACK_PATH,
     CERTIFICATE_PATH,
     DISCOVERY_PATH,
@@ -41,6 +39,8 @@ from istiod_lite.api.discovery import (
     DiscoveryRequest,
     ErrorResponse,
 )
+from ambient_common.asgi import answer_lifespan
+from ambient_common.hypercorn_serving import serve_isolated
 from istiod_lite.auth import AuthenticationError, Authenticator, Caller
 from istiod_lite.ca import (
     CaError,

@@ -44,8 +44,8 @@ from typing import Any, Literal
 
 import structlog
 
-from istiod_lite.api.kinds import AnyResource
-from istiod_lite.api.model import (
+from ambient_api.kinds import AnyResource
+from ambient_api.model import (
     Authorization,
     AuthorizationAction,
     AuthorizationScope,

@@ -59,10 +59,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import structlog
 
-from ambient_common.flags import parse_duration
-from istiod_lite.api import l7
-from istiod_lite.api.kinds import KIND_BY_TYPE
-from istiod_lite.api.model import (
+from ambient_api import l7
+from ambient_api.kinds import KIND_BY_TYPE
+from ambient_api.model import (
     Locality,
     NetworkAddress,
     PortMapping,
@@ -71,6 +70,7 @@ from istiod_lite.api.model import (
     TunnelProtocol,
     Workload,
 )
+from ambient_common.flags import parse_duration
 from istiod_lite.convert import convert_each, labels_of, name_of, namespace_of, service_hostname
 from istiod_lite.sources.objects import ClusterObjects
 

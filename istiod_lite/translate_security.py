@@ -1,6 +1,6 @@
 """L7 security objects -> waypoint resources: ``AuthorizationPolicy`` and
 ``RequestAuthentication`` with ``targetRefs`` become ``WaypointAuthorization`` and
-``JwtPolicy`` (``istiod_lite.api.l7``).
+``JwtPolicy`` (``ambient_api.l7``).
 
 Decisions worth knowing (Istio's behaviour unless said otherwise):
 
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from istiod_lite.api import l7
+from ambient_api import l7
 from istiod_lite.convert import convert_each, name_of, namespace_of, service_hostname
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate_routes import GATEWAY_GROUP

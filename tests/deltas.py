@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from istiod_lite.api import codec, kinds
-from istiod_lite.api.discovery import DeltaUpdate, ResourceRemoval, ResourceUpdate
+from ambient_api import codec, kinds
+from ambient_api.discovery import DeltaUpdate, ResourceRemoval, ResourceUpdate
 
 _nonces = itertools.count(1)
 

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from istiod_lite.api.identity import InvalidSpiffeId, SpiffeId
+from ambient_api.identity import InvalidSpiffeId, SpiffeId
 from istiod_lite.ca import CertificateAuthority, csr_identity, utc_now
 
 # Generous so tests may ask for long-lived certificates; the mesh default stays 90 days.

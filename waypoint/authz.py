@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.l7 import (
+from ambient_api.identity import SpiffeId
+from ambient_api.l7 import (
     Condition,
     L7Clause,
     L7Match,
@@ -52,8 +52,7 @@ from istiod_lite.api.l7 import (
     WaypointAuthorization,
     WaypointAuthorizationAction,
 )
-from waypoint.http import HeaderSource, header_values
-from ztunnel.authz import (
+from ambient_dataplane.matchers import (
     IpAddress,
     ips_match,
     parse_ip,
@@ -61,6 +60,7 @@ from ztunnel.authz import (
     string_matches,
     strings_match,
 )
+from waypoint.http import HeaderSource, header_values
 
 _SPIFFE_SCHEME = "spiffe://"
 _CLAIMS_PREFIX = "request.auth.claims"

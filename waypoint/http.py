@@ -27,7 +27,7 @@ import h11
 import structlog
 import trio
 
-from ztunnel.hbone.session import H2Session, HboneStream
+from ambient_dataplane.hbone.session import H2Session, HboneStream
 
 log = structlog.get_logger()
 

@@ -51,7 +51,7 @@ from jwt import PyJWK
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
-from istiod_lite.api.l7 import JwtPolicy, JwtProvider
+from ambient_api.l7 import JwtPolicy, JwtProvider
 from waypoint.http import HeaderSource, header_values
 
 logger = structlog.get_logger()

@@ -16,9 +16,10 @@ from typing import Any
 import structlog
 import trio
 
-from istiod_lite.api import l7
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Service, Workload, WorkloadStatus
+from ambient_api import l7
+from ambient_api.identity import SpiffeId
+from ambient_api.model import Service, Workload, WorkloadStatus
+from ambient_dataplane.state import ProxyState, identity_of
 from waypoint.authz import RequestAttributes, evaluate, normalize_path
 from waypoint.http import HttpRequest, HttpResponse, error_response
 from waypoint.jwt import JwtError, JwtResult, JwtValidator
@@ -47,7 +48,6 @@ from waypoint.routing import (
     route_request,
 )
 from waypoint.upstream import HttpUpstream, UpstreamError
-from ztunnel.state import ProxyState, identity_of
 
 log = structlog.get_logger("waypoint")
 

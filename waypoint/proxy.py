@@ -19,16 +19,10 @@ from typing import Any, NamedTuple
 import structlog
 import trio
 
-from istiod_lite.api import kinds, l7
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import TunnelProtocol, Workload
-from waypoint.config import WaypointConfig
-from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
-from waypoint.pipeline import Caller, Outcome, RequestPipeline, Target
-from waypoint.routing import choose_backend
-from waypoint.telemetry import RequestLabeler, Tracer, WaypointMetrics, access_log
-from waypoint.upstream import HttpUpstream
-from ztunnel.admin import (
+from ambient_api import kinds, l7
+from ambient_api.identity import SpiffeId
+from ambient_api.model import TunnelProtocol, Workload
+from ambient_dataplane.admin import (
     StructlogLevelControl,
     admin_routes,
     metrics_routes,
@@ -36,9 +30,10 @@ from ztunnel.admin import (
     readiness_routes,
     serve_admin,
 )
-from ztunnel.caclient import CaClient, ControlPlaneConnection, control_plane_context
-from ztunnel.drain import ActiveConnections
-from ztunnel.hbone import (
+from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, control_plane_context
+from ambient_dataplane.discovery import DiscoveryClient
+from ambient_dataplane.drain import ActiveConnections
+from ambient_dataplane.hbone import (
     ConnectRequest,
     HboneClient,
     HboneRejection,
@@ -50,10 +45,15 @@ from ztunnel.hbone import (
     serve_hbone_tls,
     splice,
 )
-from ztunnel.identity import CertificateManager, TlsContexts
-from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.state import ProxyState, identity_of
-from ztunnel.xds import DiscoveryClient
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from ambient_dataplane.identity import CertificateManager, TlsContexts
+from ambient_dataplane.state import ProxyState, identity_of
+from waypoint.config import WaypointConfig
+from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
+from waypoint.pipeline import Caller, Outcome, RequestPipeline, Target
+from waypoint.routing import choose_backend
+from waypoint.telemetry import RequestLabeler, Tracer, WaypointMetrics, access_log
+from waypoint.upstream import HttpUpstream
 
 log = structlog.get_logger("waypoint")
 

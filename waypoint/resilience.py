@@ -24,7 +24,7 @@ from types import TracebackType
 
 import trio
 
-from istiod_lite.api.l7 import ConnectionPool, OutlierDetection, RateLimit, RetryPolicy
+from ambient_api.l7 import ConnectionPool, OutlierDetection, RateLimit, RetryPolicy
 
 Clock = Callable[[], float]
 Rand = Callable[[], float]

@@ -1,5 +1,5 @@
 """HTTP routing decisions for the waypoint: which routes apply, which rule wins, where the
-request goes and what is changed on the way. Pure functions over ``istiod_lite.api.l7``.
+request goes and what is changed on the way. Pure functions over ``ambient_api.l7``.
 
 Gateway API (HTTPRoute, GAMMA) is the spec; everything random takes a ``rand`` callable
 (``random.random``-like, in ``[0, 1)``) so each decision is deterministic under test.
@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import parse_qsl
 
-from istiod_lite.api.l7 import (
+from ambient_api.l7 import (
     BackendRef,
     FaultInjection,
     HeaderModifier,

@@ -31,10 +31,10 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.trace.span import TraceState
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from ambient_api.identity import SpiffeId
+from ambient_api.model import Service, Workload
 from ambient_common.metrics import CONTENT_TYPE, LabelledSeries, render_registry
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Service, Workload
-from ztunnel.metrics import UNKNOWN, connection_labels
+from ambient_dataplane.labels import UNKNOWN, connection_labels
 
 # Shared with ztunnel rather than copied; a candidate for ambient_common (see module report).
 

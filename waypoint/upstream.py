@@ -23,12 +23,17 @@ from typing import Literal, NamedTuple
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.hbone import (
+    HboneConnectError,
+    HboneStream,
+    connect_headers,
+    format_authority,
+)
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from ambient_dataplane.tls import PeerIdentityError
 from waypoint.http import HttpRequest, HttpResponse, sendable_headers, strip_hop_by_hop
 from waypoint.http1 import Response, ResponseError, ResponseParser, render_request
-from ztunnel.hbone import HboneConnectError, HboneStream, connect_headers, format_authority
-from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.tls import PeerIdentityError
 
 log = structlog.get_logger()
 

@@ -7,7 +7,7 @@ apply to the destination workload (``ProxyState.policies_for``), and asks ``eval
 Evaluation order (Istio): any matching DENY policy denies; with no ALLOW policy at all the
 connection is allowed; otherwise some ALLOW policy must match.
 
-Matching structure (``istiod_lite.api.model``): a policy's rules are OR'd; a rule's clauses
+Matching structure (``ambient_api.model``): a policy's rules are OR'd; a rule's clauses
 are AND'd (a rule without clauses matches everything, as Istio's ``rules: [{}]``); a clause's
 matches are OR'd. **An empty clause (no matches) matches everything**: Istio never emits an
 empty ``from``/``to`` list, and an absent section constrains nothing, so "no alternatives
@@ -23,24 +23,20 @@ unauthenticated connections (what a STRICT PeerAuthentication becomes).
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import (
+from ambient_api.identity import SpiffeId
+from ambient_api.model import (
     Authorization,
     AuthorizationAction,
     Clause,
     Match,
     Rule,
 )
+from ambient_dataplane.matchers import IpAddress, ips_match, parse_ip, ports_match, strings_match
 
 _SPIFFE_SCHEME = "spiffe://"
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -83,17 +79,6 @@ def evaluate(policies: Iterable[Authorization], attrs: ConnectionAttributes) -> 
         if _policy_matches(policy, subject):
             return AuthzDecision(True, f"allowed by {policy.key}", policy.key)
     return AuthzDecision(False, "no ALLOW policy matched", None)
-
-
-def string_matches(pattern: str, value: str) -> bool:
-    """Istio string matching: exact, ``prefix*``, ``*suffix``, or ``*`` (any non-empty)."""
-    if pattern == "*":
-        return value != ""
-    if pattern.endswith("*"):
-        return value.startswith(pattern[:-1])
-    if pattern.startswith("*"):
-        return value.endswith(pattern[1:])
-    return value == pattern
 
 
 @dataclass(frozen=True)
@@ -143,48 +128,3 @@ def _match_matches(match: Match, subject: _Subject) -> bool:
             match.destination_ports, match.not_destination_ports, subject.destination_port
         )
     )
-
-
-def strings_match(values: Sequence[str], not_values: Sequence[str], actual: str | None) -> bool:
-    if values and (actual is None or not any(string_matches(v, actual) for v in values)):
-        return False
-    return not (actual is not None and any(string_matches(v, actual) for v in not_values))
-
-
-def ips_match(values: Sequence[str], not_values: Sequence[str], actual: IpAddress | None) -> bool:
-    if values and (actual is None or not any(_ip_in(v, actual) for v in values)):
-        return False
-    return not (actual is not None and any(_ip_in(v, actual) for v in not_values))
-
-
-def ports_match(values: Sequence[int], not_values: Sequence[int], actual: int) -> bool:
-    if values and actual not in values:
-        return False
-    return actual not in not_values
-
-
-def _ip_in(entry: str, address: IpAddress) -> bool:
-    network = _parse_network(entry)
-    return network is not None and address in network
-
-
-@lru_cache(maxsize=4096)
-def _parse_network(entry: str) -> IpNetwork | None:
-    """An address or CIDR from a policy; None (never matches) when it is not valid."""
-    try:
-        return ipaddress.ip_network(entry.strip(), strict=False)
-    except ValueError:
-        return None
-
-
-@lru_cache(maxsize=4096)
-def parse_ip(value: str) -> IpAddress | None:
-    """The connection's address; IPv4-mapped IPv6 (dual-stack sockets) counts as IPv4.
-    Cached: the same few peer and pod addresses come back on every connection."""
-    try:
-        address = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address

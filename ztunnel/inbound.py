@@ -23,13 +23,10 @@ from pathlib import Path
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Service, TunnelProtocol, Workload
-from ztunnel.authz import ConnectionAttributes, evaluate
-from ztunnel.capture import netns
-from ztunnel.capture.rules import BYPASS_MARK
-from ztunnel.drain import ActiveConnections, serve_tracked
-from ztunnel.hbone import (
+from ambient_api.identity import SpiffeId
+from ambient_api.model import Service, TunnelProtocol, Workload
+from ambient_dataplane.drain import ActiveConnections, serve_tracked
+from ambient_dataplane.hbone import (
     ConnectionInfo,
     ConnectRequest,
     HboneRejection,
@@ -38,8 +35,11 @@ from ztunnel.hbone import (
     serve_hbone_tls,
     splice,
 )
+from ambient_dataplane.state import ProxyState, canonical_ip, identity_of, service_for_hostname
+from ztunnel.authz import ConnectionAttributes, evaluate
+from ztunnel.capture import netns
+from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header
-from ztunnel.state import ProxyState, canonical_ip, identity_of, service_for_hostname
 from ztunnel.telemetry import (
     FLAG_UNAUTHORIZED,
     FLAG_UPSTREAM_CONNECT_FAILURE,

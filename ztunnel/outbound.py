@@ -30,13 +30,10 @@ from typing import Protocol
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import GatewayAddress, Workload
-from ztunnel import socks5
-from ztunnel.capture import netns
-from ztunnel.capture.rules import BYPASS_MARK
-from ztunnel.drain import ActiveConnections, serve_tracked
-from ztunnel.hbone import (
+from ambient_api.identity import SpiffeId
+from ambient_api.model import GatewayAddress, Workload
+from ambient_dataplane.drain import ActiveConnections, serve_tracked
+from ambient_dataplane.hbone import (
     HboneConnectError,
     HboneStream,
     SpliceError,
@@ -44,11 +41,10 @@ from ztunnel.hbone import (
     format_authority,
     splice,
 )
-from ztunnel.hbone.splice import SocketSide
-from ztunnel.identity import CertificateManager
-from ztunnel.inbound import LOOP_GUARD_PORTS, connect_tcp
-from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.state import (
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from ambient_dataplane.hbone.splice import SocketSide
+from ambient_dataplane.identity import CertificateManager
+from ambient_dataplane.state import (
     Destination,
     ProxyState,
     ResolveError,
@@ -58,6 +54,11 @@ from ztunnel.state import (
     is_hbone,
     service_for_hostname,
 )
+from ambient_dataplane.tls import PeerIdentityError
+from ztunnel import socks5
+from ztunnel.capture import netns
+from ztunnel.capture.rules import BYPASS_MARK
+from ztunnel.inbound import LOOP_GUARD_PORTS, connect_tcp
 from ztunnel.telemetry import (
     FLAG_NO_HEALTHY_UPSTREAM,
     FLAG_NO_ROUTE,
@@ -66,7 +67,6 @@ from ztunnel.telemetry import (
     ConnectionRecord,
     ConnectionTelemetry,
 )
-from ztunnel.tls import PeerIdentityError
 
 log = structlog.get_logger()
 

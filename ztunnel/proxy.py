@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 import trio
 
-from ztunnel.admin import (
+from ambient_dataplane.admin import (
     StructlogLevelControl,
     admin_routes,
     metrics_routes,
@@ -24,21 +24,28 @@ from ztunnel.admin import (
     readiness_routes,
     serve_admin,
 )
-from ztunnel.caclient import CaClient, ControlPlaneConnection, control_plane_context
+from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, control_plane_context
+from ambient_dataplane.discovery import DiscoveryClient
+from ambient_dataplane.drain import ActiveConnections
+from ambient_dataplane.hbone import HboneClient, connect
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from ambient_dataplane.identity import CertificateManager, TlsContexts
+from ambient_dataplane.state import (
+    AUTHORIZATION,
+    NODE,
+    SERVICE,
+    WORKLOAD,
+    AppliedChange,
+    ProxyState,
+)
 from ztunnel.capture import netns
 from ztunnel.capture.inpod import InPodManager
 from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.config import ZtunnelConfig
-from ztunnel.drain import ActiveConnections
-from ztunnel.hbone import HboneClient, connect
-from ztunnel.identity import CertificateManager, TlsContexts
 from ztunnel.inbound import Inbound
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.outbound import Outbound
-from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.state import AUTHORIZATION, NODE, SERVICE, WORKLOAD, AppliedChange, ProxyState
 from ztunnel.telemetry import ConnectionTelemetry
-from ztunnel.xds import DiscoveryClient
 
 log = structlog.get_logger()
 

@@ -14,9 +14,10 @@ from typing import Literal
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Service, Workload
-from ztunnel.metrics import ConnectionLabels, ZtunnelMetrics, connection_labels
+from ambient_api.identity import SpiffeId
+from ambient_api.model import Service, Workload
+from ambient_dataplane.labels import ConnectionLabels, connection_labels
+from ztunnel.metrics import ZtunnelMetrics
 
 Direction = Literal["inbound", "outbound"]
 

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 from kubernetes import client as k8s
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
 from istiod_lite.auth import (
     DEFAULT_TRUST_DOMAIN,
     AuthenticationError,

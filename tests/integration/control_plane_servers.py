@@ -21,15 +21,15 @@ from typing import Any
 import trio
 from hypercorn.trio import serve as hypercorn_serve
 
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import (
+from ambient_api import codec
+from ambient_api.discovery import (
     ACK_PATH,
     DISCOVERY_PATH,
     Ack,
     DeltaUpdate,
     DiscoveryRequest,
 )
-from istiod_lite.api.model import Workload
+from ambient_api.model import Workload
 from istiod_lite.auth import BootstrapTokenAuthenticator
 from istiod_lite.discovery import ResourceStore
 from istiod_lite.server import IstiodApp, hypercorn_config, serve

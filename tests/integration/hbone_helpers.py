@@ -8,11 +8,17 @@ from functools import partial
 
 import trio
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.drain import Drain
+from ambient_dataplane.hbone import (
+    ConnectHandler,
+    ConnectRequest,
+    HboneResponder,
+    serve_hbone_tls,
+    splice,
+)
+from ambient_dataplane.tls import CertifiedKey, client_context, server_context
 from tests.pki import IssuedCert, TestPki
-from ztunnel.drain import Drain
-from ztunnel.hbone import ConnectHandler, ConnectRequest, HboneResponder, serve_hbone_tls, splice
-from ztunnel.tls import CertifiedKey, client_context, server_context
 
 HBONE_PORT = 15008
 

@@ -8,9 +8,8 @@ import httpx
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
-from tests.conftest import LoopbackAllocator
-from ztunnel.admin import (
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.admin import (
     AdminRequest,
     AdminResponse,
     StructlogLevelControl,
@@ -22,7 +21,9 @@ from ztunnel.admin import (
     readiness_routes,
     serve_admin,
 )
-from ztunnel.metrics import ZtunnelMetrics, connection_labels
+from ambient_dataplane.labels import connection_labels
+from tests.conftest import LoopbackAllocator
+from ztunnel.metrics import ZtunnelMetrics
 
 SLEEP_ID = SpiffeId("cluster.local", "default", "sleep")
 
@@ -150,7 +151,7 @@ async def test_handlers_get_query_and_body() -> None:
 async def test_mutating_admin_actions_answer_only_local_callers() -> None:
     """A peer in the cluster (the pod proxy, another pod) may read /config_dump but neither
     change the log level nor shut the proxy down."""
-    from ztunnel.admin import AdminRequest, StructlogLevelControl, admin_routes, handle
+    from ambient_dataplane.admin import AdminRequest, StructlogLevelControl, admin_routes, handle
 
     quits: list[bool] = []
     routes = admin_routes({"workloads": list}, StructlogLevelControl("info"),

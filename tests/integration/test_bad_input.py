@@ -26,9 +26,12 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ambient_api.discovery import CertificateResponse
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.controlplane import CaClient, CaRefused, ControlPlaneConnection
+from ambient_dataplane.hbone import HboneConnectError, connect_tls, open_hbone_client
+from ambient_dataplane.tls import CertifiedKey, PeerIdentityError, client_context
 from ambientctl.apps import Socks5ConnectError, http_get, socks5_connect
-from istiod_lite.api.discovery import CertificateResponse
-from istiod_lite.api.identity import SpiffeId
 from istiod_lite.ca import CertificateAuthority, utc_now
 from tests.integration.mesh_harness import (
     ECHO_PORT,
@@ -45,10 +48,7 @@ from tests.integration.mesh_harness import (
 )
 from tests.pki import foreign_pki, new_key_and_csr
 from ztunnel import socks5
-from ztunnel.caclient import CaClient, CaRefused, ControlPlaneConnection
-from ztunnel.hbone import HboneConnectError, connect_tls, open_hbone_client
 from ztunnel.proxyproto import build_v1_header
-from ztunnel.tls import CertifiedKey, PeerIdentityError, client_context
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,14 @@ import pytest
 import trio
 from cryptography import x509
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.controlplane import (
+    CaClient,
+    CaRefused,
+    CaUnavailable,
+    ControlPlaneConnection,
+)
+from ambient_dataplane.identity import CertificateManager, new_key_and_csr
 from istiod_lite.ca import CLOCK_SKEW
 from tests.conftest import LoopbackAllocator
 from tests.integration.control_plane_servers import (
@@ -21,8 +28,6 @@ from tests.integration.control_plane_servers import (
     workload,
 )
 from tests.pki import TestPki
-from ztunnel.caclient import CaClient, CaRefused, CaUnavailable, ControlPlaneConnection
-from ztunnel.identity import CertificateManager, new_key_and_csr
 
 SLEEP_ID = SpiffeId("cluster.local", "default", "sleep")
 HTTPBIN_ID = SpiffeId("cluster.local", "default", "httpbin")

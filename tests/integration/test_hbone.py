@@ -12,6 +12,16 @@ import pytest
 import structlog
 import trio
 
+from ambient_dataplane.hbone import (
+    MAX_FRAME_SIZE,
+    ConnectRequest,
+    HboneConnectError,
+    HboneResponder,
+    connect_headers,
+    connect_tls,
+    open_hbone_client,
+)
+from ambient_dataplane.tls import PeerIdentityError, client_context, server_context
 from tests.integration.hbone_helpers import (
     HBONE_PORT,
     TestMesh,
@@ -22,16 +32,6 @@ from tests.integration.hbone_helpers import (
     start_hbone_server,
     start_tcp_echo,
 )
-from ztunnel.hbone import (
-    MAX_FRAME_SIZE,
-    ConnectRequest,
-    HboneConnectError,
-    HboneResponder,
-    connect_headers,
-    connect_tls,
-    open_hbone_client,
-)
-from ztunnel.tls import PeerIdentityError, client_context, server_context
 
 pytestmark = pytest.mark.timeout(30)
 

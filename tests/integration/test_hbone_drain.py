@@ -13,18 +13,18 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from tests.integration.hbone_helpers import HBONE_PORT, TestMesh, echo_handler
-from tests.integration.mesh_harness import ECHO_PORT, HTTPBIN_V1, SLEEP, Mesh, start_mesh
-from ztunnel.config import ZtunnelConfig
-from ztunnel.drain import ActiveConnections
-from ztunnel.hbone import (
+from ambient_dataplane.drain import ActiveConnections
+from ambient_dataplane.hbone import (
     HboneClient,
     HboneConnectError,
     connect,
     open_hbone_client,
     serve_hbone_tls,
 )
-from ztunnel.pool import HbonePool, PoolKey
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from tests.integration.hbone_helpers import HBONE_PORT, TestMesh, echo_handler
+from tests.integration.mesh_harness import ECHO_PORT, HTTPBIN_V1, SLEEP, Mesh, start_mesh
+from ztunnel.config import ZtunnelConfig
 
 pytestmark = pytest.mark.timeout(30)
 

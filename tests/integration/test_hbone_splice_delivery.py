@@ -12,20 +12,20 @@ from functools import partial
 import pytest
 import trio
 
-from tests.integration.hbone_helpers import (
-    HBONE_PORT,
-    TestMesh,
-    receive_all,
-    start_hbone_server,
-    start_tcp_echo,
-)
-from ztunnel.hbone import (
+from ambient_dataplane.hbone import (
     ConnectRequest,
     HboneResponder,
     SpliceError,
     SpliceResult,
     open_hbone_client,
     splice,
+)
+from tests.integration.hbone_helpers import (
+    HBONE_PORT,
+    TestMesh,
+    receive_all,
+    start_hbone_server,
+    start_tcp_echo,
 )
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,4 +1,4 @@
-"""TlsStream (ztunnel.tls): the HBONE data path's TLS over real loopback sockets."""
+"""TlsStream (ambient_dataplane.tls): the HBONE data path's TLS over real loopback sockets."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from ambient_dataplane.drain import Drain
+from ambient_dataplane.hbone import accept_tls, connect_tls, serve_hbone_tls
+from ambient_dataplane.tls import TlsStream
 from tests.integration.hbone_helpers import HBONE_PORT, TestMesh, echo_handler
-from ztunnel.drain import Drain
-from ztunnel.hbone import accept_tls, connect_tls, serve_hbone_tls
-from ztunnel.tls import TlsStream
 
 _RECORD = 16384  # the most plaintext one TLS record carries
 

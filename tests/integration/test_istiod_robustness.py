@@ -17,8 +17,8 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from ambient_api.discovery import CERTIFICATE_PATH
 from istiod_lite.__main__ import RunningIstiod
-from istiod_lite.api.discovery import CERTIFICATE_PATH
 from istiod_lite.server import IstiodApp
 from tests.integration.test_istiod_server import (  # noqa: F401  (fixtures used by name)
     client_for,

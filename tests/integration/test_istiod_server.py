@@ -20,9 +20,8 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from istiod_lite.__main__ import RunningIstiod, run_istiod
-from istiod_lite.api import codec, kinds
-from istiod_lite.api.discovery import (
+from ambient_api import codec, kinds
+from ambient_api.discovery import (
     ACK_PATH,
     CERTIFICATE_PATH,
     DISCOVERY_PATH,
@@ -30,7 +29,8 @@ from istiod_lite.api.discovery import (
     DeltaUpdate,
     versioned_key,
 )
-from istiod_lite.api.l7 import WaypointAuthorization, WaypointAuthorizationAction
+from ambient_api.l7 import WaypointAuthorization, WaypointAuthorizationAction
+from istiod_lite.__main__ import RunningIstiod, run_istiod
 from istiod_lite.config import IstiodConfig
 from tests.pki import new_key_and_csr
 

@@ -17,8 +17,8 @@ import trio
 from kubernetes import client as k8s
 
 import istiod_lite.kube.cakeys as cakeys
-from istiod_lite.api.discovery import ACK_PATH, CERTIFICATE_PATH
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.discovery import ACK_PATH, CERTIFICATE_PATH
+from ambient_api.identity import SpiffeId
 from istiod_lite.auth import AuthenticationError, Caller
 from istiod_lite.ca import (
     CaConfigError,

@@ -8,15 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-from istiod_lite.api.identity import SpiffeId
-from tests.integration.hbone_helpers import (
-    HBONE_PORT,
-    TestMesh,
-    echo_handler,
-    start_hbone_server,
-)
-from ztunnel.drain import Drain
-from ztunnel.hbone import (
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.drain import Drain
+from ambient_dataplane.hbone import (
     ConnectRequest,
     HboneClient,
     HboneConnectError,
@@ -27,8 +21,14 @@ from ztunnel.hbone import (
     serve_hbone,
     serve_hbone_tls,
 )
-from ztunnel.pool import HbonePool, PoolKey
-from ztunnel.tls import PeerIdentityError
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from ambient_dataplane.tls import PeerIdentityError
+from tests.integration.hbone_helpers import (
+    HBONE_PORT,
+    TestMesh,
+    echo_handler,
+    start_hbone_server,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

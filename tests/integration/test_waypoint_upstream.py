@@ -11,6 +11,15 @@ from functools import partial
 import pytest
 import trio
 
+from ambient_dataplane.drain import Drain
+from ambient_dataplane.hbone import (
+    ConnectHandler,
+    ConnectRequest,
+    HboneClient,
+    HboneResponder,
+    connect,
+)
+from ambient_dataplane.hbone.pool import HbonePool, PoolKey
 from ambientctl.apps import serve_http_echo
 from tests.integration.hbone_helpers import (
     HBONE_PORT,
@@ -20,9 +29,6 @@ from tests.integration.hbone_helpers import (
 )
 from waypoint.http import HttpRequest, HttpResponse, serve_http
 from waypoint.upstream import HttpUpstream, UpstreamError
-from ztunnel.drain import Drain
-from ztunnel.hbone import ConnectHandler, ConnectRequest, HboneClient, HboneResponder, connect
-from ztunnel.pool import HbonePool, PoolKey
 
 pytestmark = pytest.mark.timeout(30)
 

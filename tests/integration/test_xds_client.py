@@ -9,8 +9,11 @@ from pathlib import Path
 import trio
 from structlog.testing import capture_logs
 
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate
+from ambient_api import codec
+from ambient_api.discovery import DeltaUpdate, ResourceUpdate
+from ambient_dataplane.controlplane import ControlPlaneConnection
+from ambient_dataplane.discovery import DiscoveryClient, parse_stream_line
+from ambient_dataplane.state import AppliedChange, ProxyState
 from tests.conftest import LoopbackAllocator
 from tests.deltas import resource_update
 from tests.integration.control_plane_servers import (
@@ -23,9 +26,6 @@ from tests.integration.control_plane_servers import (
     workload,
 )
 from tests.pki import TestPki
-from ztunnel.caclient import ControlPlaneConnection
-from ztunnel.state import AppliedChange, ProxyState
-from ztunnel.xds import DiscoveryClient, parse_stream_line
 
 SLEEP = workload("sleep", "node-1", address="127.0.20.1")
 HTTPBIN = workload("httpbin", "node-2", address="127.0.20.2")

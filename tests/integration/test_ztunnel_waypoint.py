@@ -21,11 +21,16 @@ from pathlib import Path
 import pytest
 import trio
 
+from ambient_api import kinds, l7
+from ambient_api.discovery import DeltaUpdate
+from ambient_api.identity import SpiffeId
+from ambient_api.model import GatewayAddress
+from ambient_dataplane.controlplane import ControlPlaneConnection
+from ambient_dataplane.discovery import DiscoveryClient
+from ambient_dataplane.hbone import ConnectRequest, HboneResponder, serve_hbone_tls, splice
+from ambient_dataplane.state import AppliedChange, ProxyState
+from ambient_dataplane.tls import CertifiedKey, server_context
 from ambientctl.apps import Socks5ConnectError, http_get
-from istiod_lite.api import kinds, l7
-from istiod_lite.api.discovery import DeltaUpdate
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import GatewayAddress
 from tests.conftest import LoopbackAllocator
 from tests.deltas import resource_update
 from tests.integration.control_plane_servers import (
@@ -53,12 +58,7 @@ from tests.integration.mesh_harness import (
 )
 from tests.pki import TestPki
 from ztunnel import socks5
-from ztunnel.caclient import ControlPlaneConnection
-from ztunnel.hbone import ConnectRequest, HboneResponder, serve_hbone_tls, splice
 from ztunnel.outbound import OutboundRefused, plan_outbound
-from ztunnel.state import AppliedChange, ProxyState
-from ztunnel.tls import CertifiedKey, server_context
-from ztunnel.xds import DiscoveryClient
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from ambient_dataplane.hbone import HboneConnectError, connect_headers, open_hbone_client
+from ambient_dataplane.tls import client_context, server_context
 from tests.integration.hbone_helpers import (
     HBONE_PORT,
     certified,
@@ -18,8 +20,6 @@ from tests.integration.hbone_helpers import (
 )
 from tests.interop import envoy
 from tests.pki import TestPki, write_pem_files
-from ztunnel.hbone import HboneConnectError, connect_headers, open_hbone_client
-from ztunnel.tls import client_context, server_context
 
 pytestmark = [
     pytest.mark.envoy,

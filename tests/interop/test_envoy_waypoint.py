@@ -17,8 +17,8 @@ import httpx
 import pytest
 import trio
 
+from ambient_api.identity import SpiffeId
 from ambientctl.apps import http_request, serve_http_echo
-from istiod_lite.api.identity import SpiffeId
 from tests.integration.mesh_harness import (
     BOOKINFO_PORT,
     REVIEWS_VIP,

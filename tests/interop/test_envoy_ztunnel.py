@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from ambient_api.identity import SpiffeId
 from ambientctl.apps import Socks5ConnectError, http_get, serve_tcp_echo
-from istiod_lite.api.identity import SpiffeId
 from tests.integration.mesh_harness import (
     ECHO_PORT,
     HTTP_PORT,

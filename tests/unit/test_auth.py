@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from istiod_lite.api.identity import SpiffeId
+from ambient_api.identity import SpiffeId
 from istiod_lite.auth import (
     AuthenticationError,
     BootstrapTokenAuthenticator,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import (
+from ambient_api.identity import SpiffeId
+from ambient_api.model import (
     Authorization,
     AuthorizationAction,
     AuthorizationScope,
@@ -13,7 +13,8 @@ from istiod_lite.api.model import (
     Match,
     Rule,
 )
-from ztunnel.authz import AuthzDecision, ConnectionAttributes, evaluate, string_matches
+from ambient_dataplane.matchers import string_matches
+from ztunnel.authz import AuthzDecision, ConnectionAttributes, evaluate
 
 SLEEP = SpiffeId("cluster.local", "demo", "sleep")
 ADMIN = SpiffeId("cluster.local", "ops", "admin")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from ztunnel.caclient import BearerToken
+from ambient_dataplane.controlplane import BearerToken
 
 
 def header(token: BearerToken) -> str:

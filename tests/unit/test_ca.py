@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import Workload
+from ambient_api.identity import SpiffeId
+from ambient_api.model import Workload
 from istiod_lite.ca import (
     CaConfigError,
     CaError,

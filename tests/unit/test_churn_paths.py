@@ -5,9 +5,9 @@ from __future__ import annotations
 import trio
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 
+from ambient_dataplane.drain import ActiveConnections, serve_tracked
+from ambient_dataplane.hbone.client import PlainLiteralEncoder
 from ztunnel.authz import ConnectionAttributes, evaluate
-from ztunnel.drain import ActiveConnections, serve_tracked
-from ztunnel.hbone.client import PlainLiteralEncoder
 
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 BLOCK = [

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ambient_api import codec, model
 from ambientctl import cli
 from ambientctl.ztunnelconfig import (
     ZtunnelConfigError,
@@ -21,7 +22,6 @@ from ambientctl.ztunnelconfig import (
     resolve_node_address,
     service_rows,
 )
-from istiod_lite.api import codec, model
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 

@@ -9,8 +9,9 @@ import dataclasses
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ambient_dataplane.labels import ConnectionLabels
 from ztunnel import socks5
-from ztunnel.metrics import ConnectionLabels, ZtunnelMetrics
+from ztunnel.metrics import ZtunnelMetrics
 
 
 def test_reply_packs_ipv4_and_ipv6_bound_addresses() -> None:

@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
-from istiod_lite.api import codec, kinds
-from istiod_lite.api.discovery import Ack, DeltaUpdate, versioned_key
-from istiod_lite.api.l7 import HttpRoute, PathMatch, PathMatchType, RouteMatch, RouteRule
-from istiod_lite.api.model import Node, Service, Workload
+from ambient_api import codec, kinds
+from ambient_api.discovery import Ack, DeltaUpdate, versioned_key
+from ambient_api.l7 import HttpRoute, PathMatch, PathMatchType, RouteMatch, RouteRule
+from ambient_api.model import Node, Service, Workload
 from istiod_lite.discovery import (
     ResourceStore,
     compute_delta,

@@ -10,7 +10,7 @@ import pytest
 import trio
 import yaml
 
-from istiod_lite.api.model import Authorization, Service, TunnelProtocol, Workload
+from ambient_api.model import Authorization, Service, TunnelProtocol, Workload
 from istiod_lite.sources import (
     ClusterObjects,
     FileSource,

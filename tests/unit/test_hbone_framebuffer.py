@@ -1,4 +1,4 @@
-"""ztunnel.hbone.framebuffer against h2's own FrameBuffer: same frames, same errors.
+"""ambient_dataplane.hbone.framebuffer against h2's own FrameBuffer: same frames, same errors.
 
 The buffer relies on h2 internals (pyproject.toml pins the tested h2 range); the first tests
 fail loudly when a new h2 or hyperframe changes them.
@@ -28,7 +28,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from ztunnel.hbone import framebuffer
+from ambient_dataplane.hbone import framebuffer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX = 16384

@@ -11,7 +11,7 @@ import h2.events
 import h2.exceptions
 import pytest
 
-from ztunnel.hbone.session import (
+from ambient_dataplane.hbone.session import (
     GoawayFilter,
     GoawayNotice,
     decode_goaway_payload,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hpack
 
-from ztunnel.hbone.client import _encoded_header
-from ztunnel.hbone.protocol import connect_headers
+from ambient_dataplane.hbone.client import _encoded_header
+from ambient_dataplane.hbone.protocol import connect_headers
 
 
 def test_per_connection_headers_are_not_indexed_and_the_rest_are() -> None:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ztunnel.hbone.protocol import (
+from ambient_dataplane.hbone.protocol import (
     ConnectRequest,
     HboneRejection,
     connect_headers,

@@ -11,19 +11,19 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from istiod_lite.api.discovery import CertificateResponse
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.ca import csr_identity
-from tests.pki import TestPki
-from ztunnel.caclient import CaRefused, CaUnavailable
-from ztunnel.identity import (
+from ambient_api.discovery import CertificateResponse
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.controlplane import CaRefused, CaUnavailable
+from ambient_dataplane.identity import (
     CertificateManager,
     describe_certificate,
     new_key_and_csr,
     next_backoff,
     renewal_delay,
 )
-from ztunnel.tls import CertifiedKey
+from ambient_dataplane.tls import CertifiedKey
+from istiod_lite.ca import csr_identity
+from tests.pki import TestPki
 
 SLEEP = SpiffeId("cluster.local", "default", "sleep")
 HTTPBIN = SpiffeId("cluster.local", "default", "httpbin")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import (
+from ambient_api.identity import SpiffeId
+from ambient_api.model import (
     Authorization,
     AuthorizationAction,
     AuthorizationScope,
@@ -19,10 +19,10 @@ from istiod_lite.api.model import (
     TunnelProtocol,
     Workload,
 )
+from ambient_dataplane.hbone import HboneRejection
+from ambient_dataplane.state import ProxyState
 from tests.deltas import delta
-from ztunnel.hbone import HboneRejection
 from ztunnel.inbound import LOOP_GUARD_PORTS, InboundTarget, decide_inbound
-from ztunnel.state import ProxyState
 
 ROOT_NAMESPACE = "istio-system"
 NODE = "node-1"

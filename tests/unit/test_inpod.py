@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from istiod_lite.api.model import TunnelProtocol, Workload
+from ambient_api.model import TunnelProtocol, Workload
 from ztunnel.capture.inpod import (
     NetnsMapError,
     PodTarget,

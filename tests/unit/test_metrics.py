@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import NetworkAddress, Service, TunnelProtocol, Workload
-from ztunnel.metrics import LABEL_NAMES, ConnectionLabels, ZtunnelMetrics, connection_labels
+from ambient_api.identity import SpiffeId
+from ambient_api.model import NetworkAddress, Service, TunnelProtocol, Workload
+from ambient_dataplane.labels import LABEL_NAMES, ConnectionLabels, connection_labels
+from ztunnel.metrics import ZtunnelMetrics
 
 SLEEP = Workload(
     uid="Kubernetes//Pod/default/sleep-1",

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import (
+from ambient_api.identity import SpiffeId
+from ambient_api.model import (
     GatewayAddress,
     NetworkAddress,
     PortMapping,
@@ -18,10 +18,10 @@ from istiod_lite.api.model import (
     Workload,
     WorkloadStatus,
 )
+from ambient_dataplane.state import ProxyState
 from tests.deltas import delta
 from ztunnel import socks5
 from ztunnel.outbound import OutboundPlan, OutboundRefused, plan_outbound, service_for_hostname
-from ztunnel.state import ProxyState
 from ztunnel.telemetry import FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE
 
 NODE = "node-1"

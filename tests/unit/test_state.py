@@ -1,4 +1,4 @@
-"""ztunnel.state: all-or-nothing apply, indexes, policy scoping and destination resolution."""
+"""ambient_dataplane.state: all-or-nothing apply, indexes, policy scoping, destinations."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from istiod_lite.api import codec, kinds, l7
-from istiod_lite.api.codec import DecodeError
-from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import (
+from ambient_api import codec, kinds, l7
+from ambient_api.codec import DecodeError
+from ambient_api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
+from ambient_api.identity import SpiffeId
+from ambient_api.model import (
     Authorization,
     AuthorizationAction,
     AuthorizationScope,
@@ -26,9 +26,9 @@ from istiod_lite.api.model import (
     Workload,
     WorkloadStatus,
 )
+from ambient_dataplane.state import KINDS, ProxyState, ResolveError
 from tests.deltas import delta
 from ztunnel.authz import ConnectionAttributes, evaluate
-from ztunnel.state import KINDS, ProxyState, ResolveError
 
 
 def pod(

@@ -10,9 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from istiod_lite.api.identity import SpiffeId
-from tests.pki import TestPki
-from ztunnel.tls import (
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.tls import (
     CertificateError,
     CertifiedKey,
     PeerIdentityError,
@@ -22,6 +21,7 @@ from ztunnel.tls import (
     describe_tls_error,
     server_context,
 )
+from tests.pki import TestPki
 
 
 @pytest.fixture(scope="module")

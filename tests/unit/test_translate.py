@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from istiod_lite.api.codec import from_jsonable, to_jsonable
-from istiod_lite.api.model import (
+from ambient_api.codec import from_jsonable, to_jsonable
+from ambient_api.model import (
     Authorization,
     AuthorizationAction,
     AuthorizationScope,

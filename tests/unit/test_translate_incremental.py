@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from ambient_api.model import Service, Workload
 from istiod_lite import translate as translate_module
-from istiod_lite.api.model import Service, Workload
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate import IncrementalTranslator, translate
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from istiod_lite.api import l7
-from istiod_lite.api.model import Service, Workload
+from ambient_api import l7
+from ambient_api.model import Service, Workload
 from istiod_lite.sources.objects import ClusterObjects, InvalidObject, parse_documents
 from istiod_lite.translate import MeshConfig
 from istiod_lite.translate_routes import route_resources, waypoint_resources

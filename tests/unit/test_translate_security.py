@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from istiod_lite.api.l7 import (
+from ambient_api.l7 import (
     Condition,
     JwtPolicy,
     JwtProvider,

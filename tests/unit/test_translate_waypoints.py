@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from istiod_lite.api.model import (
+from ambient_api.model import (
     GatewayAddress,
     Locality,
     NetworkAddress,

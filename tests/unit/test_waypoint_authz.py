@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.l7 import (
+from ambient_api.identity import SpiffeId
+from ambient_api.l7 import (
     Condition,
     L7Clause,
     L7Match,

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from istiod_lite.api.l7 import JwtPolicy, JwtProvider
+from ambient_api.l7 import JwtPolicy, JwtProvider
 from waypoint.authz import HeaderSource
 from waypoint.jwt import (
     NO_TOKEN,

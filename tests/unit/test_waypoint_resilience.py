@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from istiod_lite.api.l7 import ConnectionPool, OutlierDetection, RateLimit, RetryPolicy
+from ambient_api.l7 import ConnectionPool, OutlierDetection, RateLimit, RetryPolicy
 from waypoint.resilience import (
     CircuitBreaker,
     OutlierDetector,

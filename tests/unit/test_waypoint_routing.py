@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from istiod_lite.api.l7 import (
+from ambient_api.l7 import (
     BackendRef,
     FaultInjection,
     HeaderModifier,

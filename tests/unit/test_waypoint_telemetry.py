@@ -10,8 +10,8 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import NetworkAddress, Service, TunnelProtocol, Workload
+from ambient_api.identity import SpiffeId
+from ambient_api.model import NetworkAddress, Service, TunnelProtocol, Workload
 from waypoint.telemetry import (
     ENVOY_DEFAULT_BUCKETS,
     REQUEST_LABEL_NAMES,

@@ -35,12 +35,12 @@ from typing import Any
 import structlog
 import trio
 
-from istiod_lite.api.model import Workload
+from ambient_api.model import Workload
+from ambient_dataplane.state import ProxyState, canonical_ip, is_hbone
 from ztunnel.capture import netns, rules
 from ztunnel.config import Ports
 from ztunnel.inbound import Inbound
 from ztunnel.outbound import Outbound
-from ztunnel.state import ProxyState, canonical_ip, is_hbone
 
 log = structlog.get_logger()
 

@@ -19,9 +19,9 @@ from typing import NamedTuple
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
-from ztunnel.hbone import DEFAULT_MAX_CONCURRENT_STREAMS, HboneClient, HboneConnectError
-from ztunnel.hbone.session import HboneStream
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.hbone import DEFAULT_MAX_CONCURRENT_STREAMS, HboneClient, HboneConnectError
+from ambient_dataplane.hbone.session import HboneStream
 
 log = structlog.get_logger()
 
@@ -44,7 +44,7 @@ class PoolKey(NamedTuple):
 # Opens a connection for ``key`` whose reader task runs in the given nursery: TCP from
 # key.source_ip to key.destination_address (from inside key.source_netns when set), TLS with
 # key.source_identity's certificate, verifying the server is key.destination_identity --
-# i.e. ztunnel.hbone.connect(...).
+# i.e. ambient_dataplane.hbone.connect(...).
 ConnectFn = Callable[[PoolKey, trio.Nursery], Awaitable[HboneClient]]
 
 

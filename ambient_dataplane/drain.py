@@ -6,7 +6,7 @@ A proxy that shuts down stops listening, calls ``ActiveConnections.begin_drain()
 an HBONE server connection can do better: on the drain signal it sends HTTP/2 GOAWAY, lets the
 tunnels already on it finish and closes as soon as it has none, so idle pooled connections from
 peers end at once instead of holding the shutdown for the whole timeout (Istio/Envoy drain the
-same way). See ``ztunnel.hbone.server.serve_hbone``.
+same way). See ``ambient_dataplane.hbone.server.serve_hbone``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import trio
 
-from ztunnel.hbone.session import HboneStream
-from ztunnel.tls import read_socket, write_nowait
+from ambient_dataplane.hbone.session import HboneStream
+from ambient_dataplane.tls import read_socket, write_nowait
 
 _CHUNK = 256 * 1024
 

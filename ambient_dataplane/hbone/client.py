@@ -18,14 +18,14 @@ import h2.exceptions
 import trio
 from hpack import Encoder, NeverIndexedHeaderTuple
 
-from istiod_lite.api.identity import SpiffeId
-from ztunnel.hbone.protocol import (
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
     UNIQUE_PER_CONNECTION_HEADERS,
 )
-from ztunnel.hbone.session import GoawayNotice, H2Session, HboneStream
-from ztunnel.tls import TlsStream, mutual_handshake, verify_peer
+from ambient_dataplane.hbone.session import GoawayNotice, H2Session, HboneStream
+from ambient_dataplane.tls import TlsStream, mutual_handshake, verify_peer
 
 _CONNECT_TIMEOUT = 10.0
 

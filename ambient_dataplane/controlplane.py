@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import structlog
 
-from istiod_lite.api import codec
-from istiod_lite.api.discovery import (
+from ambient_api import codec
+from ambient_api.discovery import (
     CERTIFICATE_PATH,
     CertificateRequest,
     CertificateResponse,

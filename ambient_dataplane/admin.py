@@ -21,9 +21,9 @@ import structlog
 import trio
 from hypercorn.config import Config
 
+from ambient_api.identity import SpiffeId
 from ambient_common.asgi import answer_lifespan
 from ambient_common.hypercorn_serving import serve_isolated
-from istiod_lite.api.identity import SpiffeId
 
 log = structlog.get_logger()
 

@@ -4,14 +4,14 @@
 ``splice`` pipes a tunnel to a socket. Everything public is re-exported here.
 """
 
-from ztunnel.hbone.client import (
+from ambient_dataplane.hbone.client import (
     HboneClient,
     HboneConnectError,
     connect,
     connect_tls,
     open_hbone_client,
 )
-from ztunnel.hbone.protocol import (
+from ambient_dataplane.hbone.protocol import (
     CONNECTION_WINDOW,
     DEFAULT_MAX_CONCURRENT_STREAMS,
     MAX_FRAME_SIZE,
@@ -26,7 +26,7 @@ from ztunnel.hbone.protocol import (
     parse_baggage,
     parse_connect,
 )
-from ztunnel.hbone.server import (
+from ambient_dataplane.hbone.server import (
     ConnectHandler,
     ConnectionInfo,
     HboneResponder,
@@ -34,8 +34,8 @@ from ztunnel.hbone.server import (
     serve_hbone,
     serve_hbone_tls,
 )
-from ztunnel.hbone.session import HboneStream
-from ztunnel.hbone.splice import SpliceError, SpliceResult, splice
+from ambient_dataplane.hbone.session import HboneStream
+from ambient_dataplane.hbone.splice import SpliceError, SpliceResult, splice
 
 __all__ = [
     "CONNECTION_WINDOW",

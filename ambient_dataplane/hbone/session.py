@@ -36,9 +36,9 @@ import structlog
 import trio
 from hyperframe.frame import DataFrame
 
-from ztunnel.hbone import framebuffer
-from ztunnel.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
-from ztunnel.tls import TlsStream, describe_tls_error
+from ambient_dataplane.hbone import framebuffer
+from ambient_dataplane.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
+from ambient_dataplane.tls import TlsStream, describe_tls_error
 
 
 def _data_frame_repr(frame: DataFrame) -> str:

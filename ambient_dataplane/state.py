@@ -6,7 +6,7 @@ the proxy keeps serving its last good state, as Istio's ztunnel does). Indexes a
 date on every apply so the per-connection lookups (``resolve``, ``policies_for``) are dict
 reads, not scans.
 
-Every kind of ``istiod_lite.api.kinds`` is accepted, so a waypoint reuses this state: the L4
+Every kind of ``ambient_api.kinds`` is accepted, so a waypoint reuses this state: the L4
 kinds (workloads, services, authorizations, nodes) are indexed for the lookups below; the L7
 kinds (routes, traffic policies, ...) are stored as they come, under the same all-or-nothing
 apply and versioning, and read with ``resources(kind)`` / ``resource(kind, key)``.
@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from istiod_lite.api import codec, kinds
-from istiod_lite.api.codec import DecodeError
-from istiod_lite.api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
-from istiod_lite.api.identity import SpiffeId
-from istiod_lite.api.model import (
+from ambient_api import codec, kinds
+from ambient_api.codec import DecodeError
+from ambient_api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
+from ambient_api.identity import SpiffeId
+from ambient_api.model import (
     Authorization,
     AuthorizationScope,
     GatewayAddress,

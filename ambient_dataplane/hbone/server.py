@@ -1,10 +1,10 @@
 """HBONE server: one task per CONNECT stream, the handler decides the answer.
 
-Drain: given a ``ztunnel.drain.Drain`` (explicitly, or the one of the ActiveConnections that
-tracks the serving task), a connection answers its start with GOAWAY(NO_ERROR): the tunnels
-already open run to completion, CONNECTs the client sent after it are refused with
-REFUSED_STREAM (the client's pool retries them on a new connection), and the connection closes
-as soon as it has no tunnel left, so an idle pooled connection ends at once.
+Drain: given an ``ambient_dataplane.drain.Drain`` (explicitly, or the one of the
+ActiveConnections that tracks the serving task), a connection answers its start with
+GOAWAY(NO_ERROR): the tunnels already open run to completion, CONNECTs the client sent after it
+are refused with REFUSED_STREAM (the client's pool retries them on a new connection), and the
+connection closes as soon as it has no tunnel left, so an idle pooled connection ends at once.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import h2.exceptions
 import structlog
 import trio
 
-from istiod_lite.api.identity import SpiffeId
-from ztunnel.drain import Drain, current_drain
-from ztunnel.hbone.protocol import (
+from ambient_api.identity import SpiffeId
+from ambient_dataplane.drain import Drain, current_drain
+from ambient_dataplane.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
     ConnectRequest,
     HboneRejection,
     parse_connect,
 )
-from ztunnel.hbone.session import H2Session, HboneStream
-from ztunnel.tls import (
+from ambient_dataplane.hbone.session import H2Session, HboneStream
+from ambient_dataplane.tls import (
     PeerIdentityError,
     TlsConnection,
     TlsStream,

@@ -21,7 +21,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from istiod_lite.api.identity import InvalidSpiffeId, SpiffeId
+from ambient_api.identity import InvalidSpiffeId, SpiffeId
 
 ALPN_H2 = "h2"
 # TLS 1.2 is only enabled behind an explicit flag; these are its AEAD ECDHE suites.

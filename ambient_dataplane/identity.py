@@ -25,11 +25,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from istiod_lite.api.discovery import CertificateResponse
-from istiod_lite.api.identity import SpiffeId
-from ztunnel import tls
-from ztunnel.caclient import CaRefused, CaUnavailable
-from ztunnel.tls import CertifiedKey
+from ambient_api.discovery import CertificateResponse
+from ambient_api.identity import SpiffeId
+from ambient_dataplane import tls
+from ambient_dataplane.controlplane import CaRefused, CaUnavailable
+from ambient_dataplane.tls import CertifiedKey
 
 log = structlog.get_logger()
 
@@ -81,7 +81,7 @@ def next_backoff(
 
 
 class CertificateSigner(Protocol):
-    """What the manager needs from the CA client (``ztunnel.caclient.CaClient``)."""
+    """What the manager needs from the CA client (``ambient_dataplane.controlplane.CaClient``)."""
 
     async def sign(self, csr_pem: str, ttl_seconds: int | None = None) -> CertificateResponse:
         ...

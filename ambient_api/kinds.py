@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from istiod_lite.api import l7, model
+from ambient_api import l7, model
 
 AnyResource = (
     model.Resource

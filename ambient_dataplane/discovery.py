@@ -24,17 +24,21 @@ import httpx
 import structlog
 import trio
 
-from istiod_lite.api import codec
-from istiod_lite.api import kinds as resource_kinds
-from istiod_lite.api.discovery import (
+from ambient_api import codec
+from ambient_api import kinds as resource_kinds
+from ambient_api.discovery import (
     ACK_PATH,
     DISCOVERY_PATH,
     Ack,
     DeltaUpdate,
     DiscoveryRequest,
 )
-from ztunnel.caclient import ControlPlaneConnection, describe_transport_error, error_text
-from ztunnel.identity import next_backoff
+from ambient_dataplane.controlplane import (
+    ControlPlaneConnection,
+    describe_transport_error,
+    error_text,
+)
+from ambient_dataplane.identity import next_backoff
 
 log = structlog.get_logger()
 
@@ -46,7 +50,7 @@ ChangeT_co = TypeVar("ChangeT_co", covariant=True)
 
 
 class DiscoveryState(Protocol[ChangeT_co]):
-    """What the client needs from ``ztunnel.state.ProxyState``."""
+    """What the client needs from ``ambient_dataplane.state.ProxyState``."""
 
     def apply(self, update: DeltaUpdate) -> ChangeT_co:
         """Apply atomically or raise ``codec.DecodeError`` leaving the state untouched."""

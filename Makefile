@@ -63,6 +63,7 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy $(PACKAGES)
+	$(VENV)/bin/lint-imports --no-cache
 
 test: venv system-deps kubectl lint
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=120 tests

@@ -7,7 +7,7 @@ explains). Nothing here or below reads the environment: flag defaults are the on
 
 One program, two names: run as ``kubectl ambient`` (the ``kubectl-ambient`` plugin) the
 commands that work on both default to the cluster; run as ``ambientctl``, to the embedded mesh
-(see ``ambientctl.kube_cli`` for the rule).
+(see ``ambientctl.kube.cli`` for the rule).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from ambientctl.embedded import (
     EmbeddedError,
     run_embedded,
 )
-from ambientctl.kube import KubeError
-from ambientctl.kube_cli import (
+from ambientctl.kube.api import KubeError
+from ambientctl.kube.cli import (
     CLUSTER,
     MODE_HELP,
     ClusterUsageError,

@@ -40,7 +40,7 @@ from ambientctl.embedded import (
     objects_of,
     waypoint_process_name,
 )
-from ambientctl.kube import (
+from ambientctl.kube.api import (
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
     labels_of,

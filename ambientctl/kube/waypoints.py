@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ambientctl.embedded import WAYPOINT_CLASS
-from ambientctl.kube import (
+from ambientctl.kube.api import (
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
     Kube,

@@ -28,12 +28,9 @@ from ambient_common.flags import duration_seconds, port_number
 from ambient_common.logging import LOG_FORMATS, LogFormat, configure_logging
 from ambient_common.process import cancel_on_signal
 from ambientctl import package_version
-from ambientctl.embedded import (
-    DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_READY_TIMEOUT,
-    EmbeddedError,
-    run_embedded,
-)
+from ambientctl.embedded.errors import EmbeddedError
+from ambientctl.embedded.mesh import DEFAULT_READY_TIMEOUT, run_embedded
+from ambientctl.embedded.supervisor import DEFAULT_DRAIN_TIMEOUT
 from ambientctl.kube.api import KubeError
 from ambientctl.kube.cli import (
     CLUSTER,

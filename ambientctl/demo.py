@@ -24,7 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ambient_common.errors import describe
 from ambientctl.apps import Socks5ConnectError, http_get, socks5_connect
 from ambientctl.demo_waypoint import run_waypoint_act
-from ambientctl.embedded import EmbeddedError, EmbeddedMesh, run_embedded, ztunnel_process_name
+from ambientctl.embedded.errors import EmbeddedError
+from ambientctl.embedded.layout import ztunnel_process_name
+from ambientctl.embedded.mesh import EmbeddedMesh, run_embedded
 from ambientctl.output import render_table
 from ambientctl.ztunnelconfig import certificate_rows
 from ztunnel.config import Ports

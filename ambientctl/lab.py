@@ -45,27 +45,24 @@ from ambient_common.files import write_atomically
 from ambient_common.flags import duration_seconds
 from ambient_common.logging import LOG_FORMATS
 from ambient_common.process import cancel_on_signal
-from ambientctl.embedded import (
+from ambientctl.embedded.commands import app_argv, istiod_argv, ztunnel_argv
+from ambientctl.embedded.errors import EmbeddedError
+from ambientctl.embedded.layout import (
+    NodeSpec,
+    layout_from_objects,
+    read_objects,
+    ztunnel_process_name,
+)
+from ambientctl.embedded.mesh import DEFAULT_READY_TIMEOUT, ISTIOD_LISTEN_PORT, READINESS_PORT
+from ambientctl.embedded.state_dir import StatePaths, write_bootstrap_tokens
+from ambientctl.embedded.supervisor import (
     DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_READY_TIMEOUT,
-    ISTIOD_LISTEN_PORT,
     LOG_TAIL_LINES,
     POLL_INTERVAL,
-    READINESS_PORT,
-    EmbeddedError,
-    NodeSpec,
-    StatePaths,
     Supervisor,
-    app_argv,
-    istiod_argv,
-    layout_from_objects,
     live_cmdline,
     open_supervisor,
-    read_objects,
     tail,
-    write_bootstrap_tokens,
-    ztunnel_argv,
-    ztunnel_process_name,
 )
 from ambientctl.lab_plan import (
     DEFAULT_CLUSTER_ID,

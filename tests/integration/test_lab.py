@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from ambientctl import cli
-from ambientctl.embedded import read_objects
+from ambientctl.embedded.layout import read_objects
 from ambientctl.lab import (
     CommandResult,
     LabError,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ambientctl import cli
-from ambientctl.embedded import layout_from_objects
+from ambientctl.embedded.layout import layout_from_objects
 from ambientctl.lab import (
     LabError,
     LabPaths,

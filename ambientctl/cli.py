@@ -48,7 +48,7 @@ from ambientctl.kube.cli import (
     run_waypoint,
     ztunnel_config_mode,
 )
-from ambientctl.lab import add_lab_parser, run_lab_command
+from ambientctl.lab.cli import add_lab_parser, run_lab_command
 from ambientctl.waypointcmd import DEFAULT_STATE_DIR, WaypointCommandError, WaypointUsageError
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,

@@ -1,5 +1,6 @@
-"""The command line of each child of the embedded mesh, in one place so a change of a
-program's flags is one edit (``ambientctl lab`` runs the same ones inside its namespaces)."""
+"""The command line of each child of the embedded mesh: istiod, ztunnel, waypoint, sample app.
+
+``ambientctl lab`` runs the same ones, prefixed with ``ip netns exec``, inside its namespaces."""
 
 from __future__ import annotations
 

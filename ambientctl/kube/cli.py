@@ -1,4 +1,4 @@
-"""The cluster commands' flags and handlers (``kubectl ambient ...``), wired in by ``cli.py``.
+"""The cluster commands' flags and handlers (``kubectl ambient ...``), used by ``ambientctl.cli``.
 
 Embedded or cluster: ``ztunnel-config`` and ``waypoint`` work on both. The rule, the same for
 every such command and shown in their ``--help``:

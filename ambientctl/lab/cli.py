@@ -1,4 +1,4 @@
-"""``ambientctl lab up|down|status|exec``: the flags and handlers, wired in by ``cli.py``."""
+"""``ambientctl lab up|down|status|exec``: its flags and handlers, used by ``ambientctl.cli``."""
 
 from __future__ import annotations
 

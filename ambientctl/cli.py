@@ -7,7 +7,7 @@ explains). Nothing here or below reads the environment: flag defaults are the on
 
 One program, two names: run as ``kubectl ambient`` (the ``kubectl-ambient`` plugin) the
 commands that work on both default to the cluster; run as ``ambientctl``, to the embedded mesh
-(see ``ambientctl.kube_cli`` for the rule).
+(see ``ambientctl.kube.cli`` for the rule).
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ from ambient_common.flags import duration_seconds, port_number
 from ambient_common.logging import LOG_FORMATS, LogFormat, configure_logging
 from ambient_common.process import cancel_on_signal
 from ambientctl import package_version
-from ambientctl.embedded import (
-    DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_READY_TIMEOUT,
-    EmbeddedError,
-    run_embedded,
-)
-from ambientctl.kube import KubeError
-from ambientctl.kube_cli import (
+from ambientctl.embedded.errors import EmbeddedError
+from ambientctl.embedded.mesh import DEFAULT_READY_TIMEOUT, run_embedded
+from ambientctl.embedded.supervisor import DEFAULT_DRAIN_TIMEOUT
+from ambientctl.kube.api import KubeError
+from ambientctl.kube.cli import (
     CLUSTER,
     MODE_HELP,
     ClusterUsageError,
@@ -51,7 +48,7 @@ from ambientctl.kube_cli import (
     run_waypoint,
     ztunnel_config_mode,
 )
-from ambientctl.lab import add_lab_parser, run_lab_command
+from ambientctl.lab.cli import add_lab_parser, run_lab_command
 from ambientctl.waypointcmd import DEFAULT_STATE_DIR, WaypointCommandError, WaypointUsageError
 from ambientctl.ztunnelconfig import (
     DEFAULT_ADMIN_PORT,

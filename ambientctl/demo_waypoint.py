@@ -11,16 +11,14 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt as pyjwt
 import trio
 
 from ambientctl.apps import HttpClientError, Socks5ConnectError, http_request, socks5_connect
+from ambientctl.demo_mesh import DemoMesh, DemoReport, Pod
 from ztunnel.config import Ports
-
-if TYPE_CHECKING:
-    from ambientctl.demo import DemoMesh, DemoReport, Pod
 
 PORT = 9080
 CANARY_REQUESTS = 1000

@@ -30,17 +30,17 @@ import httpx
 import yaml
 
 from ambient_common.files import write_atomically
-from ambientctl.embedded import (
-    READINESS_PORT,
+from ambientctl.embedded.errors import EmbeddedConfigError
+from ambientctl.embedded.layout import (
     WAYPOINT_CLASS,
-    EmbeddedConfigError,
     config_files,
-    live_cmdline,
     load_documents,
     objects_of,
     waypoint_process_name,
 )
-from ambientctl.kube import (
+from ambientctl.embedded.mesh import READINESS_PORT
+from ambientctl.embedded.supervisor import live_cmdline
+from ambientctl.kube.api import (
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
     labels_of,

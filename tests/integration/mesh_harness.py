@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ambient_api.identity import SpiffeId
 from ambientctl.apps import serve_http_echo, serve_tcp_echo, socks5_connect
-from ambientctl.embedded import MeshLayout, layout_from_objects
+from ambientctl.embedded.layout import MeshLayout, layout_from_objects
 from istiod_lite.__main__ import RunningIstiod, run_istiod
 from istiod_lite.ca import CertificateAuthority
 from istiod_lite.config import IstiodConfig

@@ -37,8 +37,11 @@ import pytest
 import trio
 
 from ambient_common.files import write_atomically
-from ambientctl.lab import Lab, LabPaths, in_netns, run_lab, take_down
-from ambientctl.lab_plan import LabPlan
+from ambientctl.lab.mesh import Lab, run_lab
+from ambientctl.lab.netns import in_netns
+from ambientctl.lab.network import take_down
+from ambientctl.lab.plan import LabPlan
+from ambientctl.lab.state import LabPaths
 from tests.integration.netns_helpers import netns_unusable
 
 # ---------------------------------------------------------------------------------------------

@@ -20,21 +20,17 @@ import yaml
 
 from ambientctl import cli
 from ambientctl.apps import http_get
-from ambientctl.embedded import (
-    EmbeddedError,
-    EmbeddedMesh,
+from ambientctl.embedded.errors import EmbeddedError
+from ambientctl.embedded.layout import (
     MeshLayout,
-    StatePaths,
     WaypointSpec,
     layout_from_objects,
-    live_cmdline,
     load_layout,
-    open_supervisor,
     read_objects,
-    reap_stale_children,
-    run_embedded,
-    write_bootstrap_tokens,
 )
+from ambientctl.embedded.mesh import EmbeddedMesh, run_embedded
+from ambientctl.embedded.state_dir import StatePaths, write_bootstrap_tokens
+from ambientctl.embedded.supervisor import live_cmdline, open_supervisor, reap_stale_children
 from ambientctl.waypointcmd import apply_waypoint, delete_waypoints
 from tests.conftest import LoopbackAllocator
 

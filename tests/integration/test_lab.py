@@ -18,21 +18,13 @@ import pytest
 import trio
 
 from ambientctl import cli
-from ambientctl.embedded import read_objects
-from ambientctl.lab import (
-    CommandResult,
-    LabError,
-    LabPaths,
-    LabRecord,
-    apply_plan,
-    build_network,
-    existing_netns,
-    read_record,
-    run_command,
-    run_lab,
-    take_down,
-)
-from ambientctl.lab_plan import plan_lab
+from ambientctl.embedded.layout import read_objects
+from ambientctl.lab.errors import LabError
+from ambientctl.lab.mesh import run_lab
+from ambientctl.lab.netns import CommandResult, existing_netns, run_command
+from ambientctl.lab.network import apply_plan, build_network, take_down
+from ambientctl.lab.plan import plan_lab
+from ambientctl.lab.state import LabPaths, LabRecord, read_record
 from tests.integration.netns_helpers import netns_unusable
 
 REASON = netns_unusable()

@@ -11,21 +11,16 @@ import structlog
 import yaml
 
 from ambientctl.apps import build_parser as apps_parser
-from ambientctl.embedded import (
+from ambientctl.embedded.commands import app_argv, istiod_argv, waypoint_argv, ztunnel_argv
+from ambientctl.embedded.errors import EmbeddedConfigError
+from ambientctl.embedded.layout import (
     AppSpec,
-    EmbeddedConfigError,
     NodeSpec,
-    StatePaths,
     WaypointSpec,
-    add_bootstrap_tokens,
-    app_argv,
     app_kind_for_port,
-    istiod_argv,
     load_layout,
-    waypoint_argv,
-    write_bootstrap_tokens,
-    ztunnel_argv,
 )
+from ambientctl.embedded.state_dir import StatePaths, add_bootstrap_tokens, write_bootstrap_tokens
 from istiod_lite.auth import load_bootstrap_tokens
 from waypoint.config import config_from_args as waypoint_config_from_args
 

@@ -13,7 +13,7 @@ import pytest
 import urllib3
 
 from ambientctl import cli
-from ambientctl.kube import (
+from ambientctl.kube.api import (
     AlreadyExists,
     Conflict,
     Kube,
@@ -25,8 +25,8 @@ from ambientctl.kube import (
     connection_problem,
     context_namespace,
 )
-from ambientctl.kube_cli import ClusterUsageError, choose_mode, is_cluster_program
-from ambientctl.kube_install import (
+from ambientctl.kube.cli import ClusterUsageError, choose_mode, is_cluster_program
+from ambientctl.kube.install import (
     InstallError,
     ResourceResolver,
     dry_run,
@@ -35,14 +35,14 @@ from ambientctl.kube_install import (
     prepare_replacement,
     render_kustomization,
 )
-from ambientctl.kube_netpol import (
+from ambientctl.kube.network_policy import (
     SelectorError,
     find_hbone_blockers,
     port_entry_allows,
     selector_matches,
     validate_selector,
 )
-from ambientctl.kube_status import (
+from ambientctl.kube.status import (
     CheckResult,
     Verdict,
     ZtunnelReport,
@@ -58,14 +58,14 @@ from ambientctl.kube_status import (
     soonest_expiry,
     ztunnel_rows,
 )
-from ambientctl.kube_waypoint import (
+from ambientctl.kube.waypoints import (
     condition_rows,
     programmed,
     updated_gateway,
     wait_programmed,
     waypoint_rows,
 )
-from ambientctl.kube_ztunnel import ZtunnelPod, choose_pod, proxy_path
+from ambientctl.kube.ztunnel_config import ZtunnelPod, choose_pod, proxy_path
 from ambientctl.waypointcmd import gateway_manifest
 
 NOW = datetime(2025, 1, 10, 12, 0, tzinfo=UTC)

@@ -13,31 +13,25 @@ from typing import Any
 import pytest
 
 from ambientctl import cli
-from ambientctl.embedded import layout_from_objects
-from ambientctl.lab import (
-    LabError,
-    LabPaths,
-    LabRecord,
-    in_netns,
-    lab_ztunnel_argv,
-    resolve_exec_target,
-)
-from ambientctl.lab_plan import (
-    IFNAME_MAX,
+from ambientctl.embedded.layout import layout_from_objects
+from ambientctl.lab.config import rewrite_objects
+from ambientctl.lab.errors import LabError, LabPlanError
+from ambientctl.lab.execute import resolve_exec_target
+from ambientctl.lab.mesh import lab_ztunnel_argv
+from ambientctl.lab.netns import in_netns
+from ambientctl.lab.plan import IFNAME_MAX, LabPlan, plan_lab
+from ambientctl.lab.state import LabPaths, LabRecord
+from ambientctl.lab.steps import (
     AddAddress,
     AddBridge,
     AddNetns,
     AddRoute,
     AddVeth,
-    LabPlan,
-    LabPlanError,
     SetMaster,
     SetSysctl,
     SetUp,
     Step,
     is_already_gone,
-    plan_lab,
-    rewrite_objects,
     step_from_json,
     undo_commands,
 )

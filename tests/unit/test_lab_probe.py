@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ambientctl.lab_probe import Target, parse_target, wait_all
+from ambientctl.lab.probe import Target, parse_target, wait_all
 
 
 def test_targets_parse_and_print() -> None:

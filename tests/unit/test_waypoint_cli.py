@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ambientctl import cli
-from ambientctl.embedded import WaypointSpec, load_documents, load_layout, objects_of
+from ambientctl.embedded.layout import WaypointSpec, load_documents, load_layout, objects_of
 from ambientctl.waypointcmd import (
     WaypointCommandError,
     apply_waypoint,

@@ -88,7 +88,7 @@ def wait_all(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ambientctl.lab_probe")
+    parser = argparse.ArgumentParser(prog="python -m ambientctl.lab.probe")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("targets", nargs="+", metavar="TARGET")
     args = parser.parse_args(argv)

@@ -13,7 +13,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ambientctl.kube import Kube, KubeApiError, KubeError, NotFound, api_path, labels_of, name_of
+from ambientctl.kube.api import (
+    Kube,
+    KubeApiError,
+    KubeError,
+    NotFound,
+    api_path,
+    labels_of,
+    name_of,
+)
 from ambientctl.ztunnelconfig import CONFIG_DUMP_PATH, DEFAULT_ADMIN_PORT
 
 ZTUNNEL_NAMESPACE = "istio-system"

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from ambientctl.kube import (
+from ambientctl.kube.api import (
     AMBIENT,
     DATAPLANE_MODE_LABEL,
     Kube,
@@ -27,9 +27,9 @@ from ambientctl.kube import (
     metadata,
     name_of,
 )
-from ambientctl.kube_netpol import find_hbone_blockers
-from ambientctl.kube_waypoint import gateway_addresses, list_waypoints, programmed
-from ambientctl.kube_ztunnel import (
+from ambientctl.kube.network_policy import find_hbone_blockers
+from ambientctl.kube.waypoints import gateway_addresses, list_waypoints, programmed
+from ambientctl.kube.ztunnel_config import (
     ZTUNNEL_NAMESPACE,
     ZTUNNEL_SELECTOR,
     ZtunnelPod,

@@ -1,4 +1,4 @@
-"""The cluster commands' flags and handlers (``kubectl ambient ...``), wired in by ``cli.py``.
+"""The cluster commands' flags and handlers (``kubectl ambient ...``), used by ``ambientctl.cli``.
 
 Embedded or cluster: ``ztunnel-config`` and ``waypoint`` work on both. The rule, the same for
 every such command and shown in their ``--help``:
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ambient_common.flags import duration_seconds, port_number
-from ambientctl.kube import (
+from ambientctl.kube.api import (
     DEFAULT_NAMESPACE,
     USE_WAYPOINT_LABEL,
     Kube,
@@ -30,7 +30,7 @@ from ambientctl.kube import (
     enroll,
     unenroll,
 )
-from ambientctl.kube_install import (
+from ambientctl.kube.install import (
     CRD_KIND,
     DEFAULT_MANIFESTS,
     Outcome,
@@ -40,8 +40,8 @@ from ambientctl.kube_install import (
     render_kustomization,
     uninstall,
 )
-from ambientctl.kube_status import check_exit_code, gather_status, run_checks
-from ambientctl.kube_waypoint import (
+from ambientctl.kube.status import check_exit_code, gather_status, run_checks
+from ambientctl.kube.waypoints import (
     apply_waypoint,
     delete_waypoint,
     list_waypoints,
@@ -50,7 +50,7 @@ from ambientctl.kube_waypoint import (
     waypoint_rows,
     waypoint_status,
 )
-from ambientctl.kube_ztunnel import fetch_pod_config_dump, find_ztunnel
+from ambientctl.kube.ztunnel_config import fetch_pod_config_dump, find_ztunnel
 from ambientctl.output import FORMAT_ALIASES, UnknownOutputFormat, parse_output_format, render
 from ambientctl.waypointcmd import (
     ADDRESS_POOL,

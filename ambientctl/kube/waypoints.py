@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ambientctl.embedded import WAYPOINT_CLASS
-from ambientctl.kube import (
+from ambientctl.embedded.layout import WAYPOINT_CLASS
+from ambientctl.kube.api import (
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
     Kube,

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ambientctl.kube import AlreadyExists, Conflict, Kube, KubeApiError, KubeError, api_path
+from ambientctl.kube.api import AlreadyExists, Conflict, Kube, KubeApiError, KubeError, api_path
 
 DEFAULT_MANIFESTS = Path("manifests/base")
 KUSTOMIZE_TIMEOUT = 60.0

@@ -2,9 +2,9 @@
 
 ``ambientctl lab`` turns the same Kubernetes YAML the embedded mode reads into a small cluster of
 network namespaces. This module decides everything: namespace and interface names, addresses,
-routes and sysctls, as a list of typed steps, each with the command that undoes it. The driver
-(``ambientctl.lab``) only runs the commands, recording how far it got so that ``down`` can undo
-exactly what was done, in reverse, even after a crash.
+routes and sysctls, as a list of typed steps (``ambientctl.lab.steps``), each with the command
+that undoes it. The driver (``ambientctl.lab.network``) only runs the commands, recording how
+far it got so that ``down`` can undo exactly what was done, in reverse, even after a crash.
 
 Topology (subnet ``10.244.0.0/16`` by default, split in /24 blocks)::
 
@@ -19,19 +19,30 @@ The bridge block is the subnet's last /24, Service VIPs come from the one before
 (1-based, YAML order) owns block ``i``. Every link is created directly inside the lab's own
 namespaces (``ip -n A link add X type veth peer name Y netns B``), so the host's namespace never
 holds a lab link, not even for a moment, and interface names only have to be unique within a
-namespace: every namespace name carries the lab name.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import ipaddress
 import re
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any
+
+from ambientctl.lab.errors import LabPlanError
+from ambientctl.lab.steps import (
+    AddAddress,
+    AddBridge,
+    AddNetns,
+    AddRoute,
+    AddVeth,
+    SetMaster,
+    SetSysctl,
+    SetUp,
+    Step,
+    step_from_json,
+)
 
 DEFAULT_LAB_NAME = "amblite"
 DEFAULT_SUBNET = "10.244.0.0/16"
@@ -47,233 +58,6 @@ POD_LINK = "eth0"  # in each pod namespace
 CONTROL_WIRE_LINK = "vcontrol"  # the wire side of the control namespace's link
 CONTROL_HOST = 254  # the control namespace's last octet in the bridge block
 MAX_PODS_PER_NODE = 253  # .2 .. .254 of a node's /24 (.1 is its cni0)
-
-# What ``ip`` prints when the thing an undo command removes is already gone.
-ALREADY_GONE_MARKERS = (
-    "no such file or directory",
-    "cannot find device",
-    "no such device",
-    "no such process",
-    "cannot open network namespace",
-    "cannot assign requested address",  # ip addr del of an address no longer there
-    "does not exist",
-)
-
-
-class LabPlanError(ValueError):
-    """The YAML or the flags do not describe a lab we can build; the message says what."""
-
-
-def is_already_gone(stderr: str) -> bool:
-    """Does this failure of an undo command only mean that its target no longer exists?"""
-    text = stderr.lower()
-    return any(marker in text for marker in ALREADY_GONE_MARKERS)
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps: one command each, with its inverse
-
-
-@dataclass(frozen=True)
-class Step(ABC):
-    """One change inside one of the lab's namespaces."""
-
-    op: ClassVar[str] = ""
-    netns: str
-
-    def __post_init__(self) -> None:
-        empty = [name for name, value in self.__dict__.items() if not value]
-        if empty:
-            raise LabPlanError(f"{self.op} step in {self.netns!r} without {', '.join(empty)}")
-
-    @abstractmethod
-    def command(self) -> tuple[str, ...]: ...
-
-    @abstractmethod
-    def undo(self) -> tuple[str, ...] | None:
-        """The command reverting this step; None when nothing outside ``netns`` changed and
-        the step is reverted by deleting ``netns`` (a sysctl of our own namespace)."""
-
-    @property
-    def removes_namespace_content(self) -> bool:
-        """False for steps whose undo must run even when the namespace is deleted anyway:
-        links (a veth pair spans two namespaces, and a namespace still held by a stray process
-        outlives ``ip netns delete``) and namespaces themselves."""
-        return True
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"op": self.op}
-        data.update(self.__dict__)
-        return data
-
-    def describe(self) -> str:
-        return " ".join(self.command())
-
-
-@dataclass(frozen=True)
-class AddNetns(Step):
-    op: ClassVar[str] = "netns"
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "netns", "add", self.netns)
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "netns", "delete", self.netns)
-
-    @property
-    def removes_namespace_content(self) -> bool:
-        return False
-
-
-@dataclass(frozen=True)
-class SetSysctl(Step):
-    op: ClassVar[str] = "sysctl"
-    key: str = ""
-    value: str = ""
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", self.netns, "sysctl", "-q", "-w", f"{self.key}={self.value}")
-
-    def undo(self) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class AddBridge(Step):
-    op: ClassVar[str] = "bridge"
-    ifname: str = ""
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "add", self.ifname, "type", "bridge")
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "del", self.ifname)
-
-    @property
-    def removes_namespace_content(self) -> bool:
-        return False
-
-
-@dataclass(frozen=True)
-class AddVeth(Step):
-    """A veth pair created straight into its two namespaces (never the host's)."""
-
-    op: ClassVar[str] = "veth"
-    ifname: str = ""
-    peer_netns: str = ""
-    peer_ifname: str = ""
-
-    def command(self) -> tuple[str, ...]:
-        return (
-            "ip", "-n", self.netns, "link", "add", self.ifname, "type", "veth",
-            "peer", "name", self.peer_ifname, "netns", self.peer_netns,
-        )  # fmt: skip
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "del", self.ifname)  # the peer goes with it
-
-    @property
-    def removes_namespace_content(self) -> bool:
-        return False
-
-
-@dataclass(frozen=True)
-class SetMaster(Step):
-    op: ClassVar[str] = "master"
-    ifname: str = ""
-    master: str = ""
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "set", self.ifname, "master", self.master)
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "set", self.ifname, "nomaster")
-
-
-@dataclass(frozen=True)
-class SetUp(Step):
-    op: ClassVar[str] = "up"
-    ifname: str = ""
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "set", self.ifname, "up")
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "link", "set", self.ifname, "down")
-
-
-@dataclass(frozen=True)
-class AddAddress(Step):
-    op: ClassVar[str] = "addr"
-    ifname: str = ""
-    cidr: str = ""
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "addr", "add", self.cidr, "dev", self.ifname)
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "addr", "del", self.cidr, "dev", self.ifname)
-
-
-@dataclass(frozen=True)
-class AddRoute(Step):
-    op: ClassVar[str] = "route"
-    destination: str = ""
-    via: str = ""
-    ifname: str = ""
-
-    def _route(self) -> tuple[str, ...]:
-        return (self.destination, "via", self.via, "dev", self.ifname)
-
-    def command(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "route", "add", *self._route())
-
-    def undo(self) -> tuple[str, ...]:
-        return ("ip", "-n", self.netns, "route", "del", *self._route())
-
-
-STEP_TYPES: dict[str, type[Step]] = {
-    cls.op: cls for cls in (AddNetns, SetSysctl, AddBridge, AddVeth, SetMaster, SetUp,
-                            AddAddress, AddRoute)
-}  # fmt: skip
-
-
-def step_from_json(data: Any) -> Step:
-    """A step back from the state file; a clear error for anything we did not write."""
-    if not isinstance(data, Mapping):
-        raise LabPlanError(f"a recorded step is not a mapping: {data!r}")
-    fields = dict(data)
-    op = fields.pop("op", None)
-    cls = STEP_TYPES.get(str(op))
-    if cls is None:
-        raise LabPlanError(f"unknown recorded step {op!r}")
-    try:
-        return cls(**{k: str(v) for k, v in fields.items()})
-    except TypeError as exc:
-        raise LabPlanError(f"recorded {op} step {fields!r}: {exc}") from None
-
-
-def undo_commands(steps: Sequence[Step]) -> list[tuple[str, ...]]:
-    """The commands reverting ``steps`` (those that were done), last first.
-
-    Addresses, routes, link states and bridge ports inside a namespace that this same undo
-    deletes are skipped: they vanish with it. Links and namespaces are always removed
-    explicitly, so that even a namespace kept alive by a stray process loses its links.
-    """
-    deleted = {step.netns for step in steps if isinstance(step, AddNetns)}
-    commands: list[tuple[str, ...]] = []
-    for step in reversed(steps):
-        inverse = step.undo()
-        if inverse is None:
-            continue
-        if step.removes_namespace_content and step.netns in deleted:
-            continue
-        commands.append(inverse)
-    return commands
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan
 
 
 @dataclass(frozen=True)
@@ -514,7 +298,7 @@ def plan_lab(
     name: str = DEFAULT_LAB_NAME,
     subnet: str = DEFAULT_SUBNET,
 ) -> LabPlan:
-    """The lab for ``(source, object)`` pairs as ``embedded.read_objects`` returns them."""
+    """The lab for ``(source, object)`` pairs as ``embedded.layout.read_objects`` returns them."""
     check_lab_name(name)
     network = _subnet(subnet)
     node_names, pod_sources, service_keys, warnings = _read_topology(objects)
@@ -645,44 +429,3 @@ def _steps(plan: LabPlan) -> list[Step]:
             AddRoute(pod.netns, "default", node.gateway, POD_LINK),
         ]
     return steps
-
-
-# ---------------------------------------------------------------------------------------------
-# The YAML istiod_lite reads in the lab
-
-
-def rewrite_objects(
-    objects: Iterable[tuple[str, Mapping[str, Any]]], plan: LabPlan
-) -> list[tuple[str, dict[str, Any]]]:
-    """Copies of the objects with lab addresses: each Node's InternalIP becomes its bridge
-    address, each Pod's ``status.podIP``/``podIPs`` its lab address (a Pod without one gets it
-    too, and ``phase: Running``), each Service's cluster IP a lab VIP (a loopback VIP would
-    never leave a pod's namespace). Everything else is unchanged."""
-    nodes = {n.name: n for n in plan.nodes}
-    pods = {p.key: p for p in plan.pods}
-    rewritten: list[tuple[str, dict[str, Any]]] = []
-    for source, original in objects:
-        obj: dict[str, Any] = copy.deepcopy(dict(original))
-        kind = obj.get("kind")
-        metadata = obj.get("metadata") or {}
-        key = f"{metadata.get('namespace') or 'default'}/{metadata.get('name')}"
-        if kind == "Node" and metadata.get("name") in nodes:
-            address = nodes[metadata["name"]].address
-            status = obj.setdefault("status", {})
-            others = [
-                a
-                for a in status.get("addresses") or ()
-                if not (isinstance(a, Mapping) and a.get("type") == "InternalIP")
-            ]
-            status["addresses"] = [{"type": "InternalIP", "address": address}, *others]
-        elif kind == "Pod" and key in pods:
-            status = obj.setdefault("status", {})
-            status["podIP"] = pods[key].address
-            status["podIPs"] = [{"ip": pods[key].address}]
-            status.setdefault("phase", "Running")
-        elif kind == "Service" and key in plan.service_addresses:
-            spec = obj.setdefault("spec", {})
-            spec["clusterIP"] = plan.service_addresses[key]
-            spec["clusterIPs"] = [plan.service_addresses[key]]
-        rewritten.append((source, obj))
-    return rewritten

@@ -9,7 +9,9 @@ reads, not scans.
 Every kind of ``ambient_api.kinds`` is accepted, so a waypoint reuses this state: the L4
 kinds (workloads, services, authorizations, nodes) are indexed for the lookups below; the L7
 kinds (routes, traffic policies, ...) are stored as they come, under the same all-or-nothing
-apply and versioning, and read with ``resources(kind)`` / ``resource(kind, key)``.
+apply and versioning, and read by type with ``resources_of(l7.HttpRoute)`` (or by kind
+name, for generic code like the admin dump, with ``resources(kind)`` / ``resource(kind,
+key)``).
 
 Addresses are indexed per network (``(network, ip)``), the way Istio keys its address
 lookups; every lookup takes ``network`` (default ``""``, the embedded mode's only network).
@@ -23,7 +25,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ambient_api import codec, kinds
 from ambient_api.codec import DecodeError
@@ -49,6 +51,7 @@ L4_KINDS = (WORKLOAD, SERVICE, AUTHORIZATION, NODE)
 KINDS: tuple[str, ...] = L4_KINDS + tuple(sorted(set(kinds.TYPE_BY_KIND) - set(L4_KINDS)))
 
 _AddressKey = tuple[str, str]  # (network, canonical ip)
+R = TypeVar("R")
 
 
 class ResolveError(Exception):
@@ -348,6 +351,12 @@ class ProxyState:
         """One resource of ``kind`` by its discovery key, or None."""
         return self._table_for_lookup(kind).get(key)
 
+    def resources_of(self, resource_type: type[R]) -> list[R]:
+        """``resources`` of the kind ``kinds.KIND_BY_TYPE`` gives the type, typed as such:
+        ``resources_of(l7.TrafficPolicy) -> list[TrafficPolicy]``. KeyError for a type
+        that is no resource kind."""
+        return self.resources(_kind_of(resource_type))
+
     def _table_for_lookup(self, kind: str) -> dict[str, Any]:
         table = self._tables.get(kind)
         if table is None:
@@ -532,6 +541,13 @@ class ProxyState:
         """One kind's section of ``dump()`` (``"policies"`` is ``dump_kind("authorization")``),
         for an admin endpoint that shows a single section."""
         return [codec.to_jsonable(r) for r in self.resources(kind)]
+
+
+def _kind_of(resource_type: type) -> str:
+    kind = kinds.KIND_BY_TYPE.get(resource_type)
+    if kind is None:
+        raise KeyError(f"{resource_type.__name__} is not a resource kind")
+    return kind
 
 
 def _decode_resource(item: ResourceUpdate) -> Any:

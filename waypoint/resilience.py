@@ -33,10 +33,6 @@ Rand = Callable[[], float]
 # (0.1 + 0.2 is not 0.3): a boundary reached within a nanosecond counts as reached.
 _EPSILON = 1e-9
 
-RESPONSE_FLAG_UPSTREAM_OVERFLOW = "UO"
-RESPONSE_FLAG_RATE_LIMITED = "RL"
-RESPONSE_FLAG_RETRY_LIMIT_EXCEEDED = "URX"
-
 # ---------------------------------------------------------------------------------------
 # Retries
 # ---------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from ambient_api.l7 import (
     ValueMatch,
     ValueMatchType,
 )
+from ambient_dataplane.labels import ResponseFlag
 from waypoint.http import Headers, HttpRequest, HttpResponse, modify_headers
 
 Random = Callable[[], float]
@@ -70,10 +71,6 @@ Random = Callable[[], float]
 VIRTUAL_SERVICE_KIND = "VirtualService"
 REDIRECT_STATUS_CODES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-# Envoy response flags for the outcomes decided here.
-FLAG_NO_ROUTE = "NR"
-FLAG_FAULT_ABORT = "FI"
-FLAG_FAULT_DELAY = "DI"
 NO_ROUTE_STATUS = 404  # Gateway API: no rule matched
 NO_BACKEND_STATUS = 500  # Gateway API: no valid backend (none, or all weights zero)
 
@@ -377,7 +374,7 @@ class NoRouteMatched:
     """Routes are attached but none matched: GAMMA rejects the request (404, flag NR)."""
 
     status: int = NO_ROUTE_STATUS
-    response_flags: str = FLAG_NO_ROUTE
+    response_flags: tuple[ResponseFlag, ...] = (ResponseFlag.NO_ROUTE,)
 
 
 RouteDecision = Selection | PassThrough | NoRouteMatched
@@ -547,10 +544,10 @@ class FaultDecision:
     abort_status: int | None = None  # answer this status instead of forwarding
 
     @property
-    def response_flags(self) -> str:
-        flags = [FLAG_FAULT_DELAY] * (self.delay is not None)
-        flags += [FLAG_FAULT_ABORT] * (self.abort_status is not None)
-        return ",".join(flags) or "-"
+    def response_flags(self) -> tuple[ResponseFlag, ...]:
+        """DI for a delay, FI for an abort."""
+        flags = (ResponseFlag.DELAY_INJECTED,) * (self.delay is not None)
+        return flags + (ResponseFlag.FAULT_INJECTED,) * (self.abort_status is not None)
 
 
 def _percent_hit(percent: float, rand: Random) -> bool:

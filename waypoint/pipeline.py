@@ -38,6 +38,7 @@ from waypoint.resilience import (
     wait_dispatched,
 )
 from waypoint.routing import (
+    NO_BACKEND_STATUS,
     NoRouteMatched,
     PassThrough,
     Selection,
@@ -540,7 +541,7 @@ def _outcome(
 
 def _backend_or_no_route(backend: l7.BackendRef | None) -> Continue[l7.BackendRef] | Respond:
     if backend is None:
-        return Respond.error(500, "the route has no backend with a weight above zero",
+        return Respond.error(NO_BACKEND_STATUS, "the route has no backend with a weight above zero",
                              ResponseFlag.NO_ROUTE)
     return Continue(backend)
 

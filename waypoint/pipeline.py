@@ -151,6 +151,9 @@ class ServiceResilience:
 
 
 class RequestPipeline:
+    """The waypoint's HTTP handling for every tunnel: the stages in order, and what they keep
+    across requests (per-service resilience, rate-limit buckets, the per-target policy)."""
+
     def __init__(
         self,
         *,

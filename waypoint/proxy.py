@@ -47,7 +47,7 @@ from ambient_dataplane.hbone import (
 )
 from ambient_dataplane.hbone.pool import HbonePool, PoolKey
 from ambient_dataplane.identity import CertificateManager, TlsContexts
-from ambient_dataplane.state import ProxyState, identity_of
+from ambient_dataplane.state import SERVICE, WORKLOAD, ProxyState, identity_of
 from waypoint.config import WaypointConfig
 from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
 from waypoint.pipeline import Caller, RequestPipeline, Target
@@ -189,8 +189,8 @@ class Waypoint:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_admin, address, ports.admin, admin_routes(
                 {
-                    "workloads": partial(self.state.dump_kind, "workload"),
-                    "services": partial(self.state.dump_kind, "service"),
+                    "workloads": partial(self.state.dump_kind, WORKLOAD),
+                    "services": partial(self.state.dump_kind, SERVICE),
                     "l7": self._l7_dump,
                     "certificates": self.certs.dump,
                     "resilience": lambda: self.pipeline.dump(),

@@ -2,13 +2,17 @@
 
 ztunnel labels its ``istio_tcp_*`` series with them and the waypoint derives the
 ``istio_requests_*`` source/destination labels from the same function, so a Kiali graph joins
-the two reporters' series on identical values.
+the two reporters' series on identical values. ``ResponseFlag`` is the one set of Envoy
+response flags both proxies report, ``format_response_flags`` the one way to turn a request's
+flags into the ``response_flags`` label value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 from ambient_api.identity import SpiffeId
@@ -17,6 +21,36 @@ from ambient_api.model import Service, TunnelProtocol, Workload
 UNKNOWN = "unknown"
 
 Reporter = Literal["source", "destination"]
+
+NO_RESPONSE_FLAGS = "-"
+
+
+class ResponseFlag(StrEnum):
+    """Envoy's response flags, as dashboards written for Istio query them (the ones the
+    proxies set). Declared in the order of Envoy's own ``ResponseFlag`` enum, which is the
+    order Envoy prints the flags of one request in, whatever order they happened in."""
+
+    NO_HEALTHY_UPSTREAM = "UH"
+    UPSTREAM_TIMEOUT = "UT"
+    UPSTREAM_RESET = "UR"
+    UPSTREAM_CONNECT_FAILURE = "UF"
+    UPSTREAM_OVERFLOW = "UO"  # a circuit breaker refused the request
+    NO_ROUTE = "NR"
+    DELAY_INJECTED = "DI"
+    FAULT_INJECTED = "FI"
+    RATE_LIMITED = "RL"
+    UNAUTHORIZED = "UAEX"  # denied: a bad JWT, or L4 policy (Istio reports its denials so)
+    RETRY_LIMIT_EXCEEDED = "URX"
+    # Not Envoy's (its RBAC filter sets none); Istio's waypoint dashboards know it. Last, as
+    # a flag Envoy does not know would be.
+    RBAC_DENIED = "RBAC"
+
+
+def format_response_flags(flags: Iterable[ResponseFlag]) -> str:
+    """The ``response_flags`` label of one request: each flag once, comma-joined in Envoy's
+    order ("UT,URX", never "URX,UT"); "-" for none."""
+    present = set(flags)
+    return ",".join(flag.value for flag in ResponseFlag if flag in present) or NO_RESPONSE_FLAGS
 
 
 @dataclass(frozen=True)
@@ -42,7 +76,7 @@ class ConnectionLabels:
     destination_canonical_revision: str = UNKNOWN
     destination_cluster: str = UNKNOWN
     request_protocol: str = "tcp"
-    response_flags: str = "-"
+    response_flags: str = NO_RESPONSE_FLAGS
     connection_security_policy: str = UNKNOWN
 
     def values(self) -> list[str]:
@@ -77,7 +111,7 @@ def connection_labels(
     destination_service: Service | None,
     *,
     mtls: bool,
-    response_flags: str = "-",
+    response_flags: str = NO_RESPONSE_FLAGS,
 ) -> ConnectionLabels:
     """Build the labels of one connection from what the proxy knows about both ends.
 
@@ -117,6 +151,6 @@ def connection_labels(
         ),
         destination_cluster=_or_unknown(destination.cluster_id) if destination else UNKNOWN,
         request_protocol="tcp",
-        response_flags=response_flags or "-",
+        response_flags=response_flags or NO_RESPONSE_FLAGS,
         connection_security_policy="mutual_tls" if mtls else UNKNOWN,
     )

@@ -2,16 +2,19 @@
 
 JWT -> authorization -> rate limit -> route (redirect, fault, rewrite, headers, mirrors) ->
 circuit breaker -> endpoint choice (outlier-aware) -> upstream tries with budgeted retries ->
-response filters. Each step is a module of its own (``jwt``, ``authz``, ``resilience``,
-``routing``); this module only sequences them and turns their verdicts into responses and
-Envoy response flags. ``RequestPipeline.handle`` never raises for a request's fault.
+response filters. Each step's rules are a module of their own (``jwt``, ``authz``,
+``resilience``, ``routing``; ``target_config`` says which policies apply); this module only
+sequences them. Every stage returns a typed verdict: ``Continue`` (with what later stages
+need) or ``Respond`` (the waypoint answers, with its Envoy response flags); the upstream
+stage returns ``Forwarded``. Only the driver, ``RequestPipeline.handle``, assembles the
+request's ``Outcome`` from them; it never raises for a request's fault.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import structlog
 import trio
@@ -19,6 +22,7 @@ import trio
 from ambient_api import l7
 from ambient_api.identity import SpiffeId
 from ambient_api.model import Service, Workload, WorkloadStatus
+from ambient_dataplane.labels import ResponseFlag, format_response_flags
 from ambient_dataplane.state import ProxyState, identity_of
 from waypoint.authz import RequestAttributes, evaluate, normalize_path
 from waypoint.http import HttpRequest, HttpResponse, error_response
@@ -27,12 +31,14 @@ from waypoint.resilience import (
     CircuitBreaker,
     OutlierDetector,
     RetryBudget,
+    RetryOutcome,
     RetryState,
     TokenBucket,
     is_outlier_failure,
     wait_dispatched,
 )
 from waypoint.routing import (
+    NO_BACKEND_STATUS,
     NoRouteMatched,
     PassThrough,
     Selection,
@@ -44,33 +50,14 @@ from waypoint.routing import (
     redirect_for,
     request_edits,
     response_header_edits,
-    route_problems,
     route_request,
 )
+from waypoint.target_config import ConfigIndex, TargetConfig
 from waypoint.upstream import HttpUpstream, UpstreamError
 
 log = structlog.get_logger("waypoint")
 
-# Envoy's response flags, as dashboards know them.
-FLAG_RBAC = "RBAC"
-FLAG_RATE_LIMITED = "RL"
-FLAG_OVERFLOW = "UO"
-FLAG_NO_HEALTHY_UPSTREAM = "UH"
-FLAG_CONNECT_FAILURE = "UF"
-FLAG_RESET = "UR"
-FLAG_TIMEOUT = "UT"
-FLAG_RETRY_LIMIT = "URX"
-FLAG_NO_ROUTE = "NR"
-FLAG_UNAUTHENTICATED = "UAEX"
-
-# Envoy prints the flags of one request in this fixed order (its ResponseFlag enum), not in
-# the order they happened: "UT,URX", never "URX,UT". Flags it does not know go last.
-_ENVOY_FLAG_ORDER = (
-    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
-    "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
-    "DO", "DR",
-)
-_ENVOY_FLAG_RANK = {flag: rank for rank, flag in enumerate(_ENVOY_FLAG_ORDER)}
+T = TypeVar("T")
 
 _MAX_MIRRORS_IN_FLIGHT = 64
 # Istio's default retry policy for mesh traffic, used when a route sets none.
@@ -93,11 +80,11 @@ class Caller:
     workload: Workload | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
     """What telemetry needs to know about how a request was served."""
 
-    response_flags: list[str] = field(default_factory=list)
+    response_flags: tuple[ResponseFlag, ...] = ()
     endpoint: Workload | None = None
     backend_service: Service | None = None
     route_name: str | None = None
@@ -105,9 +92,41 @@ class Outcome:
 
     @property
     def flags(self) -> str:
-        unique = dict.fromkeys(self.response_flags)
-        ordered = sorted(unique, key=lambda f: _ENVOY_FLAG_RANK.get(f, len(_ENVOY_FLAG_ORDER)))
-        return ",".join(ordered) or "-"
+        """The ``response_flags`` label: Envoy's order, "-" for none."""
+        return format_response_flags(self.response_flags)
+
+
+@dataclass(frozen=True)
+class Continue(Generic[T]):
+    """A stage lets the request go on: ``value`` is what it hands the later stages,
+    ``flags`` what it noted on the way (an injected delay)."""
+
+    value: T
+    flags: tuple[ResponseFlag, ...] = ()
+
+
+@dataclass(frozen=True)
+class Respond:
+    """A stage answers the request itself: nothing (more) goes upstream."""
+
+    response: HttpResponse
+    flags: tuple[ResponseFlag, ...] = ()
+
+    @classmethod
+    def error(cls, status: int, message: str, *flags: ResponseFlag) -> Respond:
+        return cls(error_response(status, message), flags)
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """The upstream stage's result: the response to send (the upstream's, or the waypoint's
+    own when it could not forward) and where the request went."""
+
+    response: HttpResponse
+    flags: tuple[ResponseFlag, ...] = ()
+    backend_service: Service | None = None
+    endpoint: Workload | None = None
+    upstream_host: str | None = None
 
 
 class ServiceResilience:
@@ -131,75 +150,10 @@ class ServiceResilience:
             self.outliers.reconfigure(detection)
 
 
-@dataclass(frozen=True)
-class _TargetConfig:
-    """The L7 resources that apply to requests for one target, in the state's order."""
-
-    jwt: JwtValidator
-    authorizations: tuple[l7.WaypointAuthorization, ...]
-    rate_limits: tuple[l7.RateLimit, ...]  # the usable ones
-    routes: tuple[l7.HttpRoute, ...]  # accepted routes attached to the service or waypoint
-
-
-class _ConfigIndex:
-    """One state generation's L7 resources by target: the scans, validation and JWT
-    validators done once per config change (and per target on its first request), not per
-    request. A target is the addressed service's key (None for a workload) plus the
-    waypoint's own key."""
-
-    def __init__(self, state: ProxyState, waypoint_key: str) -> None:
-        self.generation = state.generation
-        self._waypoint_key = waypoint_key
-        self._jwt_policies: list[l7.JwtPolicy] = state.resources("jwtpolicy")
-        self._authorizations: list[l7.WaypointAuthorization] = state.resources(
-            "waypointauthorization"
-        )
-        self._rate_limits = [limit for limit in state.resources("ratelimit")
-                             if _usable_rate_limit(limit)]
-        self._routes: list[l7.HttpRoute] = []  # the accepted ones (Gateway API Accepted)
-        for route in state.resources("httproute"):
-            if problems := route_problems(route):
-                log.warning("route not accepted", route=route.key, problems=list(problems))
-            else:
-                self._routes.append(route)
-        self._validators: dict[tuple[str, ...], JwtValidator] = {}
-        self._targets: dict[str | None, _TargetConfig] = {}
-
-    def for_service(self, service_key: str | None) -> _TargetConfig:
-        config = self._targets.get(service_key)
-        if config is None:
-            config = self._targets[service_key] = self._build(service_key)
-        return config
-
-    def _build(self, service_key: str | None) -> _TargetConfig:
-        keys = {self._waypoint_key} if service_key is None else {self._waypoint_key, service_key}
-        jwt_policies = [p for p in self._jwt_policies if not keys.isdisjoint(p.targets)]
-        validator_key = tuple(sorted(p.key for p in jwt_policies))
-        validator = self._validators.get(validator_key)
-        if validator is None:  # one per distinct policy set, so problems are logged once
-            validator = self._validators[validator_key] = JwtValidator(jwt_policies)
-        return _TargetConfig(
-            jwt=validator,
-            authorizations=tuple(
-                p for p in self._authorizations if not keys.isdisjoint(p.targets)
-            ),
-            rate_limits=tuple(
-                limit for limit in self._rate_limits if not keys.isdisjoint(limit.targets)
-            ),
-            routes=tuple(route for route in self._routes if not keys.isdisjoint(route.parents)),
-        )
-
-
-def _usable_rate_limit(limit: l7.RateLimit) -> bool:
-    try:
-        TokenBucket.from_rate_limit(limit, lambda: 0.0)  # validates; the bucket is made later
-    except ValueError as error:
-        log.warning("rate limit ignored", reason=str(error))
-        return False
-    return True
-
-
 class RequestPipeline:
+    """The waypoint's HTTP handling for every tunnel: the stages in order, and what they keep
+    across requests (per-service resilience, rate-limit buckets, the per-target policy)."""
+
     def __init__(
         self,
         *,
@@ -216,19 +170,22 @@ class RequestPipeline:
         self._rand = rand or random.Random()
         self._services: dict[str, ServiceResilience] = {}
         self._buckets: dict[str, tuple[l7.RateLimit, TokenBucket]] = {}
-        self._index: _ConfigIndex | None = None
+        self._index: ConfigIndex | None = None
         self._mirrors_in_flight = 0
 
     # -- configuration -------------------------------------------------------------------
 
     def config_changed(self) -> None:
         """Re-read policies: rebuild the per-target index (rejected routes and rate limits
-        are logged here, once); keep counters and buckets whose configuration is unchanged."""
-        self._index = _ConfigIndex(self._state, self._waypoint_key)
-        policies = {p.host: p for p in self._state.resources("trafficpolicy")}
+        are logged here, once); keep counters and buckets whose configuration is unchanged,
+        and outlier records only of endpoints still in their service."""
+        self._index = ConfigIndex(self._state, self._waypoint_key)
+        policies = {p.host: p for p in self._state.resources_of(l7.TrafficPolicy)}
         for key, resilience in self._services.items():
             resilience.reconfigure(policies.get(key))
-        limits = {limit.key: limit for limit in self._state.resources("ratelimit")}
+            if resilience.outliers is not None:
+                resilience.outliers.retain(w.uid for w in self._candidates(key))
+        limits = {limit.key: limit for limit in self._state.resources_of(l7.RateLimit)}
         self._buckets = {
             key: entry for key, entry in self._buckets.items() if limits.get(key) == entry[0]
         }
@@ -237,51 +194,98 @@ class RequestPipeline:
         resilience = self._services.get(service_key)
         if resilience is None:
             policy = next(
-                (p for p in self._state.resources("trafficpolicy") if p.host == service_key),
+                (p for p in self._state.resources_of(l7.TrafficPolicy) if p.host == service_key),
                 None,
             )
             resilience = self._services[service_key] = ServiceResilience(policy)
         return resilience
 
-    def _config_for(self, target: Target) -> _TargetConfig:
+    def _config_for(self, target: Target) -> TargetConfig:
         """The index of the current state; rebuilt here too if the state changed without a
         ``config_changed`` call (or before the first)."""
         if self._index is None or self._index.generation != self._state.generation:
-            self._index = _ConfigIndex(self._state, self._waypoint_key)
+            self._index = ConfigIndex(self._state, self._waypoint_key)
         return self._index.for_service(target.service.key if target.service else None)
 
     # -- the pipeline --------------------------------------------------------------------
 
     async def handle(
-        self, request: HttpRequest, target: Target, caller: Caller, outcome: Outcome,
+        self, request: HttpRequest, target: Target, caller: Caller,
         extra_headers: tuple[tuple[str, str], ...] = (),
-    ) -> HttpResponse:
+    ) -> tuple[HttpResponse, Outcome]:
+        """Run the stages in order until one answers; the response and how it was served."""
         config = self._config_for(target)
+        authenticated = self._authenticate(request, config.jwt)
+        if isinstance(authenticated, Respond):
+            return authenticated.response, Outcome(authenticated.flags)
+        request, jwt = authenticated.value
+        admitted = self._authorize(request, target, caller, jwt, config.authorizations)
+        if isinstance(admitted, Continue):
+            admitted = self._rate_limit(config.rate_limits)
+        if isinstance(admitted, Respond):
+            return admitted.response, Outcome(admitted.flags)
+        routed = self._route(request, target, caller, config.routes)
+        if isinstance(routed, Respond):
+            return routed.response, Outcome(routed.flags)
+        if routed.value is None:  # no route attached: to what the client addressed
+            backend = self._addressed_backend(target)
+            if isinstance(backend, Respond):
+                return backend.response, Outcome(backend.flags)
+            forwarded = await self._forward(request, backend.value, None, extra_headers)
+            return forwarded.response, _outcome(forwarded)
+        return await self._follow_route(routed.value, request, target, caller, extra_headers)
+
+    async def _follow_route(
+        self, selection: Selection, request: HttpRequest, target: Target, caller: Caller,
+        extra_headers: tuple[tuple[str, str], ...],
+    ) -> tuple[HttpResponse, Outcome]:
+        """The selected rule's redirect, faults, rewrites, mirrors and backend, then the
+        upstream and the rule's response header edits."""
+        route_name, rule = selection.route.key, selection.rule
+        redirect = redirect_for(selection, request, listener_port=target.port)
+        if redirect is not None:
+            return redirect.response(), Outcome(route_name=route_name)
+        faulted = await self._inject_fault(rule.fault)
+        if isinstance(faulted, Respond):
+            return faulted.response, Outcome(faulted.flags, route_name=route_name)
+        request = request_edits(selection, request).apply(request)
+        for mirror in mirror_targets(rule, self._rand.random):
+            self._mirror(request, mirror, caller, extra_headers)
+        backend = self._weighted_backend(rule)
+        if isinstance(backend, Respond):
+            flags = (*faulted.flags, *backend.flags)
+            return backend.response, Outcome(flags, route_name=route_name)
+        forwarded = await self._forward(request, backend.value, rule, extra_headers)
+        response = apply_response_edits(forwarded.response, response_header_edits(selection))
+        return response, _outcome(forwarded, faulted.flags, route_name=route_name)
+
+    # -- the stages ----------------------------------------------------------------------
+
+    def _authenticate(
+        self, request: HttpRequest, validator: JwtValidator
+    ) -> Continue[tuple[HttpRequest, JwtResult]] | Respond:
+        """JWT: a bad token is answered 401 (UAEX); a good one's header edits are made."""
         try:
-            jwt = config.jwt.validate(request.headers)
+            jwt = validator.validate(request.headers)
         except JwtError as error:
-            outcome.response_flags.append(FLAG_UNAUTHENTICATED)
             response = error_response(401, f"Jwt verification fails: {error.reason}")
-            return response.with_headers(
-                set=[("www-authenticate", JwtError.www_authenticate(request.authority))]
+            return Respond(
+                response.with_headers(
+                    set=[("www-authenticate", JwtError.www_authenticate(request.authority))]
+                ),
+                (ResponseFlag.UNAUTHORIZED,),
             )
         if jwt.headers_to_add or jwt.headers_to_remove:
             request = request.with_headers(set=jwt.headers_to_add, remove=jwt.headers_to_remove)
-        denial = self._authorize(request, target, caller, jwt, config.authorizations)
-        if denial is not None:
-            outcome.response_flags.append(FLAG_RBAC)
-            return error_response(403, "RBAC: access denied")
-        if not self._rate_limit_allows(config.rate_limits):
-            outcome.response_flags.append(FLAG_RATE_LIMITED)
-            return error_response(429, "local_rate_limited")
-        return await self._route(request, target, caller, outcome, extra_headers, config.routes)
+        return Continue((request, jwt))
 
     def _authorize(
         self, request: HttpRequest, target: Target, caller: Caller, jwt: JwtResult,
         policies: tuple[l7.WaypointAuthorization, ...],
-    ) -> str | None:
+    ) -> Continue[None] | Respond:
+        """Authorization policies: a denial is answered 403 (RBAC)."""
         if not policies:
-            return None
+            return Continue(None)
         decision = evaluate(policies, RequestAttributes(
             source_ip=caller.ip,
             source_identity=caller.identity,
@@ -297,13 +301,14 @@ class RequestPipeline:
             log.info("request audited", policy=audited, method=request.method,
                      path=request.path, source=str(caller.identity))
         if decision.allowed:
-            return None
+            return Continue(None)
         log.info("request denied", reason=decision.reason, method=request.method,
                  path=request.path, source=str(caller.identity))
-        return decision.reason
+        return Respond.error(403, "RBAC: access denied", ResponseFlag.RBAC_DENIED)
 
-    def _rate_limit_allows(self, limits: tuple[l7.RateLimit, ...]) -> bool:
-        """Every limit takes a token (as Envoy's filters each do); all must have one."""
+    def _rate_limit(self, limits: tuple[l7.RateLimit, ...]) -> Continue[None] | Respond:
+        """Local rate limits: every limit takes a token (as Envoy's filters each do); all
+        must have one, else 429 (RL)."""
         allowed = True
         for limit in limits:
             entry = self._buckets.get(limit.key)
@@ -311,12 +316,16 @@ class RequestPipeline:
                 bucket = TokenBucket.from_rate_limit(limit, trio.current_time)
                 entry = self._buckets[limit.key] = (limit, bucket)
             allowed = entry[1].try_take() and allowed
-        return allowed
+        if allowed:
+            return Continue(None)
+        return Respond.error(429, "local_rate_limited", ResponseFlag.RATE_LIMITED)
 
-    async def _route(
-        self, request: HttpRequest, target: Target, caller: Caller, outcome: Outcome,
-        extra_headers: tuple[tuple[str, str], ...], candidates: tuple[l7.HttpRoute, ...],
-    ) -> HttpResponse:
+    def _route(
+        self, request: HttpRequest, target: Target, caller: Caller,
+        candidates: tuple[l7.HttpRoute, ...],
+    ) -> Continue[Selection | None] | Respond:
+        """Routing: the winning rule of the attached routes (None: no route is attached);
+        attached routes that all miss are answered 404 (NR)."""
         routes = attached_accepted_routes(
             candidates,
             service_key=target.service.key if target.service else None,
@@ -326,41 +335,28 @@ class RequestPipeline:
         )
         decision = route_request(routes, request)
         if isinstance(decision, NoRouteMatched):
-            outcome.response_flags.append(FLAG_NO_ROUTE)
-            return error_response(decision.status, "no route matched")
-        selection: Selection | None = None
-        if isinstance(decision, PassThrough):
-            backend = self._addressed_backend(target)
-            rule: l7.RouteRule | None = None
-        else:
-            selection, rule = decision, decision.rule
-            outcome.route_name = decision.route.key
-            redirect = redirect_for(decision, request, listener_port=target.port)
-            if redirect is not None:
-                return redirect.response()
-            fault = fault_decision(rule.fault, self._rand.random)
-            if fault.delay is not None:
-                outcome.response_flags.append("DI")
-                await trio.sleep(fault.delay)
-            if fault.abort_status is not None:
-                outcome.response_flags.append("FI")
-                return error_response(fault.abort_status, "fault filter abort")
-            request = request_edits(decision, request).apply(request)
-            for mirror in mirror_targets(rule, self._rand.random):
-                self._mirror(request, mirror, caller, extra_headers)
-            backend = choose_backend(rule, self._rand.random)
-        if backend is None:
-            outcome.response_flags.append(FLAG_NO_ROUTE)
-            return error_response(500, "the route has no backend with a weight above zero")
-        response = await self._forward(request, backend, target, rule, outcome, extra_headers)
-        if selection is not None:
-            response = apply_response_edits(response, response_header_edits(selection))
-        return response
+            return Respond.error(decision.status, "no route matched", *decision.response_flags)
+        return Continue(None if isinstance(decision, PassThrough) else decision)
 
-    def _addressed_backend(self, target: Target) -> l7.BackendRef | None:
+    async def _inject_fault(self, fault: l7.FaultInjection | None) -> Continue[None] | Respond:
+        """Fault injection: a delay (DI) goes on after waiting, an abort (FI) is answered."""
+        decision = fault_decision(fault, self._rand.random)
+        if decision.delay is not None:
+            await trio.sleep(decision.delay)
+        if decision.abort_status is not None:
+            return Respond.error(decision.abort_status, "fault filter abort",
+                                 *decision.response_flags)
+        return Continue(None, decision.response_flags)
+
+    def _weighted_backend(self, rule: l7.RouteRule) -> Continue[l7.BackendRef] | Respond:
+        return _backend_or_no_route(choose_backend(rule, self._rand.random))
+
+    def _addressed_backend(self, target: Target) -> Continue[l7.BackendRef] | Respond:
+        """A Service target's own port; a workload target has no backend service to
+        forward to, so without a route it is answered as a route without backends."""
         if target.service is not None:
-            return l7.BackendRef(target.service.key, target.port)
-        return None  # a workload target is forwarded in _forward without a backend service
+            return Continue(l7.BackendRef(target.service.key, target.port))
+        return _backend_or_no_route(None)
 
     # -- upstream ------------------------------------------------------------------------
 
@@ -368,45 +364,47 @@ class RequestPipeline:
         self,
         request: HttpRequest,
         backend: l7.BackendRef,
-        target: Target,
         rule: l7.RouteRule | None,
-        outcome: Outcome,
         extra_headers: tuple[tuple[str, str], ...],
-    ) -> HttpResponse:
+    ) -> Forwarded:
+        """The backend service's circuit breaker, then the tries under the route's timeout."""
         service = self._state.service(backend.service)
         if service is None:
-            outcome.response_flags.append(FLAG_NO_ROUTE)
-            return error_response(500, f"backend service {backend.service} does not exist")
-        outcome.backend_service = service
+            return Forwarded(
+                error_response(500, f"backend service {backend.service} does not exist"),
+                (ResponseFlag.NO_ROUTE,),
+            )
         port = next((p for p in service.ports if p.service_port == backend.port), None)
         if port is None:
-            outcome.response_flags.append(FLAG_NO_ROUTE)
-            return error_response(500, f"backend service {service.hostname} has no port "
-                                       f"{backend.port}")
-        target_port = port.target_port or port.service_port
+            return Forwarded(
+                error_response(500, f"backend service {service.hostname} has no port "
+                                    f"{backend.port}"),
+                (ResponseFlag.NO_ROUTE,), backend_service=service,
+            )
         resilience = self._resilience(service.key)
         permit = resilience.breaker.try_acquire_request()
         if permit is None:
-            outcome.response_flags.append(FLAG_OVERFLOW)
-            return error_response(503, "upstream connect error or disconnect/reset before "
-                                       "headers. reset reason: overflow")
+            return Forwarded(
+                error_response(503, "upstream connect error or disconnect/reset before "
+                                    "headers. reset reason: overflow"),
+                (ResponseFlag.UPSTREAM_OVERFLOW,), backend_service=service,
+            )
         with permit:
             await wait_dispatched(permit)
-            total = rule.timeout if rule and rule.timeout else None
-            with trio.move_on_after(total if total else float("inf")) as deadline:
-                return await self._tries(request, service, target_port, rule, resilience,
-                                         outcome, extra_headers)
-            assert deadline.cancelled_caught
-            outcome.response_flags.append(FLAG_TIMEOUT)
-            return error_response(504, "upstream request timeout")
+            return await self._tries(request, service, port.target_port or port.service_port,
+                                     rule, resilience, extra_headers)
+
+    def _candidates(self, service_key: str) -> list[Workload]:
+        """The endpoints load balancing may choose from, before outlier ejection."""
+        return [
+            w for w in self._state.endpoints(service_key)
+            if w.status is WorkloadStatus.HEALTHY and w.addresses
+        ]
 
     def _pick_endpoint(
         self, service: Service, resilience: ServiceResilience, avoid: set[str]
     ) -> Workload | None:
-        endpoints = [
-            w for w in self._state.endpoints(service.key)
-            if w.status is WorkloadStatus.HEALTHY and w.addresses
-        ]
+        endpoints = self._candidates(service.key)
         if not endpoints:
             return None
         if resilience.outliers is not None:
@@ -423,49 +421,59 @@ class RequestPipeline:
         target_port: int,
         rule: l7.RouteRule | None,
         resilience: ServiceResilience,
-        outcome: Outcome,
         extra_headers: tuple[tuple[str, str], ...],
-    ) -> HttpResponse:
+    ) -> Forwarded:
+        """Tries with budgeted retries, all within the route's timeout (504, UT, reporting
+        the endpoint of the try it cut short)."""
         policy = rule.retry if rule and rule.retry is not None else DEFAULT_RETRY
         per_try = (rule.backend_timeout if rule else None) or policy.per_try_timeout
+        total = rule.timeout if rule and rule.timeout else None
         tried: set[str] = set()
-        with RetryState(policy, budget=resilience.budget, rand=self._rand.random) as retries:
-            while True:
-                endpoint = self._pick_endpoint(service, resilience, tried)
-                if endpoint is None:
-                    outcome.response_flags.append(FLAG_NO_HEALTHY_UPSTREAM)
-                    return error_response(503, "no healthy upstream")
-                tried.add(endpoint.uid)
-                outcome.endpoint = endpoint
-                outcome.upstream_host = f"{endpoint.addresses[0]}:{target_port}"
-                status: int | None = None
-                error: UpstreamError | None = None
-                try:
-                    response = await self._upstream.send(
-                        request, endpoint.addresses[0], target_port, identity_of(endpoint),
-                        timeout=per_try, extra_headers=extra_headers,
-                        service_host=service.hostname,
+        endpoint: Workload | None = None
+        upstream_host: str | None = None
+        with trio.move_on_after(total if total else float("inf")) as deadline:
+            with RetryState(policy, budget=resilience.budget, rand=self._rand.random) as retries:
+                while True:
+                    picked = self._pick_endpoint(service, resilience, tried)
+                    if picked is None:  # reported with the endpoint of the last try, if any
+                        return Forwarded(error_response(503, "no healthy upstream"),
+                                         (ResponseFlag.NO_HEALTHY_UPSTREAM,), service,
+                                         endpoint, upstream_host)
+                    endpoint = picked
+                    tried.add(endpoint.uid)
+                    upstream_host = f"{endpoint.addresses[0]}:{target_port}"
+                    status: int | None = None
+                    error: UpstreamError | None = None
+                    try:
+                        response = await self._upstream.send(
+                            request, endpoint.addresses[0], target_port, identity_of(endpoint),
+                            timeout=per_try, extra_headers=extra_headers,
+                            service_host=service.hostname,
+                        )
+                        status = response.status
+                    except UpstreamError as exc:
+                        error = exc
+                        log.info("upstream try failed", endpoint=upstream_host,
+                                 kind=exc.kind, reason=exc.reason, attempt=retries.attempt)
+                    if resilience.outliers is not None:
+                        resilience.outliers.record(endpoint.uid, success=not is_outlier_failure(
+                            status=status, error_kind=error.kind if error else None))
+                    decision = retries.decide(
+                        status=status, error_kind=error.kind if error else None,
+                        active_requests=resilience.breaker.active_requests,
                     )
-                    status = response.status
-                except UpstreamError as exc:
-                    error = exc
-                    log.info("upstream try failed", endpoint=outcome.upstream_host,
-                             kind=exc.kind, reason=exc.reason, attempt=retries.attempt)
-                if resilience.outliers is not None:
-                    resilience.outliers.record(endpoint.uid, success=not is_outlier_failure(
-                        status=status, error_kind=error.kind if error else None))
-                decision = retries.decide(
-                    status=status, error_kind=error.kind if error else None,
-                    active_requests=resilience.breaker.active_requests,
-                )
-                if decision.retry:
-                    await trio.sleep(decision.delay)
-                    continue
-                if retries.retries_used and decision.outcome.value == "limit-exceeded":
-                    outcome.response_flags.append(FLAG_RETRY_LIMIT)
-                if error is None:
-                    return response
-                return _error_for(error, outcome)
+                    if decision.retry:
+                        await trio.sleep(decision.delay)
+                        continue
+                    failure = _upstream_failure(error) if error is not None else None
+                    flags = failure.flags if failure else ()
+                    if retries.retries_used and decision.outcome is RetryOutcome.LIMIT_EXCEEDED:
+                        flags = (*flags, ResponseFlag.RETRY_LIMIT_EXCEEDED)
+                    return Forwarded(failure.response if failure else response, flags,
+                                     service, endpoint, upstream_host)
+        assert deadline.cancelled_caught
+        return Forwarded(error_response(504, "upstream request timeout"),
+                         (ResponseFlag.UPSTREAM_TIMEOUT,), service, endpoint, upstream_host)
 
     # -- mirroring -----------------------------------------------------------------------
 
@@ -521,13 +529,31 @@ class RequestPipeline:
         }
 
 
-def _error_for(error: UpstreamError, outcome: Outcome) -> HttpResponse:
-    if error.kind == "timeout":
-        outcome.response_flags.append(FLAG_TIMEOUT)
-        return error_response(504, "upstream request timeout")
-    if error.kind == "reset":
-        outcome.response_flags.append(FLAG_RESET)
-        return error_response(503, f"upstream reset: {error.reason}")
-    outcome.response_flags.append(FLAG_CONNECT_FAILURE)
-    return error_response(503, f"upstream connect error: {error.reason}")
+def _outcome(
+    forwarded: Forwarded, earlier_flags: tuple[ResponseFlag, ...] = (),
+    route_name: str | None = None,
+) -> Outcome:
+    return Outcome(
+        response_flags=(*earlier_flags, *forwarded.flags),
+        endpoint=forwarded.endpoint,
+        backend_service=forwarded.backend_service,
+        route_name=route_name,
+        upstream_host=forwarded.upstream_host,
+    )
 
+
+def _backend_or_no_route(backend: l7.BackendRef | None) -> Continue[l7.BackendRef] | Respond:
+    if backend is None:
+        return Respond.error(NO_BACKEND_STATUS, "the route has no backend with a weight above zero",
+                             ResponseFlag.NO_ROUTE)
+    return Continue(backend)
+
+
+def _upstream_failure(error: UpstreamError) -> Respond:
+    """The waypoint's answer when the last try got no response."""
+    if error.kind == "timeout":
+        return Respond.error(504, "upstream request timeout", ResponseFlag.UPSTREAM_TIMEOUT)
+    if error.kind == "reset":
+        return Respond.error(503, f"upstream reset: {error.reason}", ResponseFlag.UPSTREAM_RESET)
+    return Respond.error(503, f"upstream connect error: {error.reason}",
+                         ResponseFlag.UPSTREAM_CONNECT_FAILURE)

@@ -47,10 +47,10 @@ from ambient_dataplane.hbone import (
 )
 from ambient_dataplane.hbone.pool import HbonePool, PoolKey
 from ambient_dataplane.identity import CertificateManager, TlsContexts
-from ambient_dataplane.state import ProxyState, identity_of
+from ambient_dataplane.state import SERVICE, WORKLOAD, ProxyState, identity_of
 from waypoint.config import WaypointConfig
 from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
-from waypoint.pipeline import Caller, Outcome, RequestPipeline, Target
+from waypoint.pipeline import Caller, RequestPipeline, Target
 from waypoint.routing import choose_backend
 from waypoint.telemetry import RequestLabeler, Tracer, WaypointMetrics, access_log
 from waypoint.upstream import HttpUpstream
@@ -189,8 +189,8 @@ class Waypoint:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_admin, address, ports.admin, admin_routes(
                 {
-                    "workloads": partial(self.state.dump_kind, "workload"),
-                    "services": partial(self.state.dump_kind, "service"),
+                    "workloads": partial(self.state.dump_kind, WORKLOAD),
+                    "services": partial(self.state.dump_kind, SERVICE),
                     "l7": self._l7_dump,
                     "certificates": self.certs.dump,
                     "resilience": lambda: self.pipeline.dump(),
@@ -282,9 +282,8 @@ class Waypoint:
         span = self.tracer.start(traceparent, tracestate)
         if traceparent is not None or tracestate is not None:  # ours replace them upstream
             request = request.with_headers(remove=("traceparent", "tracestate"))
-        outcome = Outcome()
         forwarded = (*span.propagation_headers(), *downstream.forwarded)
-        response = await self.pipeline.handle(request, target, caller, outcome, forwarded)
+        response, outcome = await self.pipeline.handle(request, target, caller, forwarded)
         flags = outcome.flags
         response = response.replace(response_flags=flags)
         duration_ms = (trio.current_time() - started) * 1000
@@ -353,7 +352,7 @@ class Waypoint:
             return target.workload, target.port
         assert target.service is not None
         service, port = target.service, target.port
-        for route in self.state.resources("tcproute"):
+        for route in self.state.resources_of(l7.TcpRoute):
             if service.key in route.parents or self.waypoint_key in route.parents:
                 chosen = choose_backend(route, self._rand.random)
                 if chosen is None:

@@ -35,17 +35,13 @@ from ambient_dataplane.hbone import (
     serve_hbone_tls,
     splice,
 )
+from ambient_dataplane.labels import ResponseFlag
 from ambient_dataplane.state import ProxyState, canonical_ip, identity_of, service_for_hostname
 from ztunnel.authz import ConnectionAttributes, evaluate
 from ztunnel.capture import netns
 from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header
-from ztunnel.telemetry import (
-    FLAG_UNAUTHORIZED,
-    FLAG_UPSTREAM_CONNECT_FAILURE,
-    ConnectionRecord,
-    ConnectionTelemetry,
-)
+from ztunnel.telemetry import ConnectionRecord, ConnectionTelemetry
 
 log = structlog.get_logger()
 
@@ -257,7 +253,7 @@ class Inbound:
             record.destination_workload = self._state.workload_by_address(target_ip)
             self._telemetry.refused(
                 record, reason=rejection.reason,
-                response_flags=FLAG_UNAUTHORIZED if rejection.status == 401 else "-",
+                response_flags=ResponseFlag.UNAUTHORIZED if rejection.status == 401 else "-",
             )
             await responder.reject(rejection.status, rejection.reason)
             return
@@ -267,7 +263,7 @@ class Inbound:
         upstream = await self._connect_upstream(target_ip, target.port, pod_netns)
         if isinstance(upstream, str):
             self._telemetry.refused(record, reason=upstream,
-                                    response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
+                                    response_flags=ResponseFlag.UPSTREAM_CONNECT_FAILURE)
             await responder.reject(503, upstream)
             return
         try:
@@ -318,14 +314,14 @@ class Inbound:
             record.destination_workload = self._state.workload_by_address(workload_ip)
             self._telemetry.refused(
                 record, reason=rejection.reason,
-                response_flags=FLAG_UNAUTHORIZED if rejection.status == 401 else "-",
+                response_flags=ResponseFlag.UNAUTHORIZED if rejection.status == 401 else "-",
             )
             return
         record.destination_workload = target.workload
         upstream = await self._connect_upstream(workload_ip, port, pod_netns)
         if isinstance(upstream, str):
             self._telemetry.refused(record, reason=upstream,
-                                    response_flags=FLAG_UPSTREAM_CONNECT_FAILURE)
+                                    response_flags=ResponseFlag.UPSTREAM_CONNECT_FAILURE)
             return
         try:
             if early_data:

@@ -44,6 +44,7 @@ from ambient_dataplane.hbone import (
 from ambient_dataplane.hbone.pool import HbonePool, PoolKey
 from ambient_dataplane.hbone.splice import SocketSide
 from ambient_dataplane.identity import CertificateManager
+from ambient_dataplane.labels import ResponseFlag
 from ambient_dataplane.state import (
     Destination,
     ProxyState,
@@ -59,14 +60,7 @@ from ztunnel import socks5
 from ztunnel.capture import netns
 from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.inbound import LOOP_GUARD_PORTS, connect_tcp
-from ztunnel.telemetry import (
-    FLAG_NO_HEALTHY_UPSTREAM,
-    FLAG_NO_ROUTE,
-    FLAG_UNAUTHORIZED,
-    FLAG_UPSTREAM_CONNECT_FAILURE,
-    ConnectionRecord,
-    ConnectionTelemetry,
-)
+from ztunnel.telemetry import ConnectionRecord, ConnectionTelemetry
 
 log = structlog.get_logger()
 
@@ -155,7 +149,7 @@ def plan_outbound_from(
         service = service_for_hostname(state, host)
         if service is None or not service.addresses:
             raise OutboundRefused(
-                socks5.HOST_UNREACHABLE, f"{host} is not a mesh service", FLAG_NO_ROUTE
+                socks5.HOST_UNREACHABLE, f"{host} is not a mesh service", ResponseFlag.NO_ROUTE
             )
         ip = service.addresses[0].address
     via_waypoint = _plan_via_waypoint(state, source, ip, port)
@@ -165,7 +159,7 @@ def plan_outbound_from(
         destination = state.resolve(ip, port)
     except ResolveError as exc:
         raise OutboundRefused(
-            socks5.HOST_UNREACHABLE, exc.reason, FLAG_NO_HEALTHY_UPSTREAM
+            socks5.HOST_UNREACHABLE, exc.reason, ResponseFlag.NO_HEALTHY_UPSTREAM
         ) from None
     return OutboundPlan(source, destination)
 
@@ -200,7 +194,7 @@ def _plan_via_waypoint(
         raise OutboundRefused(
             socks5.HOST_UNREACHABLE,
             f"waypoint {gateway.destination} is unavailable: {exc.reason}",
-            FLAG_NO_HEALTHY_UPSTREAM,
+            ResponseFlag.NO_HEALTHY_UPSTREAM,
         ) from None
     return OutboundPlan(source, destination, via_waypoint=waypoint,
                         waypoint_address=(address_of(waypoint), gateway.hbone_port))
@@ -469,15 +463,16 @@ class Outbound:
         except HboneConnectError as exc:
             raise OutboundRefused(
                 _reply_for_status(exc.status), f"HBONE CONNECT answered {exc.status}: {exc.reason}",
-                FLAG_UNAUTHORIZED if exc.status == 401 else FLAG_UPSTREAM_CONNECT_FAILURE,
+                ResponseFlag.UNAUTHORIZED if exc.status == 401
+                else ResponseFlag.UPSTREAM_CONNECT_FAILURE,
             ) from None
         except PeerIdentityError as exc:
             raise OutboundRefused(socks5.GENERAL_FAILURE, f"mTLS with {peer_ip}: "
-                                  f"{exc.reason}", FLAG_UPSTREAM_CONNECT_FAILURE) from None
+                                  f"{exc.reason}", ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
         except (OSError, netns.NetnsError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             raise OutboundRefused(socks5.HOST_UNREACHABLE,
                                   f"HBONE to {format_authority(peer_ip, peer_port)}: {exc}",
-                                  FLAG_UPSTREAM_CONNECT_FAILURE) from None
+                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
         return stream
 
     async def _open_plain(self, plan: OutboundPlan, source_netns: Path | None) -> trio.SocketStream:
@@ -490,15 +485,15 @@ class Outbound:
                                               timeout=self._connect_timeout)
         except trio.TooSlowError:
             raise OutboundRefused(socks5.TTL_EXPIRED, f"connect to {ip}:{port} timed out",
-                                  FLAG_UPSTREAM_CONNECT_FAILURE) from None
+                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
         except netns.NetnsError as exc:
             raise OutboundRefused(socks5.GENERAL_FAILURE, f"connect to {ip}:{port}: {exc}",
-                                  FLAG_UPSTREAM_CONNECT_FAILURE) from None
+                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
         except OSError as exc:
             code = (socks5.CONNECTION_REFUSED if exc.errno == errno.ECONNREFUSED
                     else socks5.HOST_UNREACHABLE)
             raise OutboundRefused(code, f"connect to {ip}:{port}: {exc.strerror or exc}",
-                                  FLAG_UPSTREAM_CONNECT_FAILURE) from None
+                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
 
     def _baggage(self, source: Workload) -> dict[str, str]:
         baggage = {

@@ -21,12 +21,6 @@ from ztunnel.metrics import ZtunnelMetrics
 
 Direction = Literal["inbound", "outbound"]
 
-# Envoy/Istio response flags, as dashboards know them.
-FLAG_UNAUTHORIZED = "UAEX"  # denied by policy (Istio reports RBAC denials at L4 so)
-FLAG_UPSTREAM_CONNECT_FAILURE = "UF"
-FLAG_NO_HEALTHY_UPSTREAM = "UH"
-FLAG_NO_ROUTE = "NR"
-
 
 @dataclass
 class ConnectionRecord:

@@ -314,7 +314,7 @@ async def test_discovery_request_names_kinds_and_all_kinds_reach_the_state(
         assert [r.node for r in fake.requests] == ["node-1", "waypoint"]
         assert set(fake.requests[0].kinds) == kinds.L4_KINDS
         assert fake.requests[1].kinds == tuple(sorted(kinds.ALL_KINDS))
-        assert waypoint_state.resources("httproute") == [route]
+        assert waypoint_state.resources_of(l7.HttpRoute) == [route]
         assert changes[0].of("httproute").added == {route.key}
         assert waypoint_client.status()["kinds"] == sorted(kinds.ALL_KINDS)
         assert all(a.error is None for a in fake.acks)

@@ -18,11 +18,11 @@ from ambient_api.model import (
     Workload,
     WorkloadStatus,
 )
+from ambient_dataplane.labels import ResponseFlag
 from ambient_dataplane.state import ProxyState
 from tests.deltas import delta
 from ztunnel import socks5
 from ztunnel.outbound import OutboundPlan, OutboundRefused, plan_outbound, service_for_hostname
-from ztunnel.telemetry import FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE
 
 NODE = "node-1"
 HTTPBIN_KEY = "demo/httpbin.demo.svc.cluster.local"
@@ -160,14 +160,14 @@ def test_unknown_hostname_is_refused_with_4(state: ProxyState, host: str) -> Non
     refused = refusal(state, host, 8000)
     assert refused.reply_code == socks5.HOST_UNREACHABLE
     assert refused.reason == f"{host} is not a mesh service"
-    assert refused.response_flags == FLAG_NO_ROUTE
+    assert refused.response_flags == ResponseFlag.NO_ROUTE
 
 
 def test_service_without_a_healthy_endpoint_is_refused_with_4(state: ProxyState) -> None:
     refused = refusal(state, "10.96.0.3", 80)
     assert refused.reply_code == socks5.HOST_UNREACHABLE
     assert refused.reason == f"service {EMPTY_KEY} has no healthy endpoint"
-    assert refused.response_flags == FLAG_NO_HEALTHY_UPSTREAM
+    assert refused.response_flags == ResponseFlag.NO_HEALTHY_UPSTREAM
     # Named by hostname, the same answer.
     assert refusal(state, "empty.demo", 80).reply_code == socks5.HOST_UNREACHABLE
 
@@ -287,7 +287,7 @@ def test_unavailable_waypoint_refuses_and_never_bypasses(
     refused = refusal(state, host, port)
     assert refused.reply_code == socks5.HOST_UNREACHABLE
     assert refused.reason == f"waypoint {WAYPOINT_HOST} is unavailable: {detail}"
-    assert refused.response_flags == FLAG_NO_HEALTHY_UPSTREAM == "UH"
+    assert refused.response_flags == ResponseFlag.NO_HEALTHY_UPSTREAM == "UH"
 
 
 def test_unhealthy_waypoint_refuses(state: ProxyState) -> None:

@@ -462,6 +462,20 @@ def test_l7_kinds_are_stored_versioned_and_listed_by_key(state: ProxyState) -> N
         state.resources("gateway")
 
 
+def test_l7_kinds_are_read_by_type(state: ProxyState) -> None:
+    state.apply(delta(*L7_RESOURCES))
+    routes: list[l7.HttpRoute] = state.resources_of(l7.HttpRoute)  # mypy sees the type
+    assert routes == state.resources("httproute") == [ROUTE_A, ROUTE_B]
+    assert state.resources_of(l7.TcpRoute) == [TCP_ROUTE]
+    assert state.resources_of(l7.TrafficPolicy) == [TRAFFIC]
+    assert state.resources_of(l7.RateLimit) == [LIMIT]
+    assert state.resources_of(l7.WaypointAuthorization) == [L7_AUTHZ]
+    assert state.resources_of(l7.JwtPolicy) == [JWT]
+    assert state.resources_of(Workload) == state.workloads()
+    with pytest.raises(KeyError, match="RouteRule is not a resource kind"):
+        state.resources_of(l7.RouteRule)
+
+
 def test_l7_changes_removals_and_dump(state: ProxyState) -> None:
     assert "httproute" not in state.dump()  # a ztunnel's dump shows only what it holds
     state.apply(delta(*L7_RESOURCES))

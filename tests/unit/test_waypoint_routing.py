@@ -26,6 +26,7 @@ from ambient_api.l7 import (
     ValueMatchType,
     waypoint_key,
 )
+from ambient_dataplane.labels import ResponseFlag, format_response_flags
 from waypoint.http import HttpRequest, HttpResponse
 from waypoint.routing import (
     FaultDecision,
@@ -280,7 +281,7 @@ def test_route_request_pass_through_no_match_and_selection() -> None:
     decision = route_request([r], _request("/other"))
     assert decision == NoRouteMatched()
     assert isinstance(decision, NoRouteMatched)
-    assert (decision.status, decision.response_flags) == (404, "NR")
+    assert (decision.status, format_response_flags(decision.response_flags)) == (404, "NR")
     assert isinstance(route_request([r], _request("/only")), Selection)
 
 
@@ -485,8 +486,8 @@ def test_fault_decision_draws_delay_and_abort_independently() -> None:
     assert fault_decision(None, lambda: 0.0) == FaultDecision()
     decision = fault_decision(FaultInjection(abort_status=418), lambda: 0.99)
     assert decision == FaultDecision(None, 418)
-    assert decision.response_flags == "FI"
-    assert FaultDecision(1.0, 500).response_flags == "DI,FI"
+    assert decision.response_flags == (ResponseFlag.FAULT_INJECTED,)
+    assert format_response_flags(FaultDecision(1.0, 500).response_flags) == "DI,FI"
     rng = random.Random(5)
     aborted = sum(fault_decision(fault, rng.random).abort_status is not None
                   for _ in range(5000))

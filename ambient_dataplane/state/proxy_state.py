@@ -9,7 +9,9 @@ reads, not scans.
 Every kind of ``ambient_api.kinds`` is accepted, so a waypoint reuses this state: the L4
 kinds (workloads, services, authorizations, nodes) are indexed for the lookups below; the L7
 kinds (routes, traffic policies, ...) are stored as they come, under the same all-or-nothing
-apply and versioning, and read with ``resources(kind)`` / ``resource(kind, key)``.
+apply and versioning, and read by type with ``resources_of(l7.HttpRoute)`` (or by kind
+name, for generic code like the admin dump, with ``resources(kind)`` / ``resource(kind,
+key)``).
 
 Addresses are indexed per network (``(network, ip)``), the way Istio keys its address
 lookups; every lookup takes ``network`` (default ``""``, the embedded mode's only network).
@@ -19,15 +21,13 @@ wins, and the other becomes visible again if the winner is removed.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from ambient_api import codec, kinds
 from ambient_api.codec import DecodeError
-from ambient_api.discovery import DeltaUpdate, ResourceUpdate, versioned_key
+from ambient_api.discovery import DeltaUpdate, versioned_key
 from ambient_api.identity import SpiffeId
 from ambient_api.model import (
     Authorization,
@@ -35,10 +35,12 @@ from ambient_api.model import (
     GatewayAddress,
     Node,
     Service,
-    TunnelProtocol,
     Workload,
     WorkloadStatus,
 )
+from ambient_dataplane.state.addresses import address_of, canonical_ip, identity_of, is_hbone
+from ambient_dataplane.state.changes import AppliedChange, KindChange
+from ambient_dataplane.state.decoding import decode_resource
 
 WORKLOAD = "workload"
 SERVICE = "service"
@@ -49,6 +51,7 @@ L4_KINDS = (WORKLOAD, SERVICE, AUTHORIZATION, NODE)
 KINDS: tuple[str, ...] = L4_KINDS + tuple(sorted(set(kinds.TYPE_BY_KIND) - set(L4_KINDS)))
 
 _AddressKey = tuple[str, str]  # (network, canonical ip)
+R = TypeVar("R")
 
 
 class ResolveError(Exception):
@@ -82,81 +85,6 @@ class Destination:
     @property
     def address(self) -> tuple[str, int]:
         return (self.ip, self.port)
-
-
-@dataclass(frozen=True)
-class KindChange:
-    """Keys of one kind that an apply added, changed or removed."""
-
-    added: frozenset[str] = frozenset()
-    updated: frozenset[str] = frozenset()
-    removed: frozenset[str] = frozenset()
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.updated or self.removed)
-
-    @property
-    def touched(self) -> frozenset[str]:
-        return self.added | self.updated | self.removed
-
-
-@dataclass(frozen=True)
-class AppliedChange:
-    """What one ``apply`` changed, so the proxy reconciles only that (listeners for added
-    or removed local workloads, certificates for new identities, and so on). Keys are the
-    resources' discovery names: workload uids, service and policy ``namespace/name``, node
-    names. A resource re-sent with identical content is neither added nor updated."""
-
-    generation: int
-    workloads: KindChange = field(default_factory=KindChange)
-    services: KindChange = field(default_factory=KindChange)
-    authorizations: KindChange = field(default_factory=KindChange)
-    nodes: KindChange = field(default_factory=KindChange)
-    # Every kind's change, the L4 ones included (kinds that did not change may be absent).
-    by_kind: Mapping[str, KindChange] = field(default_factory=dict)
-
-    def of(self, kind: str) -> KindChange:
-        """The change of one kind (``"httproute"``, ``"workload"``, ...)."""
-        return self.by_kind.get(kind, KindChange())
-
-    @property
-    def empty(self) -> bool:
-        return not (
-            self.workloads
-            or self.services
-            or self.authorizations
-            or self.nodes
-            or any(self.by_kind.values())
-        )
-
-
-# Memoized: every connection looks up a few addresses, and parsing them with ipaddress was
-# ~2.6% of a ztunnel's CPU under connection churn; the same few thousand pod and node
-# addresses come back again and again (bounded, so junk input cannot grow it).
-@functools.lru_cache(maxsize=8192)
-def canonical_ip(value: str) -> str | None:
-    """The one spelling of an address used as index key (IPv4-mapped IPv6, as dual-stack
-    sockets report peers, counts as IPv4); None when ``value`` is not an IP address."""
-    try:
-        address = ipaddress.ip_address(value.strip())
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
-def identity_of(workload: Workload) -> SpiffeId:
-    return SpiffeId(workload.trust_domain, workload.namespace, workload.service_account)
-
-
-def address_of(workload: Workload) -> str:
-    """The address to connect to a workload on (its first, canonical)."""
-    return canonical_ip(workload.addresses[0]) or workload.addresses[0]
-
-
-def is_hbone(workload: Workload) -> bool:
-    return workload.tunnel_protocol is TunnelProtocol.HBONE
 
 
 class ProxyState:
@@ -245,7 +173,7 @@ class ProxyState:
     def _decode_all(self, update: DeltaUpdate) -> dict[tuple[str, str], tuple[str, Any]]:
         decoded: dict[tuple[str, str], tuple[str, Any]] = {}
         for item in update.resources:
-            decoded[(item.kind, item.name)] = (item.version, _decode_resource(item))
+            decoded[(item.kind, item.name)] = (item.version, decode_resource(item))
         return decoded
 
     @staticmethod
@@ -347,6 +275,12 @@ class ProxyState:
     def resource(self, kind: str, key: str) -> Any | None:
         """One resource of ``kind`` by its discovery key, or None."""
         return self._table_for_lookup(kind).get(key)
+
+    def resources_of(self, resource_type: type[R]) -> list[R]:
+        """``resources`` of the kind ``kinds.KIND_BY_TYPE`` gives the type, typed as such:
+        ``resources_of(l7.TrafficPolicy) -> list[TrafficPolicy]``. KeyError for a type
+        that is no resource kind."""
+        return self.resources(_kind_of(resource_type))
 
     def _table_for_lookup(self, kind: str) -> dict[str, Any]:
         table = self._tables.get(kind)
@@ -534,49 +468,11 @@ class ProxyState:
         return [codec.to_jsonable(r) for r in self.resources(kind)]
 
 
-def _decode_resource(item: ResourceUpdate) -> Any:
-    """Decode and validate one resource; raises DecodeError naming kind/name."""
-    where = f"{item.kind}/{item.name}"
-    cls = kinds.TYPE_BY_KIND.get(item.kind)
-    if cls is None:
-        raise DecodeError(f"{where}: unknown resource kind {item.kind!r}")
-    if not isinstance(item.resource, dict):
-        raise DecodeError(f"{where}: expected an object, got {type(item.resource).__name__}")
-    try:
-        resource: Any = codec.from_jsonable(cls, item.resource, where)
-    except DecodeError:
-        raise
-    except (TypeError, ValueError) as exc:  # e.g. an unhashable value where an enum goes
-        raise DecodeError(f"{where}: {exc}") from None
-    key = kinds.resource_key(resource)
-    if key != item.name:
-        raise DecodeError(f"{where}: the resource's key is {key!r}, not {item.name!r}")
-    _validate(resource, where)
-    return resource
-
-
-def _validate(resource: Any, where: str) -> None:
-    """Reject what the decoder lets through but the indexes cannot hold."""
-    if isinstance(resource, Workload):
-        for address in resource.addresses:
-            _require_ip(address, f"{where}.addresses")
-    elif isinstance(resource, Service):
-        for network_address in resource.addresses:
-            _require_ip(network_address.address, f"{where}.addresses")
-        for mapping in resource.ports:
-            if not 1 <= mapping.service_port <= 65535:
-                raise DecodeError(f"{where}.ports: service_port {mapping.service_port} "
-                                  "is not in 1-65535")
-            if not 0 <= mapping.target_port <= 65535:
-                raise DecodeError(f"{where}.ports: target_port {mapping.target_port} "
-                                  "is not in 0-65535")
-    elif isinstance(resource, Node):
-        _require_ip(resource.address, f"{where}.address")
-
-
-def _require_ip(value: str, where: str) -> None:
-    if canonical_ip(value) is None:
-        raise DecodeError(f"{where}: {value!r} is not an IP address")
+def _kind_of(resource_type: type) -> str:
+    kind = kinds.KIND_BY_TYPE.get(resource_type)
+    if kind is None:
+        raise KeyError(f"{resource_type.__name__} is not a resource kind")
+    return kind
 
 
 def _workload_address_keys(workload: Workload) -> Iterable[_AddressKey]:

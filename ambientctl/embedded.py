@@ -37,6 +37,7 @@ import yaml
 from ambient_common.files import write_atomically
 from ambientctl.apps import http_get
 from istiod_lite.auth import service_account_principal
+from istiod_lite.labels import SERVICE_ACCOUNT_ANNOTATION
 
 log = structlog.get_logger()
 
@@ -48,7 +49,6 @@ DEFAULT_READY_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
 WAYPOINT_POLL_INTERVAL = 1.0
 WAYPOINT_CLASS = "istio-waypoint"
-SERVICE_ACCOUNT_ANNOTATION = "istio.io/service-account"
 FAIL_EVERY_ANNOTATION = "ambient-lite.io/fail-every"
 LOG_TAIL_LINES = 20
 

@@ -24,6 +24,7 @@ import trio
 from kubernetes import client as k8s
 
 from istiod_lite.kube.client import KubeCallError, call_json
+from istiod_lite.labels import AMBIENT, DATAPLANE_MODE_LABEL
 
 log = structlog.get_logger()
 
@@ -31,8 +32,6 @@ ROOT_CONFIGMAP = "istio-ca-root-cert"
 ROOT_CERT_KEY = "root-cert.pem"
 # Istio labels the ConfigMaps it manages this way.
 CONFIG_LABELS = {"istio.io/config": "true"}
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-AMBIENT = "ambient"
 DEFAULT_RESYNC_INTERVAL = 30.0
 MERGE_PATCH = "application/merge-patch+json"
 

@@ -6,7 +6,7 @@ As Istio's deployment controller: the objects carry an ``ownerReference`` to the
 label ``gateway.istio.io/managed: istio.io-mesh-controller``. An object of the same name that
 this Gateway does not own is never touched (the Gateway's ``Programmed`` condition says so).
 The pods are labelled ``gateway.networking.k8s.io/gateway-name=<name>`` (how
-``translate_routes`` finds a waypoint's workloads) and ``istio.io/dataplane-mode: none`` (so a
+``translate.waypoints`` finds a waypoint's workloads) and ``istio.io/dataplane-mode: none`` (so a
 ztunnel does not capture the waypoint's own traffic a second time).
 
 ``desired_objects``, ``gateway_status`` and ``needs_update`` are sans-IO; ``WaypointController``
@@ -37,14 +37,19 @@ from istiod_lite.kube.client import (
     open_response_lines,
     run_blocking,
 )
-from istiod_lite.translate_routes import GATEWAY_NAME_LABEL, HBONE_PORT, is_waypoint
+from istiod_lite.labels import (
+    CANONICAL_NAME_LABEL,
+    CANONICAL_REVISION_LABEL,
+    DATAPLANE_MODE_LABEL,
+    GATEWAY_NAME_LABEL,
+)
+from istiod_lite.translate.waypoints import HBONE_PORT, is_waypoint
 
 logger = structlog.get_logger()
 
 GATEWAY_CLASS_LABEL = "gateway.networking.k8s.io/gateway-class-name"
 MANAGED_LABEL = "gateway.istio.io/managed"
 MANAGED_VALUE = "istio.io-mesh-controller"
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 GATEWAYS_PATH = "/apis/gateway.networking.k8s.io/v1"
 
@@ -177,8 +182,8 @@ def desired_objects(
         **labels,
         DATAPLANE_MODE_LABEL: "none",
         "sidecar.istio.io/inject": "false",
-        "service.istio.io/canonical-name": name,
-        "service.istio.io/canonical-revision": "latest",
+        CANONICAL_NAME_LABEL: name,
+        CANONICAL_REVISION_LABEL: "latest",
     }
     args = [
         "waypoint",

@@ -106,7 +106,7 @@ class ClusterObjects:
     peer_authentications: dict[str, dict[str, Any]] = field(default_factory=dict)
     request_authentications: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Waypoints and what they enforce (issue 3): shapes validated here, meaning checked by
-    # ``translate_routes`` (which logs and skips what it cannot use).
+    # ``translate.routes`` (which logs and skips what it cannot use).
     virtual_services: dict[str, dict[str, Any]] = field(default_factory=dict)
     destination_rules: dict[str, dict[str, Any]] = field(default_factory=dict)
     gateways: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -630,8 +630,8 @@ class WaypointController:
                     continue
                 obj = event.get("object") or {}
                 if event.get("type") == "ERROR":
-                    raise KubeApiError(int(obj.get("code") or 500), str(obj.get("reason") or ""),
-                                       str(obj.get("message") or ""))
+                    raise KubeApiError(f"watch {path}", int(obj.get("code") or 500),
+                                       str(obj.get("reason") or ""), str(obj.get("message") or ""))
                 resource_version = str(_metadata(obj).get("resourceVersion") or resource_version)
                 if event.get("type") == "BOOKMARK":
                     continue
@@ -647,7 +647,7 @@ class WaypointController:
         except Exception as exc:
             if isinstance(exc, KubeApiError):
                 raise
-            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
+            raise KubeApiError(f"watch {path}", None, type(exc).__name__, str(exc)) from exc
         finally:
             lines.abort()
 

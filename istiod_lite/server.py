@@ -274,7 +274,7 @@ class IstiodApp:
                 async def stream_updates() -> None:
                     prefix = ZLIB_HEADER if deflate else b""
                     async for update in subscription:
-                        head, resources, tail = self.store.line_parts(update)
+                        head, resources, tail = subscription.line_parts(update)
                         if deflate:
                             body = b"".join((
                                 prefix,

@@ -21,8 +21,8 @@ from istiod_lite.sources.objects import (
     CLUSTER_SCOPED_KINDS,
     KIND_FIELDS,
     object_key,
-    validate_object,
 )
+from istiod_lite.sources.validation import validate_object
 
 logger = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ after a 410 is immediate, every later failure without progress waits, so nothing
 A CRD that is not installed (404 on LIST) is logged once and retried every
 ``missing_kind_retry`` seconds while the other kinds keep working.
 
-Objects are validated with ``objects.validate_object``; an invalid one is logged (once per
+Objects are validated with ``validation.validate_object``; an invalid one is logged (once per
 reason) and not served, the rest of its kind is. A pod that is not scheduled or has no IP yet
 is not an error, just not served yet. Stored objects drop ``metadata.managedFields`` and the
 ``kubectl.kubernetes.io/last-applied-configuration`` annotation (they often outweigh the

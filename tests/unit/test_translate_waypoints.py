@@ -20,7 +20,8 @@ from ambient_api.model import (
     Workload,
     resource_key,
 )
-from istiod_lite.sources.objects import ClusterObjects, InvalidObject, parse_documents
+from istiod_lite.sources.objects import ClusterObjects, InvalidObject
+from istiod_lite.sources.validation import parse_documents
 from istiod_lite.translate import MeshConfig, translate
 from istiod_lite.translate.waypoints import waypoint_for, waypoint_gateway, waypoint_resources
 

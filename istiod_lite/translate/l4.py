@@ -101,7 +101,6 @@ EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
 EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
 
 
-
 @dataclass(frozen=True)
 class SelectorPolicy:
     """A WORKLOAD_SELECTOR Authorization with what it selects."""

@@ -65,7 +65,6 @@ logger = structlog.get_logger(__name__)
 L7Resource = l7.HttpRoute | l7.TcpRoute | l7.TrafficPolicy | l7.RateLimit
 
 
-
 def route_resources(objects: ClusterObjects, mesh: MeshConfig) -> list[L7Resource]:
     """Every L7 resource the waypoints need, sorted by kind then key (stable output)."""
     translator = _RouteTranslator(objects, mesh)
@@ -80,6 +79,9 @@ def route_resources(objects: ClusterObjects, mesh: MeshConfig) -> list[L7Resourc
 
 
 class _RouteTranslator:
+    """Translates one snapshot's traffic objects, resolving the Services, waypoints and
+    hosts they name against that snapshot."""
+
     def __init__(self, objects: ClusterObjects, mesh: MeshConfig) -> None:
         self.objects = objects
         self.mesh = mesh

@@ -69,7 +69,6 @@ HBONE_PORT = 15008
 WaypointFor = Literal["service", "workload", "all", "none"]
 
 
-
 def is_waypoint(gateway: Mapping[str, Any]) -> bool:
     return (gateway.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS
 

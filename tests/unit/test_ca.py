@@ -352,7 +352,7 @@ def test_plugin_expired_signing_cert_is_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CSR checks
 
 
-def test_csr_identity_accepts_istio_style_csr() -> None:
+def test_check_csr_accepts_istio_style_csr() -> None:
     _, csr = new_key_and_csr(SLEEP)
     assert check_csr(csr).identity == SpiffeId("cluster.local", "default", "sleep")
     assert check_csr(csr.encode()).identity == SpiffeId("cluster.local", "default", "sleep")

@@ -41,8 +41,6 @@ from ambientctl.embedded.layout import (
 from ambientctl.embedded.mesh import READINESS_PORT
 from ambientctl.embedded.supervisor import live_cmdline
 from ambientctl.kube.api import (
-    USE_WAYPOINT_LABEL,
-    USE_WAYPOINT_NAMESPACE_LABEL,
     labels_of,
     metadata,
 )
@@ -54,9 +52,9 @@ from ambientctl.ztunnelconfig import (
     fetch_config_dump,
     load_mesh_state,
 )
+from istiod_lite.labels import USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
-WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 DEFAULT_WAYPOINT_NAME = "waypoint"
 DEFAULT_NAMESPACE = "default"

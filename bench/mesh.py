@@ -24,6 +24,7 @@ from ambient_common.files import write_atomically
 from ambient_dataplane.identity import new_key_and_csr
 from bench import envoyconf
 from istiod_lite.ca import CertificateAuthority
+from istiod_lite.csr import check_csr
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NAMESPACE = "bench"
@@ -250,7 +251,7 @@ def issue_files(ca: CertificateAuthority, directory: Path, service_account: str
     """A workload certificate for ns/bench/sa/<service_account> through a real CSR."""
     identity = SpiffeId("cluster.local", NAMESPACE, service_account)
     key_pem, csr_pem = new_key_and_csr(identity)
-    chain = ca.sign_csr(csr_pem)
+    chain = ca.sign_csr(check_csr(csr_pem))
     directory.mkdir(parents=True, exist_ok=True)
     cert, key, bundle = (directory / f"{service_account}.{suffix}.pem"
                          for suffix in ("cert", "key", "ca"))

@@ -194,15 +194,12 @@ async def run_istiod(
     )
     ca = parts.ca
     key_path, chain_path, root_path = prepare_state_dir(config, ca)
-    mesh = MeshConfig(
-        trust_domain=config.trust_domain, cluster_id=config.cluster_id, network=config.network
-    )
     store = ResourceStore()
     app = IstiodApp(store, ca, parts.authenticator, max_cert_ttl=config.max_cert_ttl)
 
     async with trio.open_nursery() as nursery:
         send, receive = trio.open_memory_channel[ClusterObjects](1)
-        nursery.start_soon(feed_store, receive, store, mesh, parts.on_snapshot)
+        nursery.start_soon(feed_store, receive, store, config.mesh, parts.on_snapshot)
         await nursery.start(parts.source.run, send)
         await store.wait_initialized()
 

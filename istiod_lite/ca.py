@@ -3,7 +3,10 @@
 Shaped after istiod's CA: a self-signed root (persisted so that restarts keep the trust
 bundle) or Istio's plug-in certificate layout (``ca-cert.pem``, ``ca-key.pem``,
 ``root-cert.pem``, ``cert-chain.pem``). Everything here is synchronous and free of network
-IO; only loading and saving the CA's own files touches the disk.
+IO; only loading and saving the CA's own files touches the disk. What a CSR must be and who
+may have it signed is ``csr.py``'s business; this module is the one concept "the CA's keys
+and certificates, and the leaves they sign", whose loading checks (a plug-in chain must
+lead to its root) take most of its length.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -23,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ambient_api.identity import InvalidSpiffeId, SpiffeId
-from ambient_api.model import Workload
+from ambient_api.identity import SpiffeId
 from ambient_common.files import write_atomically
+from istiod_lite.csr import CheckedCsr, CsrRejected
 
 DEFAULT_TTL = timedelta(hours=24)
 # Istio's MAX_WORKLOAD_CERT_TTL default.
@@ -53,137 +55,8 @@ class CaConfigError(CaError):
     """The CA's own certificates or key are missing, unreadable or inconsistent."""
 
 
-class CsrRejected(CaError):
-    """A certificate signing request was refused; ``reason`` says why (sent to the caller)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class CsrAuthorizationError(CaError):
-    """The caller may not obtain the identity its CSR asks for (answered 403)."""
-
-
-class NodeAuthorizationError(CsrAuthorizationError):
-    """A node asked for an identity that has no workload on that node."""
-
-
-class IdentityAuthorizationError(CsrAuthorizationError):
-    """A caller authenticated as a service account asked for another identity."""
-
-
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-# --------------------------------------------------------------------------- CSR checks
-
-
-@dataclass(frozen=True)
-class _ValidatedCsr:
-    csr: x509.CertificateSigningRequest
-    identity: SpiffeId
-    public_key: ec.EllipticCurvePublicKey
-
-
-def _load_csr(csr_pem: str | bytes) -> x509.CertificateSigningRequest:
-    data = csr_pem.encode("ascii", "replace") if isinstance(csr_pem, str) else csr_pem
-    try:
-        return x509.load_pem_x509_csr(data)
-    except ValueError as exc:
-        raise CsrRejected(f"not a PEM certificate signing request: {exc}") from None
-
-
-def _validate_csr(csr_pem: str | bytes) -> _ValidatedCsr:
-    """All checks that do not depend on which CA signs (see ``csr_identity``)."""
-    csr = _load_csr(csr_pem)
-    try:
-        signature_ok = csr.is_signature_valid
-    except Exception as exc:  # unsupported algorithms surface here
-        raise CsrRejected(f"CSR signature cannot be checked: {exc}") from None
-    if not signature_ok:
-        raise CsrRejected("CSR signature is invalid")
-
-    try:
-        public_key = csr.public_key()
-    except Exception as exc:
-        raise CsrRejected(f"CSR public key cannot be read: {exc}") from None
-    if isinstance(public_key, rsa.RSAPublicKey):
-        raise CsrRejected(f"CSR key is RSA-{public_key.key_size}; ECDSA P-256 is required")
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise CsrRejected(f"CSR key is {type(public_key).__name__}; ECDSA P-256 is required")
-    if not isinstance(public_key.curve, ec.SECP256R1):
-        raise CsrRejected(
-            f"CSR key is ECDSA on curve {public_key.curve.name}; ECDSA P-256 is required"
-        )
-
-    if csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        raise CsrRejected("CSR subject has a common name (CN); the identity goes in a URI SAN only")
-
-    try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise CsrRejected("CSR has no subjectAltName; one SPIFFE URI SAN is required") from None
-    except ValueError as exc:  # duplicate or malformed extensions
-        raise CsrRejected(f"CSR extensions cannot be parsed: {exc}") from None
-
-    for name in san:
-        if isinstance(name, x509.DNSName):
-            raise CsrRejected(f"CSR has a DNS SAN {name.value!r}; only a SPIFFE URI SAN is allowed")
-        if isinstance(name, x509.IPAddress):
-            raise CsrRejected(f"CSR has an IP SAN {name.value}; only a SPIFFE URI SAN is allowed")
-        if isinstance(name, x509.RFC822Name):
-            raise CsrRejected(
-                f"CSR has an email SAN {name.value!r}; only a SPIFFE URI SAN is allowed"
-            )
-        if not isinstance(name, x509.UniformResourceIdentifier):
-            raise CsrRejected(
-                f"CSR has a {type(name).__name__} SAN; only a SPIFFE URI SAN is allowed"
-            )
-    if len(san) != 1:
-        raise CsrRejected(f"CSR has {len(san)} SANs; exactly one SPIFFE URI SAN is required")
-    uri = san[0].value
-    try:
-        identity = SpiffeId.parse(uri)
-    except InvalidSpiffeId as exc:
-        raise CsrRejected(f"CSR URI SAN is not a SPIFFE id: {exc}") from None
-    return _ValidatedCsr(csr, identity, public_key)
-
-
-def csr_identity(csr_pem: str | bytes) -> SpiffeId:
-    """The SPIFFE id a CSR asks for, after checking it the way istiod does: valid signature,
-    ECDSA P-256 key, no CN, exactly one SAN which is a SPIFFE URI. Raises CsrRejected."""
-    return _validate_csr(csr_pem).identity
-
-
-# --------------------------------------------------------------------------- caller authorization
-
-
-def authorize_node(node: str, identity: SpiffeId, workloads: Iterable[Workload]) -> None:
-    """Let a node's ztunnel obtain ``identity`` only if a workload running as it is scheduled
-    on that node, so one compromised node cannot impersonate the whole mesh."""
-    if node:
-        for workload in workloads:
-            if (
-                workload.node == node
-                and workload.namespace == identity.namespace
-                and workload.service_account == identity.service_account
-                and workload.trust_domain == identity.trust_domain
-            ):
-                return
-    raise NodeAuthorizationError(
-        f"no instances of {identity.namespace}/{identity.service_account} on node {node}"
-    )
-
-
-def authorize_service_account(caller: SpiffeId, identity: SpiffeId) -> None:
-    """Let a caller authenticated as a service account (a waypoint) obtain only its own
-    identity: its token proves who it is, not where anything else runs."""
-    if identity != caller:
-        raise IdentityAuthorizationError(
-            f"caller {caller} may only obtain its own identity, not {identity}"
-        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -631,20 +504,18 @@ class CertificateAuthority:
 
     # ------------------------------------------------------------------ signing
 
-    def sign_csr(self, csr_pem: str | bytes, ttl: timedelta | None = None) -> list[str]:
-        """Sign a workload CSR. Returns PEMs leaf first, root last. Raises CsrRejected."""
-        validated = _validate_csr(csr_pem)
-        if validated.identity.trust_domain != self.trust_domain:
+    def sign_csr(self, csr: CheckedCsr, ttl: timedelta | None = None) -> list[str]:
+        """Sign a checked workload CSR. Returns PEMs leaf first, root last. Raises
+        CsrRejected for an identity of another trust domain or a TTL that is not positive."""
+        if csr.identity.trust_domain != self.trust_domain:
             raise CsrRejected(
-                f"CSR identity {validated.identity} is in trust domain "
-                f"{validated.identity.trust_domain!r}; this CA signs for {self.trust_domain!r}"
+                f"CSR identity {csr.identity} is in trust domain "
+                f"{csr.identity.trust_domain!r}; this CA signs for {self.trust_domain!r}"
             )
         if ttl is not None and ttl <= timedelta(0):
             raise CsrRejected(f"requested TTL {ttl} is not positive")
         return self.issue_leaf(
-            validated.public_key,
-            [x509.UniformResourceIdentifier(str(validated.identity))],
-            ttl=ttl,
+            csr.public_key, [x509.UniformResourceIdentifier(str(csr.identity))], ttl=ttl
         )
 
     def issue_serving_certificate(

@@ -14,6 +14,7 @@ from typing import TypeVar, get_args
 from ambient_api.discovery import DEFAULT_DISCOVERY_PORT
 from ambient_common.flags import parse_duration
 from ambient_common.logging import LogFormat
+from istiod_lite.translate.mesh import MeshConfig
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ class KubernetesMode:
 
     kubeconfig: Path | None = None  # None: the pod's in-cluster configuration
     context: str | None = None
-    namespace: str = "istio-system"  # istiod's own: CA Secrets, Lease
+    namespace: str = "istio-system"  # istiod's own: CA Secrets, Lease; the root namespace
     pod_name: str = "istiod"  # the leader-election identity
     token_audiences: tuple[str, ...] = ("istio-ca",)
     trusted_node_accounts: frozenset[str] = frozenset({"istio-system/ztunnel"})
@@ -79,6 +80,23 @@ class IstiodConfig:
             raise ValueError(
                 f"--cert-ttl ({self.cert_ttl}) is longer than --max-cert-ttl ({self.max_cert_ttl})"
             )
+
+    @property
+    def root_namespace(self) -> str:
+        """Istio's ``rootNamespace`` (policies there apply mesh-wide), which Istio defaults to
+        istiod's own namespace: ``--pod-namespace`` in Kubernetes mode. The embedded mode
+        runs in no namespace and keeps Istio's usual ``istio-system``."""
+        return self.kubernetes.namespace if self.kubernetes else "istio-system"
+
+    @property
+    def mesh(self) -> MeshConfig:
+        """What the translation needs of this configuration."""
+        return MeshConfig(
+            trust_domain=self.trust_domain,
+            cluster_id=self.cluster_id,
+            network=self.network,
+            root_namespace=self.root_namespace,
+        )
 
     @property
     def listen(self) -> str:
@@ -118,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     kube.add_argument("--kubeconfig", type=Path, default=None, metavar="FILE",
                       help="kubeconfig to use (default: the pod's in-cluster configuration)")
     kube.add_argument("--context", default=None, help="kubeconfig context (with --kubeconfig)")
-    kube.add_argument("--pod-namespace", default="istio-system",
-                      help="istiod_lite's namespace: CA Secrets and the leader Lease live there")
+    kube.add_argument(
+        "--pod-namespace", default="istio-system",
+        help="istiod_lite's namespace (Istio's POD_NAMESPACE): CA Secrets and the leader Lease "
+        "live there, and it is the mesh's root namespace (Istio's rootNamespace default): "
+        "policies in it apply to every namespace",
+    )
     kube.add_argument("--pod-name", default="istiod",
                       help="this replica's name, its identity in leader election")
     kube.add_argument(
@@ -153,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serviceaccount:NS/SA) to bearer token",
     )
     parser.add_argument("--trust-domain", default="cluster.local")
-    parser.add_argument("--cluster-id", default="Kubernetes")
+    parser.add_argument(
+        "--cluster-id", default="Kubernetes",
+        help="this cluster's name in the mesh: part of every workload's uid and the "
+        "source_cluster/destination_cluster of the proxies' metrics (default Kubernetes)",
+    )
     parser.add_argument("--network", default="")
     parser.add_argument(
         "--cert-ttl", type=_argparse_type(parse_duration, "duration"), default=timedelta(hours=24),

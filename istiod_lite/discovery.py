@@ -226,8 +226,6 @@ class ResourceStore:
         # current version: every proxy in sync (or starting from nothing) gets the same one,
         # computed and encoded once per change however many proxies there are.
         self._shared_deltas: dict[tuple[int | None, frozenset[str]], _Delta] = {}
-        # id(ResourceUpdate tuple of a delta) -> that delta (with the tuple's JSON).
-        self._encoded: dict[int, _Delta] = {}
 
     # -- the resource set ----------------------------------------------------------------
 
@@ -262,7 +260,6 @@ class ResourceStore:
         self._current = new
         self._snapshots.clear()
         self._shared_deltas.clear()
-        self._encoded.clear()
         self.system_version += 1
         self._changes[self.system_version] = frozenset(touched)
         while len(self._changes) > _REMEMBERED_CHANGES:
@@ -372,33 +369,6 @@ class ResourceStore:
                 status.last_nack_at = _now()
         return matched
 
-    def line_parts(self, update: DeltaUpdate) -> tuple[bytes, bytes, bytes]:
-        """``update``'s NDJSON line (the same bytes as encoding the DeltaUpdate) in three
-        parts: what precedes the resources, the resources and what follows them. The
-        resources part reuses the JSON already encoded in the store: each resource's, and a
-        whole shared delta's (the same bytes object for every subscriber given that delta,
-        so it can be compressed once too)."""
-        head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
-        removed = _compact_json(codec.to_jsonable(update.removed))
-        return (
-            f'{head[:-1]},"resources":['.encode(),
-            self._resources_json(update.resources),
-            f'],"removed":{removed}}}\n'.encode(),
-        )
-
-    def _resources_json(self, resources: tuple[ResourceUpdate, ...]) -> bytes:
-        delta = self._encoded.get(id(resources))
-        if delta is not None and delta.resources is resources:
-            return delta.json
-        parts = []
-        for item in resources:
-            stored = self._current.get(versioned_key(item.kind, item.name))
-            if stored is not None and stored.version == item.version:
-                parts.append(stored.update_json)
-            else:  # replaced since the delta was computed: encode this one item
-                parts.append(_compact_json(codec.to_jsonable(item)))
-        return ",".join(parts).encode()
-
     def _delta(
         self, held: Mapping[str, str], kinds: frozenset[str], touched: frozenset[str] | None
     ) -> _Delta:
@@ -418,7 +388,6 @@ class ResourceStore:
             removed_keys=tuple(removals),
             json=",".join(s.update_json for _key, _version, s in updates).encode(),
         )
-        self._encoded[id(delta.resources)] = delta
         return delta
 
     def _shared_delta(
@@ -478,6 +447,8 @@ class Subscription:
         # The store version ``_held`` was brought to (None: what the proxy said it holds).
         self._synced: int | None = None
         self._sent_first = False
+        # The last update sent and the delta it came from, whose JSON ``line_parts`` reuses.
+        self._sent: tuple[DeltaUpdate, _Delta] | None = None
 
     def __enter__(self) -> Subscription:
         return self
@@ -530,7 +501,24 @@ class Subscription:
             removed=delta.removed,
         )
         self._record_sent(update)
+        self._sent = (update, delta)
         return update
+
+    def line_parts(self, update: DeltaUpdate) -> tuple[bytes, bytes, bytes]:
+        """``update`` (the last one this subscription gave) as its NDJSON line (the same
+        bytes as encoding the DeltaUpdate) in three parts: what precedes the resources, the
+        resources and what follows them. The resources part is the JSON the store encoded
+        once for the delta: for a shared delta, the same bytes object for every subscriber
+        given it, so it can be compressed once too."""
+        if self._sent is None or self._sent[0] is not update:
+            raise ValueError("line_parts takes the update this subscription gave last")
+        head = _compact_json({"nonce": update.nonce, "system_version": update.system_version})
+        removed = _compact_json(codec.to_jsonable(update.removed))
+        return (
+            f'{head[:-1]},"resources":['.encode(),
+            self._sent[1].json,
+            f'],"removed":{removed}}}\n'.encode(),
+        )
 
     async def next_update(self) -> DeltaUpdate:
         """Wait until there is something to send and return it (coalescing every change made

@@ -42,14 +42,13 @@ from ambient_api.discovery import (
 from ambient_common.asgi import answer_lifespan
 from ambient_common.hypercorn_serving import serve_isolated
 from istiod_lite.auth import AuthenticationError, Authenticator, Caller
-from istiod_lite.ca import (
-    CaError,
-    CertificateAuthority,
+from istiod_lite.ca import CaError, CertificateAuthority
+from istiod_lite.csr import (
     CsrAuthorizationError,
     CsrRejected,
     authorize_node,
     authorize_service_account,
-    csr_identity,
+    check_csr,
 )
 from istiod_lite.deflate import ZLIB_HEADER, SegmentCache, accepts_deflate, compress_segment
 from istiod_lite.discovery import ResourceStore, requested_kinds
@@ -275,7 +274,7 @@ class IstiodApp:
                 async def stream_updates() -> None:
                     prefix = ZLIB_HEADER if deflate else b""
                     async for update in subscription:
-                        head, resources, tail = self.store.line_parts(update)
+                        head, resources, tail = subscription.line_parts(update)
                         if deflate:
                             body = b"".join((
                                 prefix,
@@ -330,10 +329,11 @@ class IstiodApp:
         if not self.store.initialized:
             raise HttpError(503, "istiod_lite has not loaded its workloads yet; retry shortly")
         try:
-            identity = csr_identity(request.csr)
+            csr = check_csr(request.csr)
         except CsrRejected as error:
             log.warning("CSR rejected", caller=caller.principal, reason=error.reason)
             raise HttpError(400, f"CSR rejected: {error.reason}") from None
+        identity = csr.identity
         try:
             if caller.service_account is not None:
                 authorize_service_account(caller.service_account, identity)
@@ -353,7 +353,7 @@ class IstiodApp:
             if self.max_cert_ttl is not None:
                 ttl = min(ttl, self.max_cert_ttl)
         try:
-            chain = self.ca.sign_csr(request.csr, ttl)
+            chain = self.ca.sign_csr(csr, ttl)
         except CsrRejected as error:
             log.warning(
                 "CSR rejected", caller=caller.principal, identity=str(identity),

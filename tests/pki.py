@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ambient_api.identity import InvalidSpiffeId, SpiffeId
-from istiod_lite.ca import CertificateAuthority, csr_identity, utc_now
+from istiod_lite.ca import CertificateAuthority, utc_now
+from istiod_lite.csr import check_csr
 
 # Generous so tests may ask for long-lived certificates; the mesh default stays 90 days.
 _TEST_MAX_TTL = timedelta(days=3650)
@@ -128,9 +129,9 @@ class TestPki:
         identity = self.identity(namespace, service_account)
         key, csr_pem = new_key_and_csr(str(identity))
         if not_before is None:
-            chain = self.ca.sign_csr(csr_pem, ttl)
+            chain = self.ca.sign_csr(check_csr(csr_pem), ttl)
         else:
-            checked = csr_identity(csr_pem)
+            checked = check_csr(csr_pem).identity
             chain = self.ca.issue_leaf(
                 key.public_key(),
                 [x509.UniformResourceIdentifier(str(checked))],

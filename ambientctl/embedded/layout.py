@@ -20,11 +20,11 @@ import yaml
 
 from ambientctl.embedded.errors import EmbeddedConfigError
 from istiod_lite.auth import service_account_principal
+from istiod_lite.labels import SERVICE_ACCOUNT_ANNOTATION
 
 log = structlog.get_logger()
 
 WAYPOINT_CLASS = "istio-waypoint"
-SERVICE_ACCOUNT_ANNOTATION = "istio.io/service-account"
 FAIL_EVERY_ANNOTATION = "ambient-lite.io/fail-every"
 
 

@@ -24,14 +24,11 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
+from istiod_lite.labels import AMBIENT, DATAPLANE_MODE_LABEL
+
 DEFAULT_NAMESPACE = "default"
 REQUEST_TIMEOUT = 15.0
 LIST_PAGE_SIZE = 500
-
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-AMBIENT = "ambient"
-USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
-USE_WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
 
 MERGE_PATCH = "application/merge-patch+json"
 

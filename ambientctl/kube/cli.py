@@ -23,7 +23,6 @@ from typing import Any, TextIO
 from ambient_common.flags import duration_seconds, port_number
 from ambientctl.kube.api import (
     DEFAULT_NAMESPACE,
-    USE_WAYPOINT_LABEL,
     Kube,
     KubeError,
     KubeOptions,
@@ -62,6 +61,7 @@ from ambientctl.waypointcmd import (
     waypoint_name,
 )
 from ambientctl.ztunnelconfig import DEFAULT_ADMIN_PORT, render_view
+from istiod_lite.labels import USE_WAYPOINT_LABEL
 from waypoint.config import dns_label, dns_subdomain, ip_address
 
 CLUSTER_PROGRAMS = ("kubectl-ambient", "kubectl ambient")

@@ -17,8 +17,6 @@ from enum import StrEnum
 from typing import Any
 
 from ambientctl.kube.api import (
-    AMBIENT,
-    DATAPLANE_MODE_LABEL,
     Kube,
     KubeApiError,
     KubeError,
@@ -39,6 +37,7 @@ from ambientctl.kube.ztunnel_config import (
 )
 from ambientctl.output import OutputFormat, render, render_json, render_yaml
 from ambientctl.ztunnelconfig import ZtunnelConfigError, certificate_rows, parse_time
+from istiod_lite.labels import AMBIENT, DATAPLANE_MODE_LABEL
 
 ISTIO_NAMESPACE = ZTUNNEL_NAMESPACE
 ISTIOD_SELECTOR = "app=istiod"

@@ -17,8 +17,6 @@ from typing import Any, TextIO
 
 from ambientctl.embedded.layout import WAYPOINT_CLASS
 from ambientctl.kube.api import (
-    USE_WAYPOINT_LABEL,
-    USE_WAYPOINT_NAMESPACE_LABEL,
     Kube,
     KubeError,
     NotFound,
@@ -30,7 +28,8 @@ from ambientctl.kube.api import (
     name_of,
     namespace_of,
 )
-from ambientctl.waypointcmd import GATEWAY_API_VERSION, WAYPOINT_FOR_LABEL, gateway_manifest
+from ambientctl.waypointcmd import GATEWAY_API_VERSION, gateway_manifest
+from istiod_lite.labels import USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL
 
 GATEWAYS = "gateways"
 PROGRAMMED = "Programmed"

@@ -38,7 +38,7 @@ from istiod_lite.ca import (
     self_signed_plugin_files,
     utc_now,
 )
-from istiod_lite.kube.client import KubeCallError, call_json
+from istiod_lite.kube.client import KubeApiError, call_json
 
 log = structlog.get_logger()
 
@@ -111,10 +111,10 @@ async def _read_secret(core: k8s.CoreV1Api, namespace: str, name: str) -> dict[s
     """The Secret, or None if it does not exist."""
     try:
         return await call_json(core.read_namespaced_secret, name, namespace)
-    except KubeCallError as error:
+    except KubeApiError as error:
         if error.status == 404:
             return None
-        raise KubeCaError(f"cannot read Secret {namespace}/{name}: {error.message}") from None
+        raise KubeCaError(f"cannot read Secret {namespace}/{name}: {error}") from None
 
 
 async def load_or_create_ca(
@@ -151,10 +151,10 @@ async def load_or_create_ca(
         body = self_signed_secret_body(namespace, self_signed_plugin_files(root, key))
         try:
             await call_json(core.create_namespaced_secret, namespace, body)
-        except KubeCallError as error:
+        except KubeApiError as error:
             if error.status != 409:
                 raise KubeCaError(
-                    f"cannot create Secret {namespace}/{SELF_SIGNED_SECRET}: {error.message}"
+                    f"cannot create Secret {namespace}/{SELF_SIGNED_SECRET}: {error}"
                 ) from None
             log.info(
                 "another replica created the CA Secret first; using its root",

@@ -201,13 +201,38 @@ REQUEST_TIMEOUT = (5.0, 10.0)
 
 
 class KubeApiError(Exception):
-    """A Kubernetes API call answered with an error status (``status`` 0: no answer)."""
+    """A Kubernetes API call failed, whichever way it was made (``JsonApi``, ``call_json``, a
+    watch's ERROR event). ``status`` is the HTTP status, None when no answer came at all;
+    ``reason`` the Status reason (``NotFound``, ``Conflict``...), or what went wrong without an
+    answer; ``message`` the server's explanation; ``call`` which call it was, for logs."""
 
-    def __init__(self, status: int, reason: str, message: str = "") -> None:
-        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+    def __init__(self, call: str, status: int | None, reason: str, message: str = "") -> None:
+        self.call = call
         self.status = status
         self.reason = reason
         self.message = message
+        if status is None:
+            summary = f"cannot reach the API server: {reason}"
+        else:
+            summary = f"{status} {reason}".rstrip()
+        super().__init__(f"{summary}: {message} ({call})" if message else f"{summary} ({call})")
+
+
+def _status_error(call: str, status: int, http_reason: str, body: Any) -> KubeApiError:
+    """The error of an HTTP error answer: the reason and message of its Status body, if it is
+    one, else the HTTP reason phrase."""
+    try:
+        decoded = json.loads(body) if body else {}
+    except (TypeError, ValueError):
+        decoded = {}
+    if not isinstance(decoded, dict):
+        decoded = {}
+    return KubeApiError(
+        call,
+        status,
+        str(decoded.get("reason") or http_reason or ""),
+        str(decoded.get("message") or ""),
+    )
 
 
 class JsonApi:
@@ -246,7 +271,7 @@ class JsonApi:
                 method, url, header_params=headers, body=body, _request_timeout=timeout
             )
         except Exception as exc:  # urllib3/ApiException: no HTTP answer at all
-            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
+            raise KubeApiError(f"{method} {path}", None, type(exc).__name__, str(exc)) from exc
 
     def _call(
         self,
@@ -257,21 +282,22 @@ class JsonApi:
         content_type: str,
         timeout: float | None,
     ) -> dict[str, Any]:
+        call = f"{method} {path}"
         response = self._open(method, path, query, body, content_type, timeout)
         try:
             data = response.read()
         except Exception as exc:
-            raise KubeApiError(0, type(exc).__name__, str(exc)) from exc
+            raise KubeApiError(call, None, type(exc).__name__, str(exc)) from exc
         finally:
             response.response.release_conn()
         if response.status >= 400:
-            raise _error_answer(response, data)
+            raise _status_error(call, response.status, response.reason, data)
         try:
             decoded = json.loads(data) if data else {}
         except ValueError:
             decoded = {}
         if not isinstance(decoded, dict):
-            raise KubeApiError(response.status, "BadResponse", "answer is not a JSON object")
+            raise KubeApiError(call, response.status, "BadResponse", "answer is not a JSON object")
         return decoded
 
     async def request(
@@ -296,49 +322,16 @@ class JsonApi:
         if response.status >= 400:
             data = response.read()
             response.response.release_conn()
-            raise _error_answer(response, data)
+            raise _status_error(f"watch {path}", response.status, response.reason, data)
         return response.response
-
-
-def _error_answer(response: Any, data: bytes) -> KubeApiError:
-    """The error of an HTTP error answer: the reason and message of its Status body, if any."""
-    try:
-        decoded = json.loads(data) if data else {}
-    except ValueError:
-        decoded = {}
-    if not isinstance(decoded, dict):
-        decoded = {}
-    return KubeApiError(
-        response.status,
-        str(decoded.get("reason") or response.reason or ""),
-        str(decoded.get("message") or ""),
-    )
-
-
-class KubeCallError(Exception):
-    """An API call failed; ``status`` is the HTTP status (None: no answer at all)."""
-
-    def __init__(self, status: int | None, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _status_message(error: ApiException) -> str:
-    """The API server's own Status message if the body is one, else the HTTP reason."""
-    try:
-        body = json.loads(error.body or "")
-        message = body.get("message") if isinstance(body, dict) else None
-    except (TypeError, ValueError):
-        message = None
-    return f"{error.status} {message or error.reason or ''}".strip()
 
 
 async def call_json(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run a generated ``kubernetes`` client method in a worker thread (``run_blocking``; the
     request timeout bounds an abandoned thread) and return the JSON answer as a dict, without
-    the client's model classes in between. Raises KubeCallError with the status and the
+    the client's model classes in between. Raises KubeApiError with the status and the
     server's reason."""
+    call = getattr(function, "__name__", "call")
 
     def blocking() -> dict[str, Any]:
         try:
@@ -346,15 +339,16 @@ async def call_json(function: Callable[..., Any], /, *args: Any, **kwargs: Any) 
                 *args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs
             )
         except ApiException as error:
-            raise KubeCallError(error.status, _status_message(error)) from None
+            raise _status_error(call, error.status, error.reason, error.body) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise KubeCallError(None, f"cannot reach the API server: {error}") from None
+            raise KubeApiError(call, None, type(error).__name__, str(error)) from None
         try:
             data = json.loads(response.data)
         except ValueError as error:
-            raise KubeCallError(response.status, f"answer is not JSON: {error}") from None
+            raise KubeApiError(call, response.status, "BadResponse",
+                               f"answer is not JSON: {error}") from None
         if not isinstance(data, dict):
-            raise KubeCallError(response.status, "answer is not a JSON object")
+            raise KubeApiError(call, response.status, "BadResponse", "answer is not a JSON object")
         return data
 
-    return await run_blocking(blocking, name=f"kube {getattr(function, '__name__', 'call')}")
+    return await run_blocking(blocking, name=f"kube {call}")

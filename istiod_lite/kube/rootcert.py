@@ -23,7 +23,8 @@ import structlog
 import trio
 from kubernetes import client as k8s
 
-from istiod_lite.kube.client import KubeCallError, call_json
+from istiod_lite.kube.client import KubeApiError, call_json
+from istiod_lite.labels import AMBIENT, DATAPLANE_MODE_LABEL
 
 log = structlog.get_logger()
 
@@ -31,8 +32,6 @@ ROOT_CONFIGMAP = "istio-ca-root-cert"
 ROOT_CERT_KEY = "root-cert.pem"
 # Istio labels the ConfigMaps it manages this way.
 CONFIG_LABELS = {"istio.io/config": "true"}
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-AMBIENT = "ambient"
 DEFAULT_RESYNC_INTERVAL = 30.0
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -154,9 +153,9 @@ class RootCertPublisher:
                 self._core.list_config_map_for_all_namespaces,
                 field_selector=f"metadata.name={ROOT_CONFIGMAP}",
             )
-        except KubeCallError as error:
-            log.warning("cannot list root ConfigMaps", error=error.message)
-            result.failed = {namespace: error.message for namespace in sorted(wanted)}
+        except KubeApiError as error:
+            log.warning("cannot list root ConfigMaps", error=str(error))
+            result.failed = {namespace: str(error) for namespace in sorted(wanted)}
             return result
         existing: dict[str, dict[str, Any]] = {}
         for item in listing.get("items") or []:
@@ -172,12 +171,12 @@ class RootCertPublisher:
                     kind = await self._create(action.namespace)
                 else:
                     kind = await self._patch(action.namespace)
-            except KubeCallError as error:
+            except KubeApiError as error:
                 log.warning(
                     "cannot publish the root ConfigMap", namespace=action.namespace,
-                    error=error.message,
+                    error=str(error),
                 )
-                result.failed[action.namespace] = error.message
+                result.failed[action.namespace] = str(error)
                 continue
             (result.created if kind == "create" else result.patched).append(action.namespace)
             log.info("root ConfigMap published", namespace=action.namespace, action=kind)
@@ -200,7 +199,7 @@ class RootCertPublisher:
         """Create; if someone created it since our LIST, patch theirs instead."""
         try:
             await self._post(namespace)
-        except KubeCallError as error:
+        except KubeApiError as error:
             if error.status != 409:
                 raise
             await self._patch(namespace)
@@ -219,7 +218,7 @@ class RootCertPublisher:
                 self._core.patch_namespaced_config_map, ROOT_CONFIGMAP, namespace, patch,
                 _content_type=MERGE_PATCH,
             )
-        except KubeCallError as error:
+        except KubeApiError as error:
             if error.status != 404:
                 raise
             await self._post(namespace)

@@ -61,7 +61,7 @@ class LeaderDuties:
         self.controller = (
             WaypointController(
                 api_client, image=mode.waypoint_image, trust_domain=config.trust_domain,
-                cluster_id=config.cluster_id, root_namespace=mode.namespace,
+                cluster_id=config.cluster_id, root_namespace=config.root_namespace,
             )
             if mode.waypoint_image
             else None

@@ -36,7 +36,7 @@ from istiod_lite.auth import (
     Caller,
     bearer_token,
 )
-from istiod_lite.kube.client import KubeCallError, call_json
+from istiod_lite.kube.client import KubeApiError, call_json
 
 log = structlog.get_logger()
 
@@ -263,9 +263,9 @@ class TokenReviewAuthenticator:
         )
         try:
             return await call_json(self._authentication.create_token_review, review)
-        except KubeCallError as error:
-            log.error("TokenReview failed", status=error.status, error=error.message)
-            raise AuthenticationError(f"TokenReview failed: {error.message}") from None
+        except KubeApiError as error:
+            log.error("TokenReview failed", status=error.status, error=str(error))
+            raise AuthenticationError(f"TokenReview failed: {error}") from None
 
     async def _node_of(self, reviewed: ReviewedToken) -> str:
         if reviewed.pod_name is None:
@@ -277,15 +277,15 @@ class TokenReviewAuthenticator:
             pod = await call_json(
                 self._core.read_namespaced_pod, reviewed.pod_name, reviewed.namespace
             )
-        except KubeCallError as error:
+        except KubeApiError as error:
             if error.status == 404:
                 raise AuthenticationError(
                     f"pod {reviewed.namespace}/{reviewed.pod_name} of node agent "
                     f"{reviewed.account} not found"
                 ) from None
             log.error("reading the node agent's pod failed", status=error.status,
-                      error=error.message)
+                      error=str(error))
             raise AuthenticationError(
-                f"cannot read pod {reviewed.namespace}/{reviewed.pod_name}: {error.message}"
+                f"cannot read pod {reviewed.namespace}/{reviewed.pod_name}: {error}"
             ) from None
         return node_of_pod(pod, reviewed)

@@ -35,8 +35,8 @@ from istiod_lite.sources.objects import (
     describe,
     field_for,
     object_key,
-    parse_documents,
 )
+from istiod_lite.sources.validation import parse_documents
 
 logger = structlog.get_logger(__name__)
 

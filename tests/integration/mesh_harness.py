@@ -28,6 +28,7 @@ from ambientctl.embedded.layout import MeshLayout, layout_from_objects
 from istiod_lite.__main__ import RunningIstiod, run_istiod
 from istiod_lite.ca import CertificateAuthority
 from istiod_lite.config import IstiodConfig
+from istiod_lite.csr import check_csr
 from tests.pki import IssuedCert, new_key_and_csr
 from waypoint.config import WaypointConfig
 from waypoint.proxy import Waypoint
@@ -241,7 +242,7 @@ def issue_mesh_certificate(mesh: Mesh, namespace: str, service_account: str) -> 
     the mesh CA through a real CSR, as a ztunnel would get it."""
     identity = SpiffeId("cluster.local", namespace, service_account)
     key, csr_pem = new_key_and_csr(str(identity))
-    chain = mesh_ca(mesh).sign_csr(csr_pem)
+    chain = mesh_ca(mesh).sign_csr(check_csr(csr_pem))
     return IssuedCert(
         identity=identity,
         key_pem=key.private_bytes(

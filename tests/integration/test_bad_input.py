@@ -33,6 +33,7 @@ from ambient_dataplane.hbone import HboneConnectError, connect_tls, open_hbone_c
 from ambient_dataplane.tls import CertifiedKey, PeerIdentityError, client_context
 from ambientctl.apps import Socks5ConnectError, http_get, socks5_connect
 from istiod_lite.ca import CertificateAuthority, utc_now
+from istiod_lite.csr import check_csr
 from tests.integration.mesh_harness import (
     ECHO_PORT,
     ECHO_VIP,
@@ -91,7 +92,7 @@ def issue(
     uri = f"spiffe://cluster.local/ns/demo/sa/{service_account}"
     key, csr_pem = new_key_and_csr(uri)
     if not_before is None:
-        chain = ca.sign_csr(csr_pem, ttl)
+        chain = ca.sign_csr(check_csr(csr_pem), ttl)
     else:
         chain = ca.issue_leaf(key.public_key(), [x509.UniformResourceIdentifier(uri)], ttl=ttl,
                               not_before=not_before)

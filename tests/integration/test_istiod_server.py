@@ -30,6 +30,8 @@ from ambient_api.discovery import (
     versioned_key,
 )
 from ambient_api.l7 import WaypointAuthorization, WaypointAuthorizationAction
+from ambient_api.model import Node, Workload
+from ambient_dataplane.labels import connection_labels
 from istiod_lite.__main__ import RunningIstiod, run_istiod
 from istiod_lite.config import IstiodConfig
 from tests.pki import new_key_and_csr
@@ -202,6 +204,32 @@ async def test_stream_follows_file_edits_and_records_acks(
     with trio.fail_after(5):
         while await syncz(client):
             await trio.sleep(0.02)
+
+
+async def test_cluster_id_reaches_every_workload_and_the_proxies_metric_labels(
+    istiod_config: IstiodConfig,
+) -> None:
+    """``--cluster-id`` names the cluster in every Workload (uid and ``cluster_id``) and
+    Node, so the proxies' metrics report it as source and destination cluster."""
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(run_istiod, replace(istiod_config, cluster_id="east"))
+        async with client_for(running) as streaming, streaming.stream(
+            "POST", DISCOVERY_PATH, json={"node": "node-1"}, headers=auth("node-1")
+        ) as response:
+            first = await next_update(response.aiter_lines())
+        running.shutdown()
+    decoded = [codec.from_jsonable(kinds.TYPE_BY_KIND[r.kind], r.resource)
+               for r in first.resources]
+    workloads = {w.name: w for w in decoded if isinstance(w, Workload)}
+    assert set(workloads) == {"sleep", "httpbin"}
+    assert {w.uid for w in workloads.values()} == {
+        "east//Pod/default/sleep", "east//Pod/default/httpbin"
+    }
+    assert {r.cluster_id for r in decoded if isinstance(r, Workload | Node)} == {"east"}
+    labels = connection_labels(
+        "source", workloads["sleep"], None, workloads["httpbin"], None, mtls=True
+    )
+    assert (labels.source_cluster, labels.destination_cluster) == ("east", "east")
 
 
 async def test_stream_is_plain_ndjson_or_deflate_as_the_client_asks(

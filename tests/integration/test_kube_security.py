@@ -236,8 +236,9 @@ async def test_api_server_failure_is_an_authentication_error_and_not_cached(
 ) -> None:
     authenticator = TokenReviewAuthenticator(api_client)
     cluster.fail_next(1, status=500)
-    with pytest.raises(AuthenticationError, match="TokenReview failed: 500"):
+    with pytest.raises(AuthenticationError, match="TokenReview failed: 500") as failure:
         await authenticator.authenticate(bearer(WAYPOINT_TOKEN))
+    assert str(failure.value).endswith("(create_token_review)")  # the error names the call
     caller = await authenticator.authenticate(bearer(WAYPOINT_TOKEN))
     assert caller.principal == "serviceaccount:demo/waypoint"
 

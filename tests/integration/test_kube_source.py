@@ -21,7 +21,8 @@ from structlog.testing import capture_logs
 from istiod_lite.__main__ import feed_store
 from istiod_lite.discovery import ResourceStore
 from istiod_lite.kube import build_api_client
-from istiod_lite.sources.kubernetes import BackoffPolicy, KubernetesSource, WatchedKind
+from istiod_lite.sources.kube_watch import BackoffPolicy, WatchedKind
+from istiod_lite.sources.kubernetes import KubernetesSource
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate import MeshConfig
 from tests.conftest import LoopbackAllocator

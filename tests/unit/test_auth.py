@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ambient_api.identity import SpiffeId
+from ambient_api.model import Workload
 from istiod_lite.auth import (
     AuthenticationError,
     BootstrapTokenAuthenticator,
@@ -17,10 +18,11 @@ from istiod_lite.auth import (
     parse_service_account_principal,
     service_account_principal,
 )
-from istiod_lite.ca import (
+from istiod_lite.csr import (
     CsrAuthorizationError,
     IdentityAuthorizationError,
     NodeAuthorizationError,
+    authorize_node,
     authorize_service_account,
 )
 
@@ -111,3 +113,73 @@ def test_service_account_caller_may_obtain_only_its_own_identity() -> None:
     # The server answers 403 for both kinds of refusal through the common base.
     assert issubclass(IdentityAuthorizationError, CsrAuthorizationError)
     assert issubclass(NodeAuthorizationError, CsrAuthorizationError)
+
+
+# -- node authorization ----------------------------------------------------------------
+
+
+def workload(
+    name: str, sa: str, node: str, *, ns: str = "default", td: str = "cluster.local"
+) -> Workload:
+    return Workload(
+        uid=f"Kubernetes//Pod/{ns}/{name}",
+        name=name,
+        namespace=ns,
+        addresses=("127.0.20.1",),
+        service_account=sa,
+        node=node,
+        trust_domain=td,
+    )
+
+
+WORKLOADS = [
+    workload("sleep-1", "sleep", "node-a"),
+    workload("httpbin-1", "httpbin", "node-b"),
+    workload("other-td", "web", "node-a", td="other.td"),
+]
+
+
+def test_node_may_get_identities_of_its_own_pods() -> None:
+    authorize_node("node-a", SpiffeId("cluster.local", "default", "sleep"), WORKLOADS)
+    authorize_node("node-b", SpiffeId("cluster.local", "default", "httpbin"), iter(WORKLOADS))
+
+
+@pytest.mark.parametrize(
+    ("node", "identity", "message"),
+    [
+        (
+            "node-a",
+            SpiffeId("cluster.local", "default", "httpbin"),
+            "no instances of default/httpbin on node node-a",
+        ),
+        (
+            "node-c",
+            SpiffeId("cluster.local", "default", "sleep"),
+            "no instances of default/sleep on node node-c",
+        ),
+        (
+            "node-a",
+            SpiffeId("cluster.local", "prod", "sleep"),
+            "no instances of prod/sleep on node node-a",
+        ),
+        (
+            "node-a",
+            SpiffeId("cluster.local", "default", "web"),
+            "no instances of default/web on node node-a",
+        ),
+        (
+            "",
+            SpiffeId("cluster.local", "default", "sleep"),
+            "no instances of default/sleep on node ",
+        ),
+    ],
+)
+def test_node_authorization_refusals(node: str, identity: SpiffeId, message: str) -> None:
+    with pytest.raises(NodeAuthorizationError) as info:
+        authorize_node(node, identity, WORKLOADS)
+    assert str(info.value) == message
+
+
+def test_unnamed_node_is_refused_even_for_unscheduled_workloads() -> None:
+    with pytest.raises(NodeAuthorizationError):
+        authorize_node("", SpiffeId("cluster.local", "default", "vm"), [workload("vm", "vm", "")])

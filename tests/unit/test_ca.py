@@ -1,4 +1,4 @@
-"""The mesh CA: roots, plug-in certificates, CSR checks, leaf shape, node authorization."""
+"""The mesh CA: roots, plug-in certificates, CSR checks, leaf shape."""
 
 from __future__ import annotations
 
@@ -17,16 +17,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ambient_api.identity import SpiffeId
-from ambient_api.model import Workload
-from istiod_lite.ca import (
-    CaConfigError,
-    CaError,
-    CertificateAuthority,
-    CsrRejected,
-    NodeAuthorizationError,
-    authorize_node,
-    csr_identity,
-)
+from istiod_lite.ca import CaConfigError, CaError, CertificateAuthority
+from istiod_lite.csr import CsrRejected, check_csr
 from tests.pki import TestPki, foreign_pki, new_key_and_csr, write_pem_files
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -209,8 +201,8 @@ def test_self_signed_persists_and_reloads_the_same_root(tmp_path: Path) -> None:
     assert second.trust_bundle == first.trust_bundle
     # The reloaded CA signs with the same key: its leaves verify against the first root.
     _, csr = new_key_and_csr(SLEEP)
-    verify_client(second.sign_csr(csr), first.trust_bundle)
-    assert second.sign_csr(csr)[-1] == first.trust_bundle[0]
+    verify_client(second.sign_csr(check_csr(csr)), first.trust_bundle)
+    assert second.sign_csr(check_csr(csr))[-1] == first.trust_bundle[0]
 
 
 def test_self_signed_without_state_dir_makes_a_new_root_each_time() -> None:
@@ -230,7 +222,7 @@ def test_self_signed_rsa_root_signs_valid_leaves() -> None:
         "cluster.local", None, key_type="rsa-2048", now=fixed_clock
     )
     _, csr = new_key_and_csr(SLEEP)
-    chain = ca.sign_csr(csr)
+    chain = ca.sign_csr(check_csr(csr))
     assert isinstance(load(chain[-1]).public_key(), rsa.RSAPublicKey)
     verify_client(chain, ca.trust_bundle)
 
@@ -242,7 +234,7 @@ def test_plugin_with_intermediate_chains_leaf_intermediate_root(tmp_path: Path) 
     files = PluginFiles(tmp_path / "cacerts")
     ca = files.load()
     _, csr = new_key_and_csr(SLEEP)
-    chain = ca.sign_csr(csr)
+    chain = ca.sign_csr(check_csr(csr))
     assert [load(c) for c in chain[1:]] == [files.intermediate, files.root]
     assert load(chain[0]).issuer == files.intermediate.subject
     assert ca.trust_bundle == [pem(files.root)]
@@ -256,11 +248,12 @@ def test_plugin_cert_chain_may_be_absent_or_hold_only_the_intermediate(tmp_path:
     files = PluginFiles(tmp_path)
     (tmp_path / "cert-chain.pem").unlink()
     _, csr = new_key_and_csr(SLEEP)
-    chain = files.load().sign_csr(csr)
+    chain = files.load().sign_csr(check_csr(csr))
     assert [load(c) for c in chain[1:]] == [files.intermediate, files.root]
 
     files.write(cert_chain=pem(files.intermediate))
-    assert [load(c) for c in files.load().sign_csr(csr)[1:]] == [files.intermediate, files.root]
+    chain = files.load().sign_csr(check_csr(csr))
+    assert [load(c) for c in chain[1:]] == [files.intermediate, files.root]
 
 
 def test_plugin_with_two_intermediates(tmp_path: Path) -> None:
@@ -273,7 +266,7 @@ def test_plugin_with_two_intermediates(tmp_path: Path) -> None:
         cert_chain=pem(issuing, files.intermediate, files.root),
     )
     _, csr = new_key_and_csr(SLEEP)
-    chain = files.load().sign_csr(csr)
+    chain = files.load().sign_csr(check_csr(csr))
     assert [load(c) for c in chain[1:]] == [issuing, files.intermediate, files.root]
     verify_client(chain, [pem(files.root)])
 
@@ -282,7 +275,7 @@ def test_plugin_self_signed_root_with_empty_chain(tmp_path: Path) -> None:
     files = PluginFiles(tmp_path)
     files.write(ca_cert=pem(files.root), ca_key=key_pem(files.root_key), cert_chain="")
     _, csr = new_key_and_csr(SLEEP)
-    chain = files.load().sign_csr(csr)
+    chain = files.load().sign_csr(check_csr(csr))
     assert [load(c) for c in chain[1:]] == [files.root]
     verify_client(chain, [pem(files.root)])
 
@@ -294,7 +287,7 @@ def test_plugin_root_file_with_two_roots_trusts_both(tmp_path: Path) -> None:
     ca = files.load()
     assert ca.trust_bundle == [pem(files.root), pem(new_root)]
     _, csr = new_key_and_csr(SLEEP)
-    assert load(ca.sign_csr(csr)[-1]) == files.root
+    assert load(ca.sign_csr(check_csr(csr))[-1]) == files.root
 
 
 def test_plugin_key_mismatch_names_the_key_file(tmp_path: Path) -> None:
@@ -359,10 +352,10 @@ def test_plugin_expired_signing_cert_is_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CSR checks
 
 
-def test_csr_identity_accepts_istio_style_csr() -> None:
+def test_check_csr_accepts_istio_style_csr() -> None:
     _, csr = new_key_and_csr(SLEEP)
-    assert csr_identity(csr) == SpiffeId("cluster.local", "default", "sleep")
-    assert csr_identity(csr.encode()) == SpiffeId("cluster.local", "default", "sleep")
+    assert check_csr(csr).identity == SpiffeId("cluster.local", "default", "sleep")
+    assert check_csr(csr.encode()).identity == SpiffeId("cluster.local", "default", "sleep")
 
 
 @pytest.mark.parametrize(
@@ -408,21 +401,19 @@ def test_csr_identity_accepts_istio_style_csr() -> None:
     ],
     ids=["rsa", "p384", "two-sans", "dns-san", "ip-san", "email-san", "cn", "not-spiffe", "no-san"],
 )
-def test_csr_rejections(
-    ca: CertificateAuthority, csr_factory: Callable[[], str], reason: str
-) -> None:
+def test_csr_rejections(csr_factory: Callable[[], str], reason: str) -> None:
     csr = csr_factory()
     with pytest.raises(CsrRejected) as info:
-        ca.sign_csr(csr)
+        check_csr(csr)
     assert info.value.reason == reason
     assert str(info.value) == reason
 
 
 def test_csr_from_a_foreign_trust_domain_is_rejected(ca: CertificateAuthority) -> None:
     csr = build_csr(p256(), [uri("spiffe://evil.example/ns/default/sa/sleep")])
-    assert csr_identity(csr).trust_domain == "evil.example"  # well formed...
+    assert check_csr(csr).identity.trust_domain == "evil.example"  # well formed...
     with pytest.raises(CsrRejected, match="trust domain 'evil.example'; this CA signs for"):
-        ca.sign_csr(csr)  # ...but not ours
+        ca.sign_csr(check_csr(csr))  # ...but not ours
 
 
 @pytest.mark.parametrize(
@@ -435,12 +426,12 @@ def test_csr_from_a_foreign_trust_domain_is_rejected(ca: CertificateAuthority) -
         "-----BEGIN CERTIFICATE REQUEST-----\nnot base64!\n",
     ],
 )
-def test_garbage_pem_is_rejected(ca: CertificateAuthority, garbage: str | bytes) -> None:
+def test_garbage_pem_is_rejected(garbage: str | bytes) -> None:
     with pytest.raises(CsrRejected, match="not a PEM certificate signing request"):
-        ca.sign_csr(garbage)
+        check_csr(garbage)
 
 
-def test_tampered_csr_signature_is_rejected(ca: CertificateAuthority) -> None:
+def test_tampered_csr_signature_is_rejected() -> None:
     _, csr_pem = new_key_and_csr(SLEEP)
     der = bytearray(
         x509.load_pem_x509_csr(csr_pem.encode()).public_bytes(serialization.Encoding.DER)
@@ -452,7 +443,7 @@ def test_tampered_csr_signature_is_rejected(ca: CertificateAuthority) -> None:
         + "-----END CERTIFICATE REQUEST-----\n"
     )
     with pytest.raises(CsrRejected, match="signature"):
-        ca.sign_csr(tampered)
+        check_csr(tampered)
 
 
 # --------------------------------------------------------------------------- leaf shape
@@ -460,7 +451,7 @@ def test_tampered_csr_signature_is_rejected(ca: CertificateAuthority) -> None:
 
 def test_leaf_shape(ca: CertificateAuthority) -> None:
     key, csr = new_key_and_csr(SLEEP)
-    chain = ca.sign_csr(csr)
+    chain = ca.sign_csr(check_csr(csr))
     assert len(chain) == 2 and chain[-1] == ca.trust_bundle[0]
     leaf = load(chain[0])
     root = load(chain[1])
@@ -486,13 +477,13 @@ def test_leaf_shape(ca: CertificateAuthority) -> None:
     assert ski == x509.SubjectKeyIdentifier.from_public_key(key.public_key())
 
     assert 0 < leaf.serial_number < 2**128
-    assert leaf.serial_number != load(ca.sign_csr(csr)[0]).serial_number
+    assert leaf.serial_number != load(ca.sign_csr(check_csr(csr))[0]).serial_number
     verify_client(chain, ca.trust_bundle)
 
 
 def test_default_ttl_is_24h_from_now_valid_from_skew_earlier(ca: CertificateAuthority) -> None:
     _, csr = new_key_and_csr(SLEEP)
-    leaf = load(ca.sign_csr(csr)[0])
+    leaf = load(ca.sign_csr(check_csr(csr))[0])
     assert leaf.not_valid_before_utc == NOW - timedelta(seconds=60)
     assert leaf.not_valid_after_utc == NOW + timedelta(hours=24)
 
@@ -508,14 +499,14 @@ def test_requested_ttl_is_honoured_and_capped() -> None:
     _, csr = new_key_and_csr(SLEEP)
 
     def lifetime(ttl: timedelta | None) -> timedelta:
-        leaf = load(ca.sign_csr(csr, ttl)[0])
+        leaf = load(ca.sign_csr(check_csr(csr), ttl)[0])
         return leaf.not_valid_after_utc - NOW
 
     assert lifetime(None) == timedelta(hours=2)
     assert lifetime(timedelta(hours=5)) == timedelta(hours=5)
     assert lifetime(timedelta(days=30)) == timedelta(hours=12)
     with pytest.raises(CsrRejected, match="not positive"):
-        ca.sign_csr(csr, timedelta(0))
+        ca.sign_csr(check_csr(csr), timedelta(0))
 
 
 def test_ca_expiry_caps_the_leaf(tmp_path: Path) -> None:
@@ -526,7 +517,7 @@ def test_ca_expiry_caps_the_leaf(tmp_path: Path) -> None:
     )
     files.write(ca_cert=pem(short), cert_chain="")
     _, csr = new_key_and_csr(SLEEP)
-    leaf = load(files.load().sign_csr(csr)[0])
+    leaf = load(files.load().sign_csr(check_csr(csr))[0])
     assert leaf.not_valid_after_utc == soon
 
 
@@ -536,7 +527,7 @@ def test_expired_ca_refuses_to_sign() -> None:
     clock[0] = NOW + timedelta(days=3651)
     _, csr = new_key_and_csr(SLEEP)
     with pytest.raises(CaError, match="cannot issue certificates any more"):
-        ca.sign_csr(csr)
+        ca.sign_csr(check_csr(csr))
 
 
 def test_extra_roots_join_the_trust_bundle() -> None:
@@ -548,7 +539,7 @@ def test_extra_roots_join_the_trust_bundle() -> None:
     assert len(new.trust_bundle) == 2
     assert new.trust_bundle[1] == old.trust_bundle[0]
     _, csr = new_key_and_csr(SLEEP)
-    assert new.sign_csr(csr)[-1] == new.trust_bundle[0]  # only the own root signs
+    assert new.sign_csr(check_csr(csr))[-1] == new.trust_bundle[0]  # only the own root signs
 
 
 def test_serving_certificate(ca: CertificateAuthority) -> None:
@@ -575,76 +566,6 @@ def test_serving_certificate(ca: CertificateAuthority) -> None:
         ca.issue_serving_certificate([], ["localhost"], None)
     with pytest.raises(ValueError, match="at least one"):
         ca.issue_serving_certificate([], [], None)
-
-
-# --------------------------------------------------------------------------- node authorization
-
-
-def workload(
-    name: str, sa: str, node: str, *, ns: str = "default", td: str = "cluster.local"
-) -> Workload:
-    return Workload(
-        uid=f"Kubernetes//Pod/{ns}/{name}",
-        name=name,
-        namespace=ns,
-        addresses=("127.0.20.1",),
-        service_account=sa,
-        node=node,
-        trust_domain=td,
-    )
-
-
-WORKLOADS = [
-    workload("sleep-1", "sleep", "node-a"),
-    workload("httpbin-1", "httpbin", "node-b"),
-    workload("other-td", "web", "node-a", td="other.td"),
-]
-
-
-def test_node_may_get_identities_of_its_own_pods() -> None:
-    authorize_node("node-a", SpiffeId("cluster.local", "default", "sleep"), WORKLOADS)
-    authorize_node("node-b", SpiffeId("cluster.local", "default", "httpbin"), iter(WORKLOADS))
-
-
-@pytest.mark.parametrize(
-    ("node", "identity", "message"),
-    [
-        (
-            "node-a",
-            SpiffeId("cluster.local", "default", "httpbin"),
-            "no instances of default/httpbin on node node-a",
-        ),
-        (
-            "node-c",
-            SpiffeId("cluster.local", "default", "sleep"),
-            "no instances of default/sleep on node node-c",
-        ),
-        (
-            "node-a",
-            SpiffeId("cluster.local", "prod", "sleep"),
-            "no instances of prod/sleep on node node-a",
-        ),
-        (
-            "node-a",
-            SpiffeId("cluster.local", "default", "web"),
-            "no instances of default/web on node node-a",
-        ),
-        (
-            "",
-            SpiffeId("cluster.local", "default", "sleep"),
-            "no instances of default/sleep on node ",
-        ),
-    ],
-)
-def test_node_authorization_refusals(node: str, identity: SpiffeId, message: str) -> None:
-    with pytest.raises(NodeAuthorizationError) as info:
-        authorize_node(node, identity, WORKLOADS)
-    assert str(info.value) == message
-
-
-def test_unnamed_node_is_refused_even_for_unscheduled_workloads() -> None:
-    with pytest.raises(NodeAuthorizationError):
-        authorize_node("", SpiffeId("cluster.local", "default", "vm"), [workload("vm", "vm", "")])
 
 
 # --------------------------------------------------------------------------- tests.pki helper

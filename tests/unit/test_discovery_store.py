@@ -326,12 +326,18 @@ async def test_encoded_line_is_the_update_reusing_each_resources_json() -> None:
     store.replace_all([workload("w1"), workload("w2", address="127.0.20.2")])
     with store.subscribe("node-1", {"workload/w3": "old"}) as sub:
         update = await sub.next_update()
-        line = b"".join(store.line_parts(update))
+        line = b"".join(sub.line_parts(update))
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert json.loads(line) == codec.to_jsonable(update)
         # A resource replaced after the delta was computed is encoded from the delta itself.
         store.replace_all([workload("w1", address="127.0.20.9"), workload("w2", "127.0.20.2")])
-        assert json.loads(b"".join(store.line_parts(update))) == codec.to_jsonable(update)
+        assert json.loads(b"".join(sub.line_parts(update))) == codec.to_jsonable(update)
+        # Only the update the subscription gave last has its delta's JSON at hand.
+        later = sub.poll()
+        assert later is not None
+        with pytest.raises(ValueError, match="the update this subscription gave last"):
+            sub.line_parts(update)
+        assert json.loads(b"".join(sub.line_parts(later))) == codec.to_jsonable(later)
 
 
 def test_compute_delta_over_touched_keys_only_compares_those() -> None:
@@ -389,5 +395,7 @@ async def test_fresh_subscribers_share_one_full_set_encoded_once() -> None:
     with store.subscribe("node-1", {}) as one, store.subscribe("node-2", {}) as two:
         first, second = await one.next_update(), await two.next_update()
     assert first.resources is second.resources
-    assert json.loads(b"".join(store.line_parts(first))) == codec.to_jsonable(first)
-    assert json.loads(b"".join(store.line_parts(second))) == codec.to_jsonable(second)
+    assert json.loads(b"".join(one.line_parts(first))) == codec.to_jsonable(first)
+    assert json.loads(b"".join(two.line_parts(second))) == codec.to_jsonable(second)
+    # One encoding for both: the very same bytes, which the server compresses once.
+    assert one.line_parts(first)[1] is two.line_parts(second)[1]

@@ -22,7 +22,7 @@ from ambient_dataplane.identity import (
     renewal_delay,
 )
 from ambient_dataplane.tls import CertifiedKey
-from istiod_lite.ca import csr_identity
+from istiod_lite.csr import check_csr
 from tests.pki import TestPki
 
 SLEEP = SpiffeId("cluster.local", "default", "sleep")
@@ -70,7 +70,7 @@ def test_csr_is_p256_with_one_uri_san_and_no_cn() -> None:
     assert len(list(san)) == 1
     assert csr.is_signature_valid
     # The real CA's checks accept it.
-    assert csr_identity(csr_pem) == SLEEP
+    assert check_csr(csr_pem).identity == SLEEP
     assert "PRIVATE KEY" in key_pem
     # Every call makes a fresh key.
     assert new_key_and_csr(SLEEP)[0] != key_pem
@@ -99,11 +99,11 @@ class ScriptedCa:
         self.calls: list[tuple[float, SpiffeId]] = []
 
     async def sign(self, csr_pem: str, ttl_seconds: int | None = None) -> CertificateResponse:
-        self.calls.append((trio.current_time(), csr_identity(csr_pem)))
+        self.calls.append((trio.current_time(), check_csr(csr_pem).identity))
         if self.failures:
             raise self.failures.pop(0)
         ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else None
-        chain = self.pki.ca.sign_csr(csr_pem, ttl)
+        chain = self.pki.ca.sign_csr(check_csr(csr_pem), ttl)
         return CertificateResponse(tuple(chain), tuple(self.pki.trust_bundle))
 
     def call_times(self, identity: SpiffeId) -> list[float]:

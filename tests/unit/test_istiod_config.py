@@ -16,6 +16,7 @@ from istiod_lite.auth import (
     load_bootstrap_tokens,
 )
 from istiod_lite.config import parse_args, parse_listen
+from istiod_lite.translate import MeshConfig
 
 REQUIRED = ["--config-dir", "cfg", "--state-dir", "state", "--bootstrap-tokens", "t.yaml"]
 
@@ -53,6 +54,20 @@ def test_parse_args_defaults_and_values() -> None:
     config = parse_args([*REQUIRED, "--listen", "127.0.9.2:1512", "--cert-ttl", "90s"])
     assert config.listen == "127.0.9.2:1512"
     assert config.cert_ttl == timedelta(seconds=90)
+
+
+def test_the_mesh_config_carries_the_cluster_id_and_the_root_namespace() -> None:
+    """The root namespace is istiod's own in Kubernetes mode, as Istio's rootNamespace
+    defaults to it; the embedded mode keeps istio-system."""
+    embedded = parse_args([*REQUIRED, "--cluster-id", "east", "--trust-domain", "td.example",
+                           "--network", "net-1"])
+    assert embedded.mesh == MeshConfig(trust_domain="td.example", cluster_id="east",
+                                       network="net-1", root_namespace="istio-system")
+    kubernetes = parse_args(["--kubernetes", "--state-dir", "state", "--pod-namespace", "mesh",
+                             "--cluster-id", "west"])
+    assert kubernetes.kubernetes is not None and kubernetes.kubernetes.namespace == "mesh"
+    assert kubernetes.root_namespace == "mesh"
+    assert kubernetes.mesh == MeshConfig(cluster_id="west", root_namespace="mesh")
 
 
 @pytest.mark.parametrize(

@@ -25,24 +25,23 @@ from istiod_lite.kube.client import (
     open_response_lines,
     run_blocking,
 )
-from istiod_lite.sources.kubernetes import (
+from istiod_lite.sources.kube_watch import (
     DEFAULT_KINDS,
     LAST_APPLIED_ANNOTATION,
     Backoff,
     BackoffPolicy,
     KindStore,
-    KubernetesSource,
     NotReady,
     ResourceExpired,
     StoreChange,
     WatchedKind,
     WatchFailed,
-    error_text,
     list_function,
     parse_watch_line,
     prepare_object,
     slim_object,
 )
+from istiod_lite.sources.kubernetes import KubernetesSource, error_text
 from istiod_lite.sources.objects import ClusterObjects
 
 PODS = WatchedKind("v1", "Pod", "pods")

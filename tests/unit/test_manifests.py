@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from istiod_lite.config import build_parser as istiod_parser
-from istiod_lite.sources.objects import KIND_FIELDS, validate_object
+from istiod_lite.sources.objects import KIND_FIELDS
+from istiod_lite.sources.validation import validate_object
 from ztunnel.config import Ports
 from ztunnel.config import build_parser as ztunnel_parser
 

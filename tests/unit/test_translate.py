@@ -27,8 +27,10 @@ from ambient_api.model import (
     WorkloadStatus,
     resource_key,
 )
-from istiod_lite.sources.objects import ClusterObjects, parse_documents
-from istiod_lite.translate import MeshConfig, selector_matches, translate
+from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.sources.validation import parse_documents
+from istiod_lite.translate import MeshConfig, translate
+from istiod_lite.translate.common import selector_matches
 
 AMBIENT_NS = """
 apiVersion: v1

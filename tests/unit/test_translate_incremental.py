@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from ambient_api.model import Service, Workload
-from istiod_lite import translate as translate_module
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate import IncrementalTranslator, translate
+from istiod_lite.translate import incremental as incremental_module
 
 
 def _meta(name: str, namespace: str | None, labels: dict[str, str] | None = None
@@ -152,7 +152,7 @@ def test_a_translation_that_raises_leaves_the_last_good_one_to_build_on(
         raise RuntimeError("boom")
 
     with monkeypatch.context() as patch:
-        patch.setattr(translate_module, "waypoint_resources", fail)
+        patch.setattr(incremental_module, "waypoint_resources", fail)
         with pytest.raises(RuntimeError):
             translator.translate(snapshot(objects))
     objects["Pod/demo/p2"] = pod("p2", "127.0.20.78", {"app": "api"})

@@ -13,9 +13,11 @@ from structlog.testing import capture_logs
 
 from ambient_api import l7
 from ambient_api.model import Service, Workload
-from istiod_lite.sources.objects import ClusterObjects, InvalidObject, parse_documents
+from istiod_lite.sources.objects import ClusterObjects, InvalidObject
+from istiod_lite.sources.validation import parse_documents
 from istiod_lite.translate import MeshConfig
-from istiod_lite.translate_routes import route_resources, waypoint_resources
+from istiod_lite.translate.routes import route_resources
+from istiod_lite.translate.waypoints import waypoint_resources
 
 # The Istio docs' waypoint (as `istioctl waypoint generate` writes it, plus the address the
 # embedded mode needs) and the traffic-shifting task's 90/10 canary for reviews.

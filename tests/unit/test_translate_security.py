@@ -21,7 +21,7 @@ from ambient_api.l7 import (
 )
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate import MeshConfig, translate
-from istiod_lite.translate_security import jwks_problem, security_resources
+from istiod_lite.translate.security import jwks_problem, security_resources
 
 MESH = MeshConfig()
 WAYPOINT = "waypoint:demo/waypoint"

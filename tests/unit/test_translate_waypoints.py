@@ -20,9 +20,10 @@ from ambient_api.model import (
     Workload,
     resource_key,
 )
-from istiod_lite.sources.objects import ClusterObjects, InvalidObject, parse_documents
+from istiod_lite.sources.objects import ClusterObjects, InvalidObject
+from istiod_lite.sources.validation import parse_documents
 from istiod_lite.translate import MeshConfig, translate
-from istiod_lite.translate_routes import waypoint_for, waypoint_gateway, waypoint_resources
+from istiod_lite.translate.waypoints import waypoint_for, waypoint_gateway, waypoint_resources
 
 # `istioctl waypoint generate` / the Istio docs, with the address the embedded mode needs.
 CANONICAL_WAYPOINT = """

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from istiod_lite.kube.leader import LeaseObservation, plan_lease_update
-from istiod_lite.kube.waypoints import (
+from istiod_lite.kube.waypoint_objects import (
     InvalidWaypoint,
     desired_objects,
     gateway_status,

@@ -5,13 +5,13 @@
 Decisions worth knowing (Istio's behaviour unless said otherwise):
 
 * Only policies with ``targetRefs`` (or the singular ``targetRef``) reach waypoints; the L4
-  translator (``translate.py``) skips exactly those. A target is a waypoint ``Gateway``
+  translator (``l4.py``) skips exactly those. A target is a waypoint ``Gateway``
   (group ``gateway.networking.k8s.io``) -> ``waypoint:<ns>/<name>``, or a ``Service`` ->
   ``<ns>/<name>.<ns>.svc.<cluster domain>``; other kinds are skipped with a warning, and a
   target in another namespace than the policy's is refused (Istio requires the same one).
   A target naming an object that does not exist is kept, with a warning: it takes effect when
   the object appears.
-* Principals are stored without ``spiffe://`` (as in ``translate.py``); ``serviceAccounts:
+* Principals are stored without ``spiffe://`` (as in ``l4.py``); ``serviceAccounts:
   [ns/sa]`` become principals ``<trust domain>/ns/<ns>/sa/<sa>``.
 * An ALLOW rule using something a waypoint cannot check (an unknown ``when`` key, an unknown
   source/operation field, a malformed value) is dropped: it can never match, so it fails
@@ -32,17 +32,20 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from ambient_api import l7
-from istiod_lite.convert import convert_each, name_of, namespace_of, service_hostname
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate_routes import GATEWAY_GROUP
-
-if TYPE_CHECKING:  # translate.py imports this module; import it only for types.
-    from istiod_lite.translate import MeshConfig
+from istiod_lite.translate.common import (
+    GATEWAY_GROUP,
+    convert_each,
+    name_of,
+    namespace_of,
+    service_hostname,
+)
+from istiod_lite.translate.mesh import MeshConfig
 
 logger = structlog.get_logger(__name__)
 
@@ -132,7 +135,7 @@ def _authorization(
     spec = policy.get("spec") or {}
     refs = _target_refs(spec)
     if not refs:
-        return None  # an L4 policy: translate.py's
+        return None  # an L4 policy: l4.py's
     if spec.get("selector"):
         logger.warning("policy has both selector and targetRefs; the selector is ignored",
                        policy=where)

@@ -1,4 +1,4 @@
-"""Kubernetes objects -> the wire model (Workloads, Services, Authorizations, Nodes).
+"""Kubernetes objects -> the L4 wire model (Workloads, Services, Authorizations, Nodes).
 
 This is what istiod does for ztunnel, reduced to what an L4 node proxy needs. Decisions worth
 knowing (Istio's behaviour unless said otherwise):
@@ -32,19 +32,20 @@ knowing (Istio's behaviour unless said otherwise):
   ``workload`` -> Workloads, ``all`` -> both, ``none`` -> neither. The waypoint's own pods and
   Service (labelled ``gateway.networking.k8s.io/gateway-name``) never get one.
 
-A broken object never stops translation: it is skipped with a logged warning.
+``L4Translator`` converts one object at a time (``incremental.py`` decides which objects
+need it); AuthorizationPolicy rules are converted in ``authorization.py``. A broken object
+never stops translation: it is skipped with a logged warning.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 
-from ambient_api.kinds import AnyResource
 from ambient_api.model import (
     Authorization,
     AuthorizationAction,
@@ -56,229 +57,52 @@ from ambient_api.model import (
     NetworkAddress,
     Node,
     PortMapping,
-    Resource,
     Rule,
     Service,
     TunnelProtocol,
     Workload,
     WorkloadStatus,
-    resource_key,
 )
-from istiod_lite.convert import (
-    convert_each,
-    convert_one,
+from istiod_lite.labels import (
+    AMBIENT,
+    CANONICAL_NAME_LABEL,
+    CANONICAL_REVISION_LABEL,
+    DATAPLANE_MODE_LABEL,
+    GATEWAY_NAME_LABEL,
+    NETWORK_LABEL,
+    REGION_LABEL,
+    SUBZONE_LABEL,
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    ZONE_LABEL,
+)
+from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.translate.authorization import l4_rule
+from istiod_lite.translate.common import (
     labels_of,
     name_of,
     namespace_of,
+    selector_matches,
     service_hostname,
 )
-from istiod_lite.sources.objects import CLUSTER_OBJECT_FIELDS, ClusterObjects
-from istiod_lite.translate_routes import (
-    GATEWAY_NAME_LABEL,
-    route_resources,
-    waypoint_for,
-    waypoint_gateway,
-    waypoint_resources,
-)
-from istiod_lite.translate_security import security_resources
+from istiod_lite.translate.mesh import MeshConfig
+from istiod_lite.translate.waypoints import waypoint_for, waypoint_gateway
 
 logger = structlog.get_logger(__name__)
 
-DATAPLANE_MODE = "istio.io/dataplane-mode"
-USE_WAYPOINT = "istio.io/use-waypoint"
-USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
-NETWORK_LABEL = "topology.istio.io/network"
-REGION_LABEL = "topology.kubernetes.io/region"
-ZONE_LABEL = "topology.kubernetes.io/zone"
-SUBZONE_LABEL = "topology.istio.io/subzone"
-CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
-CANONICAL_REVISION_LABELS = (
-    "service.istio.io/canonical-revision",
-    "app.kubernetes.io/version",
-    "version",
-)
+CANONICAL_NAME_LABELS = (CANONICAL_NAME_LABEL, "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = (CANONICAL_REVISION_LABEL, "app.kubernetes.io/version", "version")
 # Istio's protocol selection by port name: "<protocol>[-<suffix>]".
 KNOWN_PORT_PROTOCOLS = frozenset(
     {"http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis"}
 )
 CONVERTED_PEER_AUTHENTICATION_PREFIX = "converted-peer-authentication-"
+EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
+EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
 
 
 @dataclass(frozen=True)
-class MeshConfig:
-    """Mesh-wide settings istiod would take from its MeshConfig and flags."""
-
-    trust_domain: str = "cluster.local"
-    cluster_id: str = "Kubernetes"
-    network: str = ""
-    root_namespace: str = "istio-system"
-    cluster_domain: str = "cluster.local"
-
-
-def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
-    """Kubernetes LabelSelector semantics: ``matchLabels`` and ``matchExpressions`` (In,
-    NotIn, Exists, DoesNotExist) all have to hold; an empty selector matches everything."""
-    selector = selector or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key = expression["key"]
-        operator = expression["operator"]
-        values = expression.get("values") or []
-        if operator == "In":
-            if key not in labels or labels[key] not in values:
-                return False
-        elif operator == "NotIn":
-            if key in labels and labels[key] in values:
-                return False
-        elif operator == "Exists":
-            if key not in labels:
-                return False
-        elif operator == "DoesNotExist":
-            if key in labels:
-                return False
-        else:
-            raise ValueError(f"unknown label selector operator {operator!r}")
-    return True
-
-
-def translate(objects: ClusterObjects, mesh: MeshConfig | None = None) -> list[AnyResource]:
-    """Everything the proxies should know, sorted by kind then key (stable output): the L4
-    model, the waypoints' Services and Workloads, and the L7 resources waypoints read."""
-    return IncrementalTranslator(mesh).translate(objects)
-
-
-class IncrementalTranslator:
-    """Translates successive snapshots of one cluster, as istiod's source loop does.
-
-    Pods change far more often than anything else (every rollout, every scale-up), and at
-    10,000 pods translating the whole cluster per change is what bounds how fast a change
-    reaches the proxies. Sources hand over the very same dict for an object that did not
-    change, so when only pods changed, only the pods that are new or different are
-    translated again, plus what reads pods (Services with a named ``targetPort``, embedded
-    waypoints); any other change translates everything, since a Service, namespace, node,
-    policy or Gateway can change any workload. Either way the result equals
-    ``translate(objects)``."""
-
-    def __init__(self, mesh: MeshConfig | None = None) -> None:
-        self.mesh = mesh or MeshConfig()
-        self._last: _Translation | None = None
-
-    def translate(self, objects: ClusterObjects) -> list[AnyResource]:
-        last = self._last
-        if last is None or not _same_except_pods(last.objects, objects):
-            translation = _Translation.full(objects, self.mesh)
-        elif _same_objects(last.objects.pods, objects.pods):
-            translation = last
-        else:
-            translation = last.with_pods(objects)
-        self._last = translation  # only once it succeeded: a failure keeps the last good one
-        return translation.resources()
-
-
-@dataclass(frozen=True)
-class _Translation:
-    """One snapshot's results, kept per object so that the next snapshot can reuse them."""
-
-    objects: ClusterObjects
-    mesh: MeshConfig
-    selector_policies: list[_SelectorPolicy]
-    nodes: list[Resource]
-    authorizations: list[Resource]
-    services: dict[str, Service | None]  # Service key -> result (None: left out)
-    workloads: dict[str, tuple[dict[str, Any], Workload | None]]  # pod key -> (pod, result)
-    waypoints: list[Resource]
-    l7: list[AnyResource]
-
-    @classmethod
-    def full(cls, objects: ClusterObjects, mesh: MeshConfig) -> _Translation:
-        translator = _Translator(objects, mesh, [])
-        # Authorizations first: workloads list the selector-scoped ones that select them.
-        authorizations: list[Resource] = [
-            *convert_each(objects.authorization_policies, translator._authorization),
-            *convert_each(objects.peer_authentications, translator._peer_authentication),
-        ]
-        return cls(
-            objects=objects,
-            mesh=mesh,
-            selector_policies=translator.selector_policies,
-            nodes=sorted(convert_each(objects.nodes, translator._node), key=resource_key),
-            authorizations=sorted(authorizations, key=resource_key),
-            services={
-                key: convert_one(key, service, translator._service)
-                for key, service in objects.services.items()
-            },
-            workloads={
-                key: (pod, convert_one(key, pod, translator._workload))
-                for key, pod in objects.pods.items()
-            },
-            waypoints=sorted(waypoint_resources(objects, mesh), key=resource_key),
-            l7=[*route_resources(objects, mesh), *security_resources(objects, mesh)],
-        )
-
-    def with_pods(self, objects: ClusterObjects) -> _Translation:
-        """This translation for ``objects``, which differs from ours in pods only."""
-        translator = _Translator(objects, self.mesh, self.selector_policies)
-        workloads = {}
-        for key, pod in objects.pods.items():
-            held = self.workloads.get(key)
-            if held is None or held[0] is not pod:
-                held = (pod, convert_one(key, pod, translator._workload))
-            workloads[key] = held
-        services = dict(self.services)
-        for key, service in objects.services.items():
-            if _reads_pods(service):
-                services[key] = convert_one(key, service, translator._service)
-        return replace(
-            self,
-            objects=objects,
-            services=services,
-            workloads=workloads,
-            waypoints=sorted(waypoint_resources(objects, self.mesh), key=resource_key),
-        )
-
-    def resources(self) -> list[AnyResource]:
-        services = [service for service in self.services.values() if service is not None]
-        workloads = [workload for _pod, workload in self.workloads.values() if workload]
-        return [
-            *self.nodes,
-            *sorted(services, key=resource_key),
-            *self.authorizations,
-            *sorted(workloads, key=resource_key),
-            *self.waypoints,
-            *self.l7,
-        ]
-
-
-def _same_objects(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether two snapshots of one kind hold the very same objects (identity: a source
-    passes an unchanged object on as the same dict)."""
-    return len(old) == len(new) and all(new.get(key) is obj for key, obj in old.items())
-
-
-def _same_except_pods(old: ClusterObjects, new: ClusterObjects) -> bool:
-    return all(
-        _same_objects(getattr(old, name), getattr(new, name))
-        for name in CLUSTER_OBJECT_FIELDS
-        if name != "pods"
-    )
-
-
-def _reads_pods(service: Mapping[str, Any]) -> bool:
-    """A Service whose translation reads its pods: a named ``targetPort`` is looked up in
-    the selected pods' container ports."""
-    return any(
-        isinstance(port.get("targetPort"), str) and not port["targetPort"].isdecimal()
-        for port in (service.get("spec") or {}).get("ports") or []
-    )
-
-
-# -- internals ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _SelectorPolicy:
+class SelectorPolicy:
     """A WORKLOAD_SELECTOR Authorization with what it selects."""
 
     key: str
@@ -292,12 +116,12 @@ class _SelectorPolicy:
         return selector_matches(self.selector, labels)
 
 
-class _Translator:
+class L4Translator:
     """Converts one object at a time, given the rest of the cluster (with indexes built once
     per snapshot, so that matching pods and Services is not a scan of either)."""
 
     def __init__(
-        self, objects: ClusterObjects, mesh: MeshConfig, selector_policies: list[_SelectorPolicy]
+        self, objects: ClusterObjects, mesh: MeshConfig, selector_policies: list[SelectorPolicy]
     ) -> None:
         self.objects = objects
         self.mesh = mesh
@@ -310,7 +134,7 @@ class _Translator:
 
     # -- nodes --------------------------------------------------------------------------
 
-    def _node(self, node: dict[str, Any]) -> Node | None:
+    def node(self, node: dict[str, Any]) -> Node | None:
         addresses = (node.get("status") or {}).get("addresses") or []
         internal = [a["address"] for a in addresses if a.get("type") == "InternalIP"]
         if not internal:
@@ -325,7 +149,7 @@ class _Translator:
 
     # -- services -----------------------------------------------------------------------
 
-    def _service(self, service: dict[str, Any]) -> Service | None:
+    def service(self, service: dict[str, Any]) -> Service | None:
         name, namespace = name_of(service), namespace_of(service)
         spec = service.get("spec") or {}
         if spec.get("type") == "ExternalName":
@@ -403,12 +227,12 @@ class _Translator:
         namespace's waypoint. The named Gateway must exist, be an ``istio-waypoint`` and take
         this ``traffic`` (its ``istio.io/waypoint-for``), else there is no waypoint."""
         source = labels
-        if USE_WAYPOINT not in labels:
+        if USE_WAYPOINT_LABEL not in labels:
             source = self._namespace_labels(namespace)
-        waypoint = source.get(USE_WAYPOINT, "")
+        waypoint = source.get(USE_WAYPOINT_LABEL, "")
         if not waypoint or waypoint == "none":
             return None
-        waypoint_namespace = source.get(USE_WAYPOINT_NAMESPACE) or namespace
+        waypoint_namespace = source.get(USE_WAYPOINT_NAMESPACE_LABEL) or namespace
         gateway = waypoint_gateway(self.objects, waypoint_namespace, waypoint)
         if gateway is None:
             logger.warning(
@@ -430,7 +254,7 @@ class _Translator:
 
     # -- workloads ----------------------------------------------------------------------
 
-    def _workload(self, pod: dict[str, Any]) -> Workload | None:
+    def workload(self, pod: dict[str, Any]) -> Workload | None:
         name, namespace = name_of(pod), namespace_of(pod)
         spec = pod.get("spec") or {}
         status = pod.get("status") or {}
@@ -445,8 +269,8 @@ class _Translator:
         labels = labels_of(pod)
         namespace_labels = self._namespace_labels(namespace)
         ambient = (
-            namespace_labels.get(DATAPLANE_MODE) == "ambient"
-            and labels.get(DATAPLANE_MODE) != "none"
+            namespace_labels.get(DATAPLANE_MODE_LABEL) == AMBIENT
+            and labels.get(DATAPLANE_MODE_LABEL) != "none"
             and not spec.get("hostNetwork", False)
         )
         workload_type, workload_name = _workload_owner(pod)
@@ -506,7 +330,7 @@ class _Translator:
         if authorization.scope is AuthorizationScope.WORKLOAD_SELECTOR and selector:
             selector_matches(selector, {})  # a malformed selector fails here, for this policy
             self.selector_policies.append(
-                _SelectorPolicy(
+                SelectorPolicy(
                     key=authorization.key,
                     namespace=authorization.namespace,
                     selector=selector,
@@ -515,7 +339,7 @@ class _Translator:
                 )
             )
 
-    def _authorization(self, policy: dict[str, Any]) -> Authorization | None:
+    def authorization(self, policy: dict[str, Any]) -> Authorization | None:
         name, namespace = name_of(policy), namespace_of(policy)
         spec = policy.get("spec") or {}
         if spec.get("targetRefs") or spec.get("targetRef"):
@@ -533,7 +357,7 @@ class _Translator:
         where = f"{namespace}/{name}"
         rules = []
         for index, rule in enumerate(spec.get("rules") or []):
-            converted = _convert_rule(rule, action, f"{where} rules[{index}]", self.mesh)
+            converted = l4_rule(rule, action, f"{where} rules[{index}]", self.mesh)
             if converted is not None:
                 rules.append(converted)
         selector = spec.get("selector")
@@ -547,7 +371,7 @@ class _Translator:
         self._register_selector(authorization, selector, root_applies_everywhere=True)
         return authorization
 
-    def _peer_authentication(self, peer_authentication: dict[str, Any]) -> Authorization | None:
+    def peer_authentication(self, peer_authentication: dict[str, Any]) -> Authorization | None:
         name, namespace = name_of(peer_authentication), namespace_of(peer_authentication)
         spec = peer_authentication.get("spec") or {}
         if spec.get("portLevelMtls"):
@@ -657,10 +481,6 @@ _GENERATED_SUFFIX = re.compile(r"^(?P<base>.+)-[a-z0-9]{5,10}$")
 _CRONJOB_SUFFIX = re.compile(r"^(?P<base>.+)-\d{8,}$")
 
 
-EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
-EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
-
-
 def _port_list_annotation(pod: Mapping[str, Any], annotation: str) -> tuple[int, ...]:
     """Istio's comma-separated port list; entries that are not ports are logged and skipped
     (one bad entry must not cost the pod its other exclusions)."""
@@ -713,138 +533,3 @@ def _pod_status(pod: Mapping[str, Any]) -> WorkloadStatus:
         if condition.get("type") == "Ready" and condition.get("status") == "False":
             return WorkloadStatus.UNHEALTHY
     return WorkloadStatus.HEALTHY
-
-
-# -- AuthorizationPolicy rules -> L4 rules --------------------------------------------------
-
-_L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
-_L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
-# when-condition key -> (Match field for values, Match field for notValues)
-_L4_CONDITIONS = {
-    "source.ip": ("source_ips", "not_source_ips"),
-    "remote.ip": ("source_ips", "not_source_ips"),
-    "source.namespace": ("namespaces", "not_namespaces"),
-    "source.principal": ("principals", "not_principals"),
-    "destination.ip": ("destination_ips", "not_destination_ips"),
-    "destination.port": ("destination_ports", "not_destination_ports"),
-}
-
-
-def _principal(value: str) -> str:
-    return value.removeprefix("spiffe://")
-
-
-def _service_account_principal(value: str, mesh: MeshConfig) -> str:
-    namespace, _, account = value.partition("/")
-    if not account:
-        raise ValueError(f"serviceAccounts entry {value!r} is not namespace/name")
-    return f"{mesh.trust_domain}/ns/{namespace}/sa/{account}"
-
-
-def _values(mapping: Mapping[str, Any], key: str) -> list[str]:
-    return list(mapping.get(key) or ())
-
-
-def _source_match(source: Mapping[str, Any], mesh: MeshConfig) -> tuple[Match, list[str]]:
-    """One ``from`` entry -> a Match, plus the names of the fields L4 cannot check."""
-    unenforceable = [f"from.source.{f}" for f in _L7_SOURCE_FIELDS if source.get(f)]
-    known = {
-        "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks",
-        "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks", "serviceAccounts",
-        "notServiceAccounts", *_L7_SOURCE_FIELDS,
-    }
-    unenforceable += [f"from.source.{f}" for f in source if f not in known]
-    if source.get("ipBlocks") and source.get("remoteIpBlocks"):
-        # Both must hold, but a Match can only OR the values of one field.
-        unenforceable.append("from.source.ipBlocks together with remoteIpBlocks")
-    principals = [_principal(p) for p in source.get("principals") or []]
-    principals += [_service_account_principal(s, mesh) for s in source.get("serviceAccounts") or []]
-    not_principals = [_principal(p) for p in source.get("notPrincipals") or []]
-    not_principals += [
-        _service_account_principal(s, mesh) for s in source.get("notServiceAccounts") or []
-    ]
-    match = Match(
-        principals=tuple(principals),
-        not_principals=tuple(not_principals),
-        namespaces=tuple(source.get("namespaces") or ()),
-        not_namespaces=tuple(source.get("notNamespaces") or ()),
-        source_ips=tuple(_values(source, "ipBlocks") + _values(source, "remoteIpBlocks")),
-        not_source_ips=tuple(
-            _values(source, "notIpBlocks") + _values(source, "notRemoteIpBlocks")
-        ),
-    )
-    return match, unenforceable
-
-
-def _operation_match(operation: Mapping[str, Any]) -> tuple[Match, list[str]]:
-    unenforceable = [
-        f"to.operation.{f}"
-        for f in operation
-        if f not in ("ports", "notPorts") and operation.get(f)
-    ]
-    match = Match(
-        destination_ports=tuple(int(p) for p in operation.get("ports") or ()),
-        not_destination_ports=tuple(int(p) for p in operation.get("notPorts") or ()),
-    )
-    return match, unenforceable
-
-
-def _condition_clause(condition: Mapping[str, Any]) -> Clause | None:
-    key = condition["key"]
-    if key not in _L4_CONDITIONS:
-        return None
-    values_field, not_values_field = _L4_CONDITIONS[key]
-    convert: Callable[[str], Any] = str
-    if key == "destination.port":
-        convert = int
-    elif key == "source.principal":
-        convert = _principal
-    fields = {
-        values_field: tuple(convert(v) for v in condition.get("values") or ()),
-        not_values_field: tuple(convert(v) for v in condition.get("notValues") or ()),
-    }
-    return Clause(matches=(Match(**fields),))
-
-
-def _convert_rule(
-    rule: Mapping[str, Any], action: AuthorizationAction, where: str, mesh: MeshConfig
-) -> Rule | None:
-    """One Istio rule -> one Rule (from, to and each when condition are AND'd clauses), or
-    None when an ALLOW rule needs attributes only L7 can see."""
-    clauses: list[Clause] = []
-    unenforceable: list[str] = []
-    if rule.get("from"):
-        matches = []
-        for entry in rule["from"]:
-            match, missing = _source_match(entry.get("source") or {}, mesh)
-            matches.append(match)
-            unenforceable += missing
-        clauses.append(Clause(matches=tuple(matches)))
-    if rule.get("to"):
-        matches = []
-        for entry in rule["to"]:
-            match, missing = _operation_match(entry.get("operation") or {})
-            matches.append(match)
-            unenforceable += missing
-        clauses.append(Clause(matches=tuple(matches)))
-    for condition in rule.get("when") or []:
-        clause = _condition_clause(condition)
-        if clause is None:
-            unenforceable.append(f"when {condition['key']}")
-        else:
-            clauses.append(clause)
-    if unenforceable:
-        fields = sorted(set(unenforceable))
-        if action is AuthorizationAction.ALLOW:
-            logger.warning(
-                "ALLOW rule needs L7 attributes ztunnel cannot check; rule dropped",
-                rule=where,
-                fields=fields,
-            )
-            return None
-        logger.info(
-            "DENY rule has L7 attributes ztunnel cannot check; they are ignored (denies more)",
-            rule=where,
-            fields=fields,
-        )
-    return Rule(clauses=tuple(clauses))

@@ -1,0 +1,118 @@
+"""What the translators share: the one rule they all follow (a broken object is logged and
+skipped, never fatal), Kubernetes label-selector matching and the few accessors of a
+Kubernetes object's metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import date, datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from istiod_lite.translate.mesh import MeshConfig
+
+T = TypeVar("T")
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+# How a route or policy may name the core API group (Services).
+CORE_GROUPS = frozenset({"", "core"})
+
+logger = structlog.get_logger("istiod_lite.translate")
+
+
+def convert_each(
+    objects: Mapping[str, dict[str, Any]], convert: Callable[[dict[str, Any]], T | None]
+) -> list[T]:
+    """``convert`` each object in key order; None results and broken objects are left out,
+    the latter with a warning naming the object and the reason."""
+    converted: list[T] = []
+    for key in sorted(objects):
+        result = convert_one(key, objects[key], convert)
+        if result is not None:
+            converted.append(result)
+    return converted
+
+
+def convert_one(
+    key: str, obj: dict[str, Any], convert: Callable[[dict[str, Any]], T | None]
+) -> T | None:
+    """``convert(obj)``, or None with a warning naming the object and the reason if it is
+    broken."""
+    try:
+        return convert(obj)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        logger.warning(
+            "object not translated",
+            kind=obj.get("kind") if isinstance(obj, dict) else None,
+            key=key,
+            reason=f"{type(exc).__name__}: {exc}",
+        )
+        return None
+
+
+def name_of(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def namespace_of(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"].get("namespace", "default"))
+
+
+def labels_of(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("labels") or {})
+
+
+def service_hostname(name: str, namespace: str, mesh: MeshConfig) -> str:
+    return f"{name}.{namespace}.svc.{mesh.cluster_domain}"
+
+
+def annotations_of(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def where_of(obj: Mapping[str, Any]) -> str:
+    """``<kind> <namespace>/<name>``: how log lines and errors name an object."""
+    return f"{obj.get('kind', 'object')} {namespace_of(obj)}/{name_of(obj)}"
+
+
+def created_at(obj: Mapping[str, Any]) -> str:
+    """``metadata.creationTimestamp`` as RFC 3339 (YAML may have parsed it as a datetime)."""
+    value = obj["metadata"].get("creationTimestamp")
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        text = value.isoformat()
+        return text.replace("+00:00", "Z") if value.tzinfo else f"{text}Z"
+    if isinstance(value, date):
+        return f"{value.isoformat()}T00:00:00Z"
+    return str(value)
+
+
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Kubernetes LabelSelector semantics: ``matchLabels`` and ``matchExpressions`` (In,
+    NotIn, Exists, DoesNotExist) all have to hold; an empty selector matches everything."""
+    selector = selector or {}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key = expression["key"]
+        operator = expression["operator"]
+        values = expression.get("values") or []
+        if operator == "In":
+            if key not in labels or labels[key] not in values:
+                return False
+        elif operator == "NotIn":
+            if key in labels and labels[key] in values:
+                return False
+        elif operator == "Exists":
+            if key not in labels:
+                return False
+        elif operator == "DoesNotExist":
+            if key in labels:
+                return False
+        else:
+            raise ValueError(f"unknown label selector operator {operator!r}")
+    return True
+

@@ -7,9 +7,9 @@ SYSTEM_STAMP := $(VENV)/.system-deps-stamp
 # Debian packages the network-namespace tests and the capture mode use; tcpdump, nc and curl
 # are the capture lab's packet captures and unmodified clients (test_capture_lab.py).
 SYSTEM_PACKAGES := iproute2 iptables util-linux tcpdump netcat-openbsd curl
-PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common ambient_api ambient_dataplane
+PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common ambient_api ambient_dataplane fuzz
 
-.PHONY: venv system-deps kubectl demo test lint bench clean distclean
+.PHONY: venv system-deps kubectl demo test lint bench fuzz clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -77,6 +77,17 @@ $(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(if $(QUICK),--quick)
+
+# Coverage-guided fuzzing of every parser (atheris; never part of `make test`, whose
+# tests/unit/test_fuzz_parsers.py runs the same targets under hypothesis, bounded).
+# FUZZ_SECONDS per target (default 60); crashes are kept in run/fuzz/.
+FUZZ_STAMP := $(VENV)/.fuzz-stamp
+$(FUZZ_STAMP): pyproject.toml $(VENV_STAMP)
+	$(PY) -m pip install --quiet -e '.[test,fuzz]'
+	@touch $@
+
+fuzz: $(FUZZ_STAMP)
+	$(PY) -m fuzz --seconds $(or $(FUZZ_SECONDS),60)
 
 clean:
 	rm -rf run .mypy_cache .ruff_cache .pytest_cache build

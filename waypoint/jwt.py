@@ -77,6 +77,7 @@ class JwtErrorKind(StrEnum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not-yet-valid"
     AUDIENCE = "audience"
+    CRITICAL_HEADER = "critical-header"
 
 
 class JwtError(Exception):
@@ -342,9 +343,43 @@ def _parse(raw: str) -> _Token:
             JwtErrorKind.MALFORMED, "token is not of the form header.payload.signature"
         )
     header = _json_part(parts[0], "header")
+    _check_critical(header)
     payload = _json_part(parts[1], "payload")
     signature = _b64decode(parts[2], "signature")
     return _Token(header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+# Header parameters RFC 7515 and RFC 7519 define; "crit" may not list them (s4.1.11).
+_REGISTERED_HEADERS = frozenset({
+    "alg", "jku", "jwk", "kid", "x5u", "x5c", "x5t", "x5t#S256", "typ", "cty", "crit",
+})
+# Extensions this validator implements, which a token may mark critical: none yet.
+UNDERSTOOD_CRITICAL_HEADERS: frozenset[str] = frozenset()
+
+
+def _check_critical(header: dict[str, Any]) -> None:
+    """RFC 7515 s4.1.11: a token whose ``crit`` names an extension the recipient does not
+    understand must be rejected, and so must a ``crit`` that is not a non-empty list of
+    extension names present in the header."""
+    if "crit" not in header:
+        return
+    names = header["crit"]
+    if not isinstance(names, list) or not names or not all(
+        isinstance(name, str) and name for name in names
+    ):
+        raise JwtError(JwtErrorKind.MALFORMED,
+                       "token header crit is not a non-empty list of header names")
+    for name in names:
+        if name in _REGISTERED_HEADERS or name not in header:
+            raise JwtError(JwtErrorKind.MALFORMED,
+                           f"token header crit lists {name!r}, which is registered or absent")
+    unknown = sorted(set(names) - UNDERSTOOD_CRITICAL_HEADERS)
+    if unknown:
+        raise JwtError(
+            JwtErrorKind.CRITICAL_HEADER,
+            f"token header marks {', '.join(map(repr, unknown))} critical, which this proxy "
+            "does not understand (RFC 7515 section 4.1.11)",
+        )
 
 
 def _b64decode(part: str, what: str) -> bytes:

@@ -218,7 +218,7 @@ def _validate_node(obj: dict[str, Any]) -> None:
 def _validate_authorization_policy(obj: dict[str, Any]) -> None:
     spec = _mapping(obj.get("spec"), "spec")
     action = spec.get("action", "ALLOW")
-    if action not in AUTHORIZATION_ACTIONS:
+    if not _is_one_of(action, AUTHORIZATION_ACTIONS):
         raise ValueError(
             f"spec.action {action!r} is not one of {', '.join(sorted(AUTHORIZATION_ACTIONS))}"
         )
@@ -256,7 +256,7 @@ def _validate_peer_authentication(obj: dict[str, Any]) -> None:
     _workload_selector(spec.get("selector"), "spec.selector")
     mtls = _mapping(spec.get("mtls"), "spec.mtls")
     mode = mtls.get("mode", "UNSET")
-    if mode not in MTLS_MODES:
+    if not _is_one_of(mode, MTLS_MODES):
         raise ValueError(f"spec.mtls.mode {mode!r} is not one of {', '.join(sorted(MTLS_MODES))}")
     _mapping(spec.get("portLevelMtls"), "spec.portLevelMtls")
 
@@ -421,7 +421,7 @@ def _validate_local_rate_limit(obj: dict[str, Any]) -> None:
     for i, ref in enumerate(refs):
         ref = _mapping(ref, f"spec.targetRefs[{i}]")
         kind = ref.get("kind")
-        if kind not in RATE_LIMIT_TARGET_KINDS:
+        if not _is_one_of(kind, RATE_LIMIT_TARGET_KINDS):
             raise ValueError(f"spec.targetRefs[{i}].kind {kind!r} is not Service or Gateway")
         _string(ref.get("name"), f"spec.targetRefs[{i}].name")
         _optional_string(ref.get("group"), f"spec.targetRefs[{i}].group")
@@ -453,6 +453,11 @@ _VALIDATORS = {
 }
 
 
+def _is_one_of(value: Any, allowed: frozenset[str]) -> bool:
+    """A set test that an unhashable value from YAML (a list, a mapping) fails cleanly."""
+    return isinstance(value, str) and value in allowed
+
+
 def _workload_selector(value: Any, where: str) -> None:
     selector = _mapping(value, where)
     _string_map(selector.get("matchLabels"), f"{where}.matchLabels")
@@ -461,7 +466,7 @@ def _workload_selector(value: Any, where: str) -> None:
         expression = _mapping(expression, f"{where}.matchExpressions[{i}]")
         _string(expression.get("key"), f"{where}.matchExpressions[{i}].key")
         operator = expression.get("operator")
-        if operator not in SELECTOR_OPERATORS:
+        if not _is_one_of(operator, SELECTOR_OPERATORS):
             raise ValueError(
                 f"{where}.matchExpressions[{i}].operator {operator!r} is not one of "
                 f"{', '.join(sorted(SELECTOR_OPERATORS))}"

@@ -395,3 +395,22 @@ def test_www_authenticate() -> None:
 
 def test_result_defaults() -> None:
     assert JwtResult() == NO_TOKEN
+
+
+def signed_with_header(**header: Any) -> str:
+    return jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1", **header})
+
+
+def test_a_critical_extension_the_proxy_does_not_understand_is_rejected() -> None:
+    """RFC 7515 s4.1.11: accepting it would ignore a constraint the issuer made binding."""
+    assert validator().validate(bearer(signed_with_header(x="1"))).principal == f"{ISSUER}/alice"
+    with pytest.raises(JwtError, match="'exp-policy' critical") as caught:
+        validator().validate(bearer(signed_with_header(crit=["exp-policy"],
+                                                       **{"exp-policy": "strict"})))
+    assert caught.value.kind is JwtErrorKind.CRITICAL_HEADER
+
+
+@pytest.mark.parametrize("crit", [[], "exp-policy", [""], [1], ["alg"], ["missing"]])
+def test_a_malformed_crit_header_is_rejected(crit: Any) -> None:
+    token_text = signed_with_header(crit=crit, **{"exp-policy": "strict"})
+    assert rejected(validator(), bearer(token_text)) is JwtErrorKind.MALFORMED

@@ -60,9 +60,7 @@ class HboneClient:
         max_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         peer_identity: SpiffeId | None = None,
     ) -> None:
-        self._session = H2Session(
-            transport, client_side=True, max_concurrent_streams=max_streams
-        )
+        self._session = H2Session(transport, client_side=True, max_concurrent_streams=max_streams)
         self._session.conn.encoder = PlainLiteralEncoder()
         self.max_streams = max_streams
         self.peer_identity = peer_identity

@@ -57,9 +57,6 @@ DRAIN_CLOSE_GRACE = 1.0
 RequestReceiver = Callable[[h2.events.RequestReceived], None]
 
 
-# -- the Trio driver -------------------------------------------------------------------------
-
-
 class _Sender(Protocol):
     """Where a session's outbound bytes go: handed over without awaiting, sent by ``flush``."""
 
@@ -431,7 +428,8 @@ class H2Session:
         return True
 
     def _handle_event(self, event: h2.events.Event) -> None:
-        """Act on one h2 event: stream bookkeeping here, a request's meaning by ``on_request``."""
+        """Act on one h2 event (the frequent ones first): stream bookkeeping here, what a
+        request means by ``on_request``."""
         if isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
             flow_length = event.flow_controlled_length or 0
@@ -442,6 +440,8 @@ class H2Session:
                 if padding:
                     self.acknowledge(event.stream_id, padding)
                 stream._on_data(event.data or b"")
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self._wake_window_waiters()
         elif isinstance(event, h2.events.RequestReceived):
             if self._on_request is not None:
                 self._on_request(event)
@@ -461,8 +461,6 @@ class H2Session:
                     stream.refused = True
                 stream._on_broken(f"stream reset by peer ({_code_name(event.error_code)})")
                 self._wake_window_waiters()
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-            self._wake_window_waiters()
         elif isinstance(event, h2.events.ConnectionTerminated):
             # A GOAWAY that reached h2 (an error one, or any on the server side): h2 cannot
             # keep using a connection after it, so in-flight streams end too.

@@ -1,5 +1,5 @@
 """The waypoint's HTTP messages: a buffered request and response, and the rules both servers
-apply to them (what the handler sees of a request's headers, a declared body length, how a
+apply to them (what the handler sees of a request's headers, its declared body length, how a
 response is framed on the wire, a handler's failure as a 500).
 
 Requests are buffered whole (up to ``HttpLimits``) before the handler sees them, so retries
@@ -183,6 +183,8 @@ def _phrase(status: int) -> str:
 
 
 def declared_content_length(values: Sequence[str]) -> int | None:
+    """The body length a request's Content-Length values declare (repeats must agree); None
+    without one. Raises HttpRequestError(400)."""
     distinct = {value.strip() for value in values}
     if not distinct:
         return None
@@ -192,11 +194,6 @@ def declared_content_length(values: Sequence[str]) -> int | None:
     if not text.isdigit():
         raise HttpRequestError(400, f"invalid content-length {text!r}")
     return int(text)
-
-
-def head_size(method: str, target: str, headers: Iterable[tuple[str, str]]) -> int:
-    """Bytes of a request head as HTTP/1.1 would write it (also used to bound HTTP/2)."""
-    return len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in headers)
 
 
 async def call_handler(handler: HttpHandler, request: HttpRequest) -> HttpResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import urllib.parse
+from collections.abc import Iterable
 
 import h11
 import structlog
@@ -25,7 +26,6 @@ from waypoint.http.messages import (
     declared_content_length,
     error_response,
     handler_headers,
-    head_size,
     response_wire_form,
 )
 
@@ -41,6 +41,11 @@ async def serve_h1(
 ) -> None:
     """Serve requests until the client is done (``initial_bytes``: read while sniffing)."""
     await _Http1Server(stream, handler, limits, initial_bytes).run()
+
+
+def _head_size(method: str, target: str, headers: Iterable[tuple[str, str]]) -> int:
+    """Bytes of a request head as HTTP/1.1 writes it."""
+    return len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in headers)
 
 
 class _ClientGone(Exception):
@@ -121,7 +126,7 @@ class _Http1Server:
         raw_target = event.target.decode("ascii")
         raw_headers = [(name.decode("ascii"), value.decode("latin-1"))
                        for name, value in event.headers]
-        if head_size(method, raw_target, raw_headers) > self._limits.max_header_bytes:
+        if _head_size(method, raw_target, raw_headers) > self._limits.max_header_bytes:
             raise HttpRequestError(431, "request header block exceeds "
                                    f"{self._limits.max_header_bytes} bytes")
         if method == "CONNECT":

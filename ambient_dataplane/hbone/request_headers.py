@@ -52,7 +52,7 @@ def validate_request_headers(
     for raw_name, raw_value in raw:
         name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
-        if CONTROL_CHARACTER.search(value):
+        if not value.isprintable() and CONTROL_CHARACTER.search(value):  # (a fast path first)
             raise MalformedHeaders(name, f"header {name!r} has a control character")
         if name.startswith(":"):
             if regular:

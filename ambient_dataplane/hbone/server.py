@@ -116,7 +116,7 @@ class _ServerConnection:
             transport, client_side=False, max_concurrent_streams=max_concurrent_streams,
             on_request=self._on_request,
         )
-        self.connection = connection
+        self._connection = connection
         self._handler = handler
         self._nursery = nursery
 
@@ -138,7 +138,7 @@ class _ServerConnection:
         except HboneRejection as rejection:
             session.log.info(
                 "hbone.request_rejected", stream=stream_id, status=rejection.status,
-                reason=rejection.reason, peer=str(self.connection.peer_identity),
+                reason=rejection.reason, peer=str(self._connection.peer_identity),
             )
             with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset already, as above
                 session.conn.send_headers(
@@ -157,7 +157,7 @@ class _ServerConnection:
 
     async def _run_handler(self, request: ConnectRequest, stream: HboneStream) -> None:
         session = self.session
-        responder = HboneResponder(session, stream, self.connection)
+        responder = HboneResponder(session, stream, self._connection)
         try:
             await self._handler(request, responder)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -191,11 +191,9 @@ async def serve_hbone(
     """
     if drain is None:
         drain = current_drain()
+    info = connection or ConnectionInfo()
     async with trio.open_nursery() as nursery:
-        served = _ServerConnection(
-            stream, handler, nursery, connection or ConnectionInfo(), max_concurrent_streams
-        )
-        session = served.session
+        session = _ServerConnection(stream, handler, nursery, info, max_concurrent_streams).session
         if drain is not None and drain.started:
             # Before the first read: a CONNECT already on the wire is then refused, never run.
             session.begin_drain()
@@ -208,7 +206,7 @@ async def serve_hbone(
             nursery.cancel_scope.cancel()
             if session.closed_reason not in (None, "peer closed the connection"):
                 session.log.info("hbone.connection_closed", reason=session.closed_reason,
-                                 peer=str(served.connection.peer_identity))
+                                 peer=str(info.peer_identity))
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await stream.aclose()
 

@@ -93,7 +93,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._session.release(self)
         self._signal()
 
-    # -- trio stream interface ---------------------------------------------------------------
+    # -- a client's request ------------------------------------------------------------------
     async def receive_response_headers(self) -> Sequence[tuple[bytes, bytes]]:
         """The response head to the request this stream carries (a client's CONNECT); empty
         when the stream broke first (``broken_reason`` says why)."""
@@ -101,6 +101,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             await self._inbound_changed.wait()
         return self.response_headers
 
+    # -- trio stream interface ---------------------------------------------------------------
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send as DATA frames, waiting for WINDOW_UPDATEs when flow control says so."""
         if self._sending:

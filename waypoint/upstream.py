@@ -33,7 +33,7 @@ from ambient_dataplane.hbone import (
 from ambient_dataplane.hbone.pool import HbonePool, PoolKey
 from ambient_dataplane.tls import PeerIdentityError
 from waypoint.http import HttpRequest, HttpResponse, sendable_headers, strip_hop_by_hop
-from waypoint.http1 import Response, ResponseError, ResponseParser, render_request
+from waypoint.http.client_h1 import Response, ResponseError, ResponseParser, render_request
 
 log = structlog.get_logger()
 

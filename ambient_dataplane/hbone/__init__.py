@@ -1,15 +1,25 @@
 """HBONE: HTTP/2 CONNECT over mutual TLS, the tunnel between ztunnels and waypoints.
 
-``protocol`` holds the sans-IO rules; ``server``/``client`` are thin Trio drivers over h2;
-``splice`` pipes a tunnel to a socket. Everything public is re-exported here.
+Sans-IO rules: ``protocol`` (CONNECT requests), ``request_headers`` (RFC 9113 header blocks,
+also the waypoint's HTTP/2), ``goaway`` (graceful drain around h2), ``errors`` (one hierarchy
+with status hints). Trio drivers: ``session`` (one h2 connection, composed by its owners),
+``stream`` (one HTTP/2 stream as a trio stream), ``client``/``server`` (the two HBONE ends),
+``splice`` (a tunnel piped to a socket), ``pool`` (client connections by peer). Everything
+public but the pool is re-exported here.
 """
 
 from ambient_dataplane.hbone.client import (
     HboneClient,
-    HboneConnectError,
     connect,
     connect_tls,
     open_hbone_client,
+)
+from ambient_dataplane.hbone.errors import (
+    HboneConnectError,
+    HboneError,
+    HboneProtocolError,
+    HboneRejection,
+    MalformedHeaders,
 )
 from ambient_dataplane.hbone.protocol import (
     CONNECTION_WINDOW,
@@ -18,7 +28,6 @@ from ambient_dataplane.hbone.protocol import (
     REASON_HEADER,
     STREAM_WINDOW,
     ConnectRequest,
-    HboneRejection,
     connect_headers,
     format_authority,
     new_traceparent,
@@ -26,6 +35,7 @@ from ambient_dataplane.hbone.protocol import (
     parse_baggage,
     parse_connect,
 )
+from ambient_dataplane.hbone.request_headers import RequestHeaderBlock, validate_request_headers
 from ambient_dataplane.hbone.server import (
     ConnectHandler,
     ConnectionInfo,
@@ -34,8 +44,8 @@ from ambient_dataplane.hbone.server import (
     serve_hbone,
     serve_hbone_tls,
 )
-from ambient_dataplane.hbone.session import HboneStream
 from ambient_dataplane.hbone.splice import SpliceError, SpliceResult, splice
+from ambient_dataplane.hbone.stream import HboneStream
 
 __all__ = [
     "CONNECTION_WINDOW",
@@ -48,9 +58,13 @@ __all__ = [
     "ConnectionInfo",
     "HboneClient",
     "HboneConnectError",
+    "HboneError",
+    "HboneProtocolError",
     "HboneRejection",
     "HboneResponder",
     "HboneStream",
+    "MalformedHeaders",
+    "RequestHeaderBlock",
     "SpliceError",
     "SpliceResult",
     "accept_tls",
@@ -66,4 +80,5 @@ __all__ = [
     "serve_hbone",
     "serve_hbone_tls",
     "splice",
+    "validate_request_headers",
 ]

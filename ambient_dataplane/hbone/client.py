@@ -13,18 +13,19 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
-import h2.events
 import h2.exceptions
 import trio
 from hpack import Encoder, NeverIndexedHeaderTuple
 
 from ambient_api.identity import SpiffeId
+from ambient_dataplane.hbone.errors import HboneConnectError
 from ambient_dataplane.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
     UNIQUE_PER_CONNECTION_HEADERS,
 )
-from ambient_dataplane.hbone.session import GoawayNotice, H2Session, HboneStream
+from ambient_dataplane.hbone.session import H2Session
+from ambient_dataplane.hbone.stream import HboneStream
 from ambient_dataplane.tls import TlsStream, mutual_handshake, verify_peer
 
 _CONNECT_TIMEOUT = 10.0
@@ -33,20 +34,6 @@ _CONNECT_TIMEOUT = 10.0
 # somewhere else than in the current network namespace (ztunnel's in-pod mode dials from
 # inside the source pod's namespace, with its bypass mark).
 SocketOpener = Callable[[str, int], Awaitable[trio.SocketStream]]
-
-
-class HboneConnectError(Exception):
-    """A CONNECT that did not get a 200; ``status`` is None when no HTTP answer came back.
-
-    ``retryable``: the server certainly did not act on it (the connection drains, or the stream
-    was refused), so it may be sent again on another connection.
-    """
-
-    def __init__(self, status: int | None, reason: str, *, retryable: bool = False) -> None:
-        super().__init__(f"{status}: {reason}" if status is not None else reason)
-        self.status = status
-        self.reason = reason
-        self.retryable = retryable
 
 
 class PlainLiteralEncoder(Encoder):
@@ -63,39 +50,6 @@ class PlainLiteralEncoder(Encoder):
         return super().encode(headers, huffman=False)
 
 
-class _ClientSession(H2Session):
-    def __init__(self, transport: trio.abc.Stream, max_concurrent_streams: int) -> None:
-        super().__init__(transport, client_side=True, max_concurrent_streams=max_concurrent_streams)
-        self.conn.encoder = PlainLiteralEncoder()
-        self.responses: dict[int, trio.Event] = {}
-
-    def handle_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.response_headers = [(bytes(k), bytes(v)) for k, v in event.headers or ()]
-            waiter = self.responses.pop(event.stream_id, None)
-            if waiter is not None:
-                waiter.set()
-            return
-        super().handle_event(event)
-        if isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
-            self._wake_responses()
-
-    def mark_closed(self, reason: str) -> None:
-        super().mark_closed(reason)
-        self._wake_responses()
-
-    def _on_goaway(self, notice: GoawayNotice) -> None:
-        super()._on_goaway(notice)
-        self._wake_responses()  # CONNECTs the server will never answer fail now
-
-    def _wake_responses(self) -> None:
-        for stream_id, waiter in list(self.responses.items()):
-            if self.is_closed or stream_id not in self.streams:
-                waiter.set()
-
-
 class HboneClient:
     """One HTTP/2 connection to a peer's 15008; run() must be running for streams to work."""
 
@@ -106,7 +60,8 @@ class HboneClient:
         max_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         peer_identity: SpiffeId | None = None,
     ) -> None:
-        self._session = _ClientSession(transport, max_streams)
+        self._session = H2Session(transport, client_side=True, max_concurrent_streams=max_streams)
+        self._session.conn.encoder = PlainLiteralEncoder()
         self.max_streams = max_streams
         self.peer_identity = peer_identity
         self._started = False
@@ -174,30 +129,25 @@ class HboneClient:
             session.conn.send_headers(stream_id, block)
         except h2.exceptions.ProtocolError as exc:
             raise HboneConnectError(None, f"cannot open stream: {exc}") from exc
-        stream = HboneStream(session, stream_id)
-        session.streams[stream_id] = stream
-        session.last_used = trio.current_time()
-        answered = trio.Event()
-        session.responses[stream_id] = answered
+        stream = session.new_stream(stream_id)
         try:
             await session.flush()
-            await answered.wait()
+            response = await stream.receive_response_headers()
         except BaseException as exc:
-            session.responses.pop(stream_id, None)
             await stream.aclose()
             if isinstance(exc, trio.BrokenResourceError):
                 raise HboneConnectError(None, str(exc), retryable=stream.refused) from exc
             raise
-        status = _status(stream.response_headers)
+        status = _status(response)
         if status == 200:
             return stream
         await stream.aclose()
         if status is None:
             raise HboneConnectError(
-                None, stream._broken or session.closed_reason or "no response",
+                None, stream.broken_reason or session.closed_reason or "no response",
                 retryable=stream.refused,
             )
-        reason = _header(stream.response_headers, REASON_HEADER.encode())
+        reason = _header(response, REASON_HEADER.encode())
         raise HboneConnectError(status, reason or _phrase(status))
 
     async def aclose(self) -> None:

@@ -1,4 +1,5 @@
-"""An HTTP/2 frame buffer for h2 that copies DATA payloads once instead of three times.
+"""h2's receive path made cheaper: a frame buffer that copies DATA payloads once instead of
+three times, and a DATA frame repr that does not hex-encode the payload.
 
 h2's own FrameBuffer (4.x) appends every received chunk to a bytearray and slices each frame
 out of it before hyperframe's DATA parser copies the payload once more (``tobytes``): three
@@ -12,6 +13,13 @@ It is installed as ``H2Connection.incoming_buffer`` (``install``) and uses h2 in
 preamble check, frame length validation and CONTINUATION assembly of h2's FrameBuffer, which
 it subclasses. pyproject.toml pins h2 to the tested range; tests/unit/test_hbone_framebuffer.py
 checks those internals and compares every frame with h2's own buffer.
+
+h2 (4.x) also logs every received frame with ``logger.trace("...", repr(frame))``: the repr is
+built even though nothing prints it, and hyperframe's DATA frame repr copies the payload and
+hex-encodes all of it (up to 1 MiB a frame) to keep 20 characters. Profiling put that at 33-57%
+of a receiving ztunnel's CPU under bulk load (docs/benchmarks.md). So, once this module is
+imported (the session imports it), a DATA frame describes itself by its length; the repr is
+only ever for debugging.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import h2.connection
 import h2.exceptions
 import h2.frame_buffer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import Frame
+from hyperframe.frame import DataFrame, Frame
 
 if TYPE_CHECKING:
     from h2._typing import Buffer  # what h2's add_data takes
@@ -121,3 +129,10 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
 def install(conn: h2.connection.H2Connection) -> None:
     """Use FrameBuffer for ``conn``'s received bytes (call before any are received)."""
     conn.incoming_buffer = FrameBuffer(server=not conn.config.client_side)
+
+
+def _data_frame_repr(frame: DataFrame) -> str:
+    return f"DataFrame(stream_id={frame.stream_id}, length={len(frame.data)})"
+
+
+DataFrame.__repr__ = _data_frame_repr  # type: ignore[assignment, method-assign]

@@ -21,7 +21,7 @@ import trio
 
 from ambient_api.identity import SpiffeId
 from ambient_dataplane.hbone import DEFAULT_MAX_CONCURRENT_STREAMS, HboneClient, HboneConnectError
-from ambient_dataplane.hbone.session import HboneStream
+from ambient_dataplane.hbone.stream import HboneStream
 
 log = structlog.get_logger()
 

@@ -1,8 +1,8 @@
 """HBONE request rules, sans-IO: parsing an inbound CONNECT and building an outbound one.
 
-The server turns h2's own header validation off so that a malformed request is answered on its
-own stream (400) instead of h2 tearing down every tunnel on the connection; these functions are
-therefore the complete validation of a request header block.
+The header block's syntax is checked by ``request_headers`` (h2's own validation is off, so
+that a malformed request is answered on its own stream instead of h2 tearing down every tunnel
+on the connection); ``parse_connect`` adds what makes it an HBONE CONNECT.
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ import secrets
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from ambient_dataplane.hbone.errors import HboneRejection
+from ambient_dataplane.hbone.request_headers import (
+    REQUEST_PSEUDO_HEADERS,
+    validate_request_headers,
+)
 
 # HTTP/2 settings shared by both sides (reference.md section 1).
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -31,21 +37,10 @@ UNIQUE_PER_CONNECTION_HEADERS = frozenset({"forwarded", "traceparent"})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_KNOWN_PSEUDO = frozenset({":method", ":authority", ":scheme", ":path", ":protocol"})
-_CONNECTION_SPECIFIC = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
-)
+# :protocol (RFC 8441 extended CONNECT) is known only to be refused by name.
+_CONNECT_PSEUDO_HEADERS = REQUEST_PSEUDO_HEADERS | {":protocol"}
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
-
-
-class HboneRejection(Exception):
-    """A request the server answers with ``status`` without involving the handler."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status}: {reason}")
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -95,31 +90,11 @@ def format_authority(host: str | IPAddress, port: int) -> str:
 
 
 def parse_connect(headers: Sequence[tuple[bytes, bytes]]) -> ConnectRequest:
-    """Validate a request header block as an HBONE CONNECT; HboneRejection says what is wrong."""
-    pseudo: dict[str, str] = {}
-    regular: list[tuple[str, str]] = []
-    for raw_name, raw_value in headers:
-        try:
-            name = raw_name.decode("ascii")
-            value = raw_value.decode("ascii")
-        except UnicodeDecodeError:
-            raise HboneRejection(400, "header name or value is not ASCII") from None
-        if not name:
-            raise HboneRejection(400, "empty header name")
-        if name != name.lower():
-            raise HboneRejection(400, f"header name {name!r} is not lowercase")
-        if name.startswith(":"):
-            if regular:
-                raise HboneRejection(400, f"pseudo-header {name} after regular headers")
-            if name not in _KNOWN_PSEUDO:
-                raise HboneRejection(400, f"unknown request pseudo-header {name}")
-            if name in pseudo:
-                raise HboneRejection(400, f"duplicate pseudo-header {name}")
-            pseudo[name] = value
-            continue
-        if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
-            raise HboneRejection(400, f"connection-specific header {name!r} is not allowed")
-        regular.append((name, value))
+    """Validate a request header block as an HBONE CONNECT; HboneRejection says what is wrong
+    (MalformedHeaders when the block breaks RFC 9113 itself)."""
+    if not all(name.isascii() and value.isascii() for name, value in headers):
+        raise HboneRejection(400, "header name or value is not ASCII")  # metadata is ASCII
+    pseudo, regular = validate_request_headers(headers, pseudo_headers=_CONNECT_PSEUDO_HEADERS)
 
     method = pseudo.get(":method")
     if method is None:

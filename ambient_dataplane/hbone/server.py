@@ -22,14 +22,15 @@ import trio
 
 from ambient_api.identity import SpiffeId
 from ambient_dataplane.drain import Drain, current_drain
+from ambient_dataplane.hbone.errors import HboneRejection
 from ambient_dataplane.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
     ConnectRequest,
-    HboneRejection,
     parse_connect,
 )
-from ambient_dataplane.hbone.session import H2Session, HboneStream
+from ambient_dataplane.hbone.session import H2Session
+from ambient_dataplane.hbone.stream import HboneStream
 from ambient_dataplane.tls import (
     PeerIdentityError,
     TlsConnection,
@@ -86,8 +87,8 @@ class HboneResponder:
     def _respond(self, status: int, headers: list[tuple[str, str]], *, end_stream: bool) -> None:
         if self.status is not None:
             raise RuntimeError(f"stream {self._stream.stream_id} was already answered")
-        if self._stream._broken is not None:
-            raise trio.BrokenResourceError(self._stream._broken)
+        if self._stream.broken_reason is not None:
+            raise trio.BrokenResourceError(self._stream.broken_reason)
         self.status = status
         self._session.conn.send_headers(
             self._stream.stream_id,
@@ -99,7 +100,10 @@ class HboneResponder:
 ConnectHandler = Callable[[ConnectRequest, HboneResponder], Awaitable[None]]
 
 
-class _ServerSession(H2Session):
+class _ServerConnection:
+    """One client's connection: the session does the h2 bookkeeping, this answers malformed
+    CONNECTs itself and runs the handler for each valid one in a task of its own."""
+
     def __init__(
         self,
         transport: trio.abc.Stream,
@@ -108,65 +112,62 @@ class _ServerSession(H2Session):
         connection: ConnectionInfo,
         max_concurrent_streams: int,
     ) -> None:
-        super().__init__(
-            transport, client_side=False, max_concurrent_streams=max_concurrent_streams
+        self.session = H2Session(
+            transport, client_side=False, max_concurrent_streams=max_concurrent_streams,
+            on_request=self._on_request,
         )
+        self._connection = connection
         self._handler = handler
         self._nursery = nursery
-        self._connection = connection
-
-    def handle_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event)
-        else:
-            super().handle_event(event)
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
+        session = self.session
         stream_id = event.stream_id
-        drained_after = self.goaway_sent_last_stream_id
+        drained_after = session.goaway_sent_last_stream_id
         if drained_after is not None and stream_id > drained_after:
             # Sent before the client read our GOAWAY: not processed, so it may go elsewhere.
-            self._log.debug("hbone.stream_refused_draining", stream=stream_id)
+            session.log.debug("hbone.stream_refused_draining", stream=stream_id)
             # The client may have reset it already in the same read (h2 reports that event
             # after this one): then there is nothing left to answer.
             with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                session.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         headers = [(bytes(name), bytes(value)) for name, value in event.headers or ()]
         try:
             request = parse_connect(headers)
         except HboneRejection as rejection:
-            self._log.info(
+            session.log.info(
                 "hbone.request_rejected", stream=stream_id, status=rejection.status,
                 reason=rejection.reason, peer=str(self._connection.peer_identity),
             )
             with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset already, as above
-                self.conn.send_headers(
+                session.conn.send_headers(
                     stream_id,
                     [(b":status", str(rejection.status).encode()),
                      (REASON_HEADER.encode(), _header_safe(rejection.reason).encode())],
                     end_stream=True,
                 )
                 if event.stream_ended is None:
-                    self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                    session.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
             return
-        stream = HboneStream(self, stream_id)
-        self.streams[stream_id] = stream
+        stream = session.new_stream(stream_id)
         if event.stream_ended is not None:
             stream._on_remote_end()
         self._nursery.start_soon(self._run_handler, request, stream)
 
     async def _run_handler(self, request: ConnectRequest, stream: HboneStream) -> None:
-        responder = HboneResponder(self, stream, self._connection)
+        session = self.session
+        responder = HboneResponder(session, stream, self._connection)
         try:
             await self._handler(request, responder)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._log.debug("hbone.stream_broken", stream=stream.stream_id, error=str(exc))
+            session.log.debug("hbone.stream_broken", stream=stream.stream_id, error=str(exc))
         except Exception:
-            self._log.exception("hbone.handler_failed", stream=stream.stream_id,
-                                authority=request.authority)
+            session.log.exception("hbone.handler_failed", stream=stream.stream_id,
+                                  authority=request.authority)
         finally:
-            if not responder.responded and stream._broken is None and not self.is_closed:
+            if (not responder.responded and stream.broken_reason is None
+                    and not session.is_closed):
                 with trio.CancelScope(shield=True):
                     await responder.reject(503, "handler gave no answer")
             await stream.aclose()
@@ -190,10 +191,9 @@ async def serve_hbone(
     """
     if drain is None:
         drain = current_drain()
+    info = connection or ConnectionInfo()
     async with trio.open_nursery() as nursery:
-        session = _ServerSession(
-            stream, handler, nursery, connection or ConnectionInfo(), max_concurrent_streams
-        )
+        session = _ServerConnection(stream, handler, nursery, info, max_concurrent_streams).session
         if drain is not None and drain.started:
             # Before the first read: a CONNECT already on the wire is then refused, never run.
             session.begin_drain()
@@ -205,8 +205,8 @@ async def serve_hbone(
             # The connection is gone: tunnels on it cannot carry anything any more.
             nursery.cancel_scope.cancel()
             if session.closed_reason not in (None, "peer closed the connection"):
-                session._log.info("hbone.connection_closed", reason=session.closed_reason,
-                                  peer=str(session._connection.peer_identity))
+                session.log.info("hbone.connection_closed", reason=session.closed_reason,
+                                 peer=str(info.peer_identity))
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await stream.aclose()
 

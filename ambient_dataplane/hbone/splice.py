@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import trio
 
-from ambient_dataplane.hbone.session import HboneStream
+from ambient_dataplane.hbone.stream import HboneStream
 from ambient_dataplane.tls import read_socket, write_nowait
 
 _CHUNK = 256 * 1024

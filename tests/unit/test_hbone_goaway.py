@@ -11,7 +11,8 @@ import h2.events
 import h2.exceptions
 import pytest
 
-from ambient_dataplane.hbone.session import (
+from ambient_dataplane.hbone.errors import HboneProtocolError
+from ambient_dataplane.hbone.goaway import (
     GoawayFilter,
     GoawayNotice,
     decode_goaway_payload,
@@ -58,8 +59,9 @@ def test_encode_then_decode_round_trips() -> None:
 
 def test_decode_ignores_the_reserved_bit_and_rejects_short_payloads() -> None:
     assert decode_goaway_payload(b"\x80\x00\x00\x07" + bytes(4)).last_stream_id == 7
-    with pytest.raises(ValueError, match="8 bytes"):
+    with pytest.raises(HboneProtocolError, match="8 bytes") as short:
         decode_goaway_payload(b"\x00\x00\x00")
+    assert short.value.status_hint == 400
 
 
 @pytest.mark.parametrize("last_stream_id", [-1, 2**31])

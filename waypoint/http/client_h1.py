@@ -50,7 +50,7 @@ class Response:
 def render_request(
     method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes
 ) -> bytes:
-    """The request's bytes. ``headers`` must already be sendable (``http.sendable_headers``)
+    """The request's bytes. ``headers`` must already be sendable (``headers.sendable_headers``)
     and carry the framing (a Content-Length when there is a body); the method and target are
     checked here, as a rewrite can produce a bad one. Raises ValueError."""
     if not _METHOD.fullmatch(method):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import h11
 import pytest
 
-from waypoint.http1 import Response, ResponseError, ResponseParser, render_request
+from waypoint.http.client_h1 import Response, ResponseError, ResponseParser, render_request
 
 LIMITS = {"max_head_bytes": 1024, "max_body_bytes": 100}
 

@@ -22,7 +22,7 @@ from ambient_dataplane.hbone import HboneRejection
 from ambient_dataplane.hbone.protocol import parse_authority, parse_connect
 from istiod_lite.sources.objects import InvalidObject
 from istiod_lite.sources.validation import parse_documents
-from waypoint.http1 import ResponseError, ResponseParser
+from waypoint.http.client_h1 import ResponseError, ResponseParser
 from waypoint.jwt import JwtError, JwtValidator
 from ztunnel import socks5
 from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header

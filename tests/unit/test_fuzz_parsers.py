@@ -29,7 +29,7 @@ from fuzz import targets
 from istiod_lite.sources.objects import ClusterObjects, InvalidObject
 from istiod_lite.sources.validation import UnknownKind, parse_documents, validate_object
 from istiod_lite.translate import translate
-from waypoint.http1 import ResponseError, ResponseParser
+from waypoint.http.client_h1 import ResponseError, ResponseParser
 from ztunnel import socks5
 from ztunnel.proxyproto import (
     build_v1_header,

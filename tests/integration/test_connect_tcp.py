@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from tests.conftest import LoopbackAllocator
-from ztunnel.inbound import connect_tcp
+from ztunnel.sockets import connect_tcp
 
 
 async def test_connects_to_a_literal_address_with_nodelay(loopback: LoopbackAllocator) -> None:

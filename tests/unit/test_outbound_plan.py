@@ -21,7 +21,8 @@ from ambient_api.model import (
 from ambient_dataplane.state import ProxyState
 from tests.deltas import delta
 from ztunnel import socks5
-from ztunnel.outbound import OutboundPlan, OutboundRefused, plan_outbound, service_for_hostname
+from ztunnel.errors import OutboundRefused
+from ztunnel.outbound import OutboundPlan, plan_outbound, service_for_hostname
 from ztunnel.telemetry import FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE
 
 NODE = "node-1"

@@ -98,6 +98,7 @@ class _Downstream(NamedTuple):
 
 
 def runtime_settings(config: WaypointConfig, identity: SpiffeId) -> RuntimeSettings:
+    """What the shared lifecycle needs of a waypoint's configuration."""
     return RuntimeSettings(
         name="waypoint",
         xds_address=config.xds_address,

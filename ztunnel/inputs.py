@@ -24,6 +24,8 @@ from ztunnel.telemetry import ConnectionTelemetry
 
 @dataclass(frozen=True)
 class ProxyInputs:
+    """One ztunnel's shared parts; the runtime owns certs, tls_contexts and connections."""
+
     config: ZtunnelConfig
     state: ProxyState
     telemetry: ConnectionTelemetry
@@ -37,6 +39,7 @@ class ProxyInputs:
         cls, config: ZtunnelConfig, state: ProxyState, metrics: ZtunnelMetrics,
         runtime: ProxyRuntime,
     ) -> ProxyInputs:
+        """The parts of the ztunnel ``runtime`` serves, with ``metrics`` as its counters."""
         pool = HbonePool(
             partial(connect_hbone, tls_contexts=runtime.tls_contexts,
                     connect_timeout=config.connect_timeout,

@@ -36,6 +36,7 @@ log = structlog.get_logger()
 
 
 def runtime_settings(config: ZtunnelConfig) -> RuntimeSettings:
+    """What the shared lifecycle needs of a ztunnel's configuration."""
     return RuntimeSettings(
         name="ztunnel",
         xds_address=config.xds_address,
@@ -54,6 +55,8 @@ def runtime_settings(config: ZtunnelConfig) -> RuntimeSettings:
 
 
 class Ztunnel:
+    """One node's ztunnel; every part is built here, once, and served by ``run``."""
+
     def __init__(self, config: ZtunnelConfig) -> None:
         self.config = config
         self.state = ProxyState()

@@ -124,11 +124,10 @@ async def _tcp_totals(mesh: Mesh, node: str, reporter: str) -> tuple[float, floa
     ztunnel reports them."""
     text = await fetch_metrics(mesh, node)
     labels = {"reporter": reporter, "source_principal": _SLEEP_PRINCIPAL}
-    return tuple(  # type: ignore[return-value]
-        sum(metric_samples(text, name, **labels)) for name in (
-            "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
-            "istio_tcp_connections_closed_total")
-    )
+    sent, received, closed = (sum(metric_samples(text, name, **labels)) for name in (
+        "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
+        "istio_tcp_connections_closed_total"))
+    return sent, received, closed
 
 
 async def test_byte_counters_move_while_the_connection_is_open(

@@ -5,14 +5,17 @@ this waypoint owns — answers 200, and then speaks HTTP inside the tunnel (``pi
 for TCP, forwards the bytes to a chosen endpoint. It reuses ztunnel's libraries: HBONE, TLS,
 certificates, the config stream and the proxy state; only the L7 logic is its own.
 
-Lifetimes as in ztunnel: the control-plane connection; the *connections* nursery (tunnels,
-the HBONE pool, mirrors); the *services* nursery (listener, discovery, certificates, admin).
+The lifecycle is the shared ``ProxyRuntime`` (ambient_dataplane.runtime), as in ztunnel;
+``Waypoint`` is the ``ProxyRole`` it runs: the HBONE pool, the HTTP upstream and the request
+pipeline (whose mirrors outlive their requests) in the *connections* nursery, the HBONE
+listener in the *services* nursery, the tracer flushed once the connections drained.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -22,17 +25,6 @@ import trio
 from ambient_api import kinds, l7
 from ambient_api.identity import SpiffeId
 from ambient_api.model import TunnelProtocol, Workload
-from ambient_dataplane.admin import (
-    StructlogLevelControl,
-    admin_routes,
-    metrics_routes,
-    readiness_problem,
-    readiness_routes,
-    serve_admin,
-)
-from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, control_plane_context
-from ambient_dataplane.discovery import DiscoveryClient
-from ambient_dataplane.drain import ActiveConnections
 from ambient_dataplane.hbone import (
     ConnectRequest,
     HboneClient,
@@ -46,7 +38,7 @@ from ambient_dataplane.hbone import (
     splice,
 )
 from ambient_dataplane.hbone.pool import HbonePool, PoolKey
-from ambient_dataplane.identity import CertificateManager, TlsContexts
+from ambient_dataplane.runtime import ProxyRuntime, RuntimeSettings
 from ambient_dataplane.state import SERVICE, WORKLOAD, ProxyState, identity_of
 from waypoint.config import WaypointConfig
 from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
@@ -105,7 +97,29 @@ class _Downstream(NamedTuple):
     labeler: RequestLabeler
 
 
+def runtime_settings(config: WaypointConfig, identity: SpiffeId) -> RuntimeSettings:
+    """What the shared lifecycle needs of a waypoint's configuration."""
+    return RuntimeSettings(
+        name="waypoint",
+        xds_address=config.xds_address,
+        root_cert=config.root_cert,
+        token=config.token,
+        token_file=config.token_file,
+        # Every kind, under the waypoint's service-account principal.
+        discovery_node=f"serviceaccount:{config.namespace}/{config.service_account}",
+        discovery_kinds=kinds.ALL_KINDS,
+        address=config.address,
+        ports=config.ports,
+        drain_timeout=config.drain_timeout,
+        log_level=config.log_level,
+        log_fields={"name": config.name, "namespace": config.namespace,
+                    "address": config.address, "identity": str(identity)},
+    )
+
+
 class Waypoint:
+    pipeline: RequestPipeline  # built with the connections nursery, where mirrors run
+
     def __init__(self, config: WaypointConfig) -> None:
         self.config = config
         self.identity = SpiffeId(config.trust_domain, config.namespace, config.service_account)
@@ -113,69 +127,53 @@ class Waypoint:
         self.hostname = f"{config.name}.{config.namespace}.svc.cluster.local"
         self.state = ProxyState()
         self.metrics = WaypointMetrics()
-        self.connections = ActiveConnections()
         self.limits = HttpLimits(max_body_bytes=config.max_request_bytes)
-        self._shutdown = trio.Event()
-        self._log_levels = StructlogLevelControl(config.log_level)
         self._rand = random.Random()
-        self.stopped = trio.Event()
+        self.runtime = ProxyRuntime(runtime_settings(config, self.identity), self.state,
+                                    self._on_change)
+        self.runtime.certs.set_wanted({self.identity})
+        self.tracer = Tracer(f"{config.name}.{config.namespace}", config.otlp_endpoint)
+        self.pool = HbonePool(self._connect_hbone)
+        self.upstream = HttpUpstream(self.pool, self.identity, config.address,
+                                     hbone_port=config.ports.hbone)
+
+    @property
+    def stopped(self) -> trio.Event:
+        return self.runtime.stopped
 
     def request_shutdown(self) -> None:
-        self._shutdown.set()
+        self.runtime.request_shutdown()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        host, port = self.config.xds_address
-        try:
-            async with ControlPlaneConnection(
-                f"https://{host}:{port}", self.config.token,
-                control_plane_context(self.config.root_cert), token_file=self.config.token_file,
-            ) as control_plane:
-                await self._run(control_plane, task_status)
-        finally:
-            self.stopped.set()
+        await self.runtime.run(self, task_status=task_status)
 
-    async def _run(
-        self, control_plane: ControlPlaneConnection, task_status: trio.TaskStatus[None]
-    ) -> None:
-        config = self.config
-        self.certs = CertificateManager(
-            CaClient(control_plane), bootstrap_trust_bundle=[config.root_cert.read_text()]
+    # -- the runtime's ProxyRole ----------------------------------------------------------
+
+    async def start_connections(self, connections: trio.Nursery) -> None:
+        await connections.start(self.pool.run)
+        await connections.start(self.upstream.run)
+        self.pipeline = RequestPipeline(
+            state=self.state, waypoint_key=self.waypoint_key, upstream=self.upstream,
+            nursery=connections, rand=self._rand,
         )
-        self.certs.set_wanted({self.identity})
-        self.tls_contexts = TlsContexts(self.certs)
-        self.tracer = Tracer(f"{config.name}.{config.namespace}", config.otlp_endpoint)
-        # Every kind, under the waypoint's service-account principal.
-        self.xds = DiscoveryClient(
-            control_plane, f"serviceaccount:{config.namespace}/{config.service_account}",
-            self.state, self._on_change, kinds=kinds.ALL_KINDS,
-        )
-        async with trio.open_nursery() as connections:
-            self.pool = HbonePool(self._connect_hbone)
-            await connections.start(self.pool.run)
-            self.upstream = HttpUpstream(self.pool, self.identity, config.address,
-                                         hbone_port=config.ports.hbone)
-            await connections.start(self.upstream.run)
-            self.pipeline = RequestPipeline(
-                state=self.state, waypoint_key=self.waypoint_key, upstream=self.upstream,
-                nursery=connections, rand=self._rand,
-            )
-            async with trio.open_nursery() as services:
-                await services.start(self.certs.run)
-                await services.start(self._serve_admin)
-                await services.start(self.xds.run)
-                await services.start(self._serve_hbone, connections)
-                log.info("waypoint started", name=config.name, namespace=config.namespace,
-                         address=config.address, identity=str(self.identity))
-                task_status.started()
-                await self._shutdown.wait()
-                log.info("draining", connections=self.connections.count)
-                services.cancel_scope.cancel()
-            self.connections.begin_drain()  # HBONE connections GOAWAY, end with their last tunnel
-            with trio.move_on_after(config.drain_timeout):
-                await self.connections.wait_idle()
-            await self.tracer.aclose()
-            connections.cancel_scope.cancel()
-        log.info("waypoint stopped", name=config.name)
+
+    async def start_listeners(self, services: trio.Nursery, connections: trio.Nursery) -> None:
+        await services.start(self._serve_hbone, connections)
+
+    def dump_sections(self) -> Mapping[str, Callable[[], Any]]:
+        return {
+            "workloads": partial(self.state.dump_kind, WORKLOAD),
+            "services": partial(self.state.dump_kind, SERVICE),
+            "l7": self._l7_dump,
+            "resilience": lambda: self.pipeline.dump(),
+        }
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    async def drained(self) -> None:
+        """Export the spans of the requests that finished, before the rest are cut."""
+        await self.tracer.aclose()
 
     # -- config --------------------------------------------------------------------------
 
@@ -183,28 +181,6 @@ class Waypoint:
         self.pipeline.config_changed()
 
     # -- admin ---------------------------------------------------------------------------
-
-    async def _serve_admin(self, *, task_status: trio.TaskStatus[None]) -> None:
-        address, ports = self.config.address, self.config.ports
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_admin, address, ports.admin, admin_routes(
-                {
-                    "workloads": partial(self.state.dump_kind, WORKLOAD),
-                    "services": partial(self.state.dump_kind, SERVICE),
-                    "l7": self._l7_dump,
-                    "certificates": self.certs.dump,
-                    "resilience": lambda: self.pipeline.dump(),
-                    "discovery": self.xds.status,
-                },
-                self._log_levels,
-                self.request_shutdown,
-            ))
-            await nursery.start(serve_admin, address, ports.metrics,
-                                metrics_routes(self.metrics.render))
-            await nursery.start(serve_admin, address, ports.readiness, readiness_routes(
-                lambda: readiness_problem(self.xds.synced.is_set(), self.certs.missing())
-            ))
-            task_status.started()
 
     def _l7_dump(self) -> dict[str, Any]:
         return {kind: self.state.dump_kind(kind)
@@ -219,9 +195,11 @@ class Waypoint:
                                                   host=self.config.address)
         task_status.started()
 
+        connections = self.runtime.connections
+
         async def handle(stream: trio.SocketStream) -> None:
-            with self.connections.track():
-                context = self.tls_contexts.server(self.identity)
+            with connections.track():
+                context = self.runtime.tls_contexts.server(self.identity)
                 if context is None:
                     log.warning("hbone connection refused: no certificate yet")
                     await trio.aclose_forcefully(stream)
@@ -229,7 +207,7 @@ class Waypoint:
                 try:
                     await serve_hbone_tls(stream, context, self._on_connect,
                                           accepted_trust_domains={self.config.trust_domain},
-                                          drain=self.connections.drain)
+                                          drain=connections.drain)
                 except Exception:
                     log.exception("hbone connection failed")
 
@@ -376,7 +354,7 @@ class Waypoint:
     # -- HBONE out -----------------------------------------------------------------------
 
     async def _connect_hbone(self, key: PoolKey, nursery: trio.Nursery) -> HboneClient:
-        context = self.tls_contexts.client(self.identity)
+        context = self.runtime.tls_contexts.client(self.identity)
         if context is None:
             raise OSError(f"no certificate for {self.identity} yet")
         ip, port = key.destination_address

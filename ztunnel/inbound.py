@@ -15,7 +15,6 @@ with the bypass mark so the pod's rules leave ztunnel's own connection alone.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +24,22 @@ import trio
 
 from ambient_api.identity import SpiffeId
 from ambient_api.model import Service, TunnelProtocol, Workload
-from ambient_dataplane.drain import ActiveConnections, serve_tracked
+from ambient_dataplane.drain import serve_tracked
 from ambient_dataplane.hbone import (
     ConnectionInfo,
     ConnectRequest,
     HboneRejection,
     HboneResponder,
-    SpliceError,
     serve_hbone_tls,
-    splice,
 )
-from ambient_dataplane.labels import ResponseFlag
 from ambient_dataplane.state import ProxyState, canonical_ip, identity_of, service_for_hostname
 from ztunnel.authz import ConnectionAttributes, evaluate
 from ztunnel.capture import netns
-from ztunnel.capture.rules import BYPASS_MARK
+from ztunnel.errors import InboundRefused, ProxyError, UpstreamConnectError
+from ztunnel.inputs import ProxyInputs
 from ztunnel.proxyproto import ProxyProtocolError, parse_proxy_header
-from ztunnel.telemetry import ConnectionRecord, ConnectionTelemetry
+from ztunnel.sockets import connect_upstream
+from ztunnel.telemetry import ConnectionRecord
 
 log = structlog.get_logger()
 
@@ -49,23 +47,6 @@ log = structlog.get_logger()
 LOOP_GUARD_PORTS = frozenset({15001, 15006, 15008})
 _PROXY_HEADER_TIMEOUT = 5.0
 _MAX_PROXY_HEADER = 16 + 65535
-
-
-async def connect_tcp(ip: str, port: int) -> trio.SocketStream:
-    """A TCP connection to an IP address literal.
-
-    ``trio.open_tcp_stream`` runs its happy-eyeballs machinery (a nursery, a task and a
-    cancel scope per attempt) even for a single literal address; on a connection that
-    carries a few bytes that is a measurable share of the proxy's CPU (bench ``churn``).
-    ``ip`` comes from the proxy's state, always an address. Raises OSError."""
-    family = trio.socket.AF_INET6 if ":" in ip else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    try:
-        await sock.connect((ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 @dataclass(frozen=True)
@@ -124,30 +105,18 @@ def decide_inbound(
 class Inbound:
     """Serves the inbound listeners of the node's workloads."""
 
-    def __init__(
-        self,
-        *,
-        node: str,
-        root_namespace: str,
-        hbone_port: int,
-        plaintext_port: int,
-        connect_timeout: float,
-        state: ProxyState,
-        server_context: Callable[[SpiffeId], ssl.SSLContext | None],
-        accepted_trust_domains: Callable[[], set[str]],
-        telemetry: ConnectionTelemetry,
-        connections: ActiveConnections,
-    ) -> None:
-        self._node = node
-        self._root_namespace = root_namespace
-        self._hbone_port = hbone_port
-        self._plaintext_port = plaintext_port
-        self._connect_timeout = connect_timeout
-        self._state = state
-        self._server_context = server_context
-        self._accepted_trust_domains = accepted_trust_domains
-        self._telemetry = telemetry
-        self._connections = connections
+    def __init__(self, inputs: ProxyInputs) -> None:
+        config = inputs.config
+        self._node = config.node
+        self._root_namespace = config.root_namespace
+        self._hbone_port = config.ports.hbone
+        self._plaintext_port = config.ports.inbound_plaintext
+        self._connect_timeout = config.connect_timeout
+        self._accepted_trust_domains = frozenset({config.trust_domain})
+        self._state = inputs.state
+        self._tls_contexts = inputs.tls_contexts
+        self._telemetry = inputs.telemetry
+        self._connections = inputs.connections
 
     async def serve_workload(
         self,
@@ -210,7 +179,7 @@ class Inbound:
     ) -> None:
         workload = self._state.workload_by_address(workload_ip)
         identity = identity_of(workload) if workload else None
-        context = self._server_context(identity) if identity else None
+        context = self._tls_contexts.server(identity) if identity else None
         if context is None:
             log.warning("hbone connection refused: no certificate for the workload yet",
                         workload_ip=workload_ip, identity=str(identity))
@@ -221,7 +190,7 @@ class Inbound:
 
         await serve_hbone_tls(
             stream, context, handler,
-            accepted_trust_domains=self._accepted_trust_domains(),
+            accepted_trust_domains=self._accepted_trust_domains,
         )
 
     async def _serve_connect(
@@ -251,24 +220,20 @@ class Inbound:
             )
         except HboneRejection as rejection:
             record.destination_workload = self._state.workload_by_address(target_ip)
-            self._telemetry.refused(
-                record, reason=rejection.reason,
-                response_flags=ResponseFlag.UNAUTHORIZED if rejection.status == 401 else "-",
-            )
-            await responder.reject(rejection.status, rejection.reason)
+            await self._refuse(record, InboundRefused.from_rejection(rejection), responder)
             return
         record.destination_workload = target.workload
         record.destination_identity = identity_of(target.workload)
         record.destination_service = self._targeted_service(request, target.workload)
-        upstream = await self._connect_upstream(target_ip, target.port, pod_netns)
-        if isinstance(upstream, str):
-            self._telemetry.refused(record, reason=upstream,
-                                    response_flags=ResponseFlag.UPSTREAM_CONNECT_FAILURE)
-            await responder.reject(503, upstream)
+        try:
+            upstream = await connect_upstream(target_ip, target.port, pod_netns=pod_netns,
+                                              timeout=self._connect_timeout)
+        except UpstreamConnectError as error:
+            await self._refuse(record, error, responder)
             return
         try:
             tunnel = await responder.accept()
-            await self._splice(record, tunnel, upstream)
+            await self._telemetry.carry(record, tunnel, upstream)
         finally:
             upstream.socket.close()  # no checkpoint needed to close (SocketStream.aclose has one)
 
@@ -300,8 +265,7 @@ class Inbound:
                 target_ip, port = self._captured_destination(stream)
                 early_data = b""
         except ProxyProtocolError as exc:
-            self._telemetry.refused(record, reason=f"no original destination: {exc}",
-                                    response_flags="-")
+            await self._refuse(record, InboundRefused(f"no original destination: {exc}"))
             return
         record.destination_address = f"{target_ip}:{port}"
         try:
@@ -312,21 +276,19 @@ class Inbound:
             )
         except HboneRejection as rejection:
             record.destination_workload = self._state.workload_by_address(workload_ip)
-            self._telemetry.refused(
-                record, reason=rejection.reason,
-                response_flags=ResponseFlag.UNAUTHORIZED if rejection.status == 401 else "-",
-            )
+            await self._refuse(record, InboundRefused.from_rejection(rejection))
             return
         record.destination_workload = target.workload
-        upstream = await self._connect_upstream(workload_ip, port, pod_netns)
-        if isinstance(upstream, str):
-            self._telemetry.refused(record, reason=upstream,
-                                    response_flags=ResponseFlag.UPSTREAM_CONNECT_FAILURE)
+        try:
+            upstream = await connect_upstream(workload_ip, port, pod_netns=pod_netns,
+                                              timeout=self._connect_timeout)
+        except UpstreamConnectError as error:
+            await self._refuse(record, error)
             return
         try:
             if early_data:
                 await upstream.send_all(early_data)
-            await self._splice(record, stream, upstream, already_sent=len(early_data))
+            await self._telemetry.carry(record, stream, upstream, already_sent=len(early_data))
         finally:
             upstream.socket.close()
 
@@ -370,38 +332,15 @@ class Inbound:
 
     # -- shared ---------------------------------------------------------------------------
 
-    async def _connect_upstream(
-        self, ip: str, port: int, pod_netns: Path | None
-    ) -> trio.SocketStream | str:
-        """The TCP connection to the local app (from inside its namespace, with the bypass
-        mark, under capture), or the reason it failed."""
-        try:
-            with trio.fail_after(self._connect_timeout):
-                if pod_netns is None:
-                    return await connect_tcp(ip, port)
-                return await netns.connect_in(pod_netns, ip, port, mark=BYPASS_MARK,
-                                              timeout=self._connect_timeout)
-        except trio.TooSlowError:
-            return f"connect to {ip}:{port} timed out after {self._connect_timeout}s"
-        except netns.NetnsError as exc:
-            return f"connect to {ip}:{port} failed: {exc}"
-        except OSError as exc:
-            return f"connect to {ip}:{port} failed: {exc.strerror or exc}"
-
-    async def _splice(
+    async def _refuse(
         self,
         record: ConnectionRecord,
-        downstream: trio.abc.HalfCloseableStream,
-        upstream: trio.abc.HalfCloseableStream,
-        *,
-        already_sent: int = 0,
+        error: ProxyError,
+        responder: HboneResponder | None = None,
     ) -> None:
-        self._telemetry.opened(record)
-        try:
-            result = await splice(downstream, upstream)
-        except SpliceError as exc:
-            self._telemetry.closed(record, sent=exc.a_to_b + already_sent,
-                                   received=exc.b_to_a, error=exc.reason)
-        else:
-            self._telemetry.closed(record, sent=result.a_to_b + already_sent,
-                                   received=result.b_to_a)
+        """Report a connection that will carry nothing and, over HBONE, answer the CONNECT
+        with the error's status; a plaintext client is just closed."""
+        self._telemetry.refused(record, reason=error.reason,
+                                response_flags=error.response_flags)
+        if responder is not None:
+            await responder.reject(error.status_hint, error.reason)

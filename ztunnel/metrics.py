@@ -4,8 +4,8 @@ work unchanged.
 Each ztunnel has its own ``CollectorRegistry`` (several ztunnels share one process in tests and
 in the embedded mode). Labels are computed once per connection by the pure function
 ``ambient_dataplane.labels.connection_labels``; inbound and outbound report through
-``ztunnel.telemetry``, which calls ``connection_opened`` / ``connection_closed``
-(``bytes_transferred`` reports bytes of a connection still open).
+``ztunnel.telemetry``, which calls ``connection_opened`` / ``connection_closed`` and, for
+connections still open, ``bytes_transferred`` (its periodic flush).
 """
 
 from __future__ import annotations

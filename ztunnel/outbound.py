@@ -19,7 +19,6 @@ the source pod's namespace with the bypass mark so the pod's rules do not captur
 from __future__ import annotations
 
 import contextlib
-import errno
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -32,18 +31,15 @@ import trio
 
 from ambient_api.identity import SpiffeId
 from ambient_api.model import GatewayAddress, Workload
-from ambient_dataplane.drain import ActiveConnections, serve_tracked
+from ambient_dataplane.drain import serve_tracked
 from ambient_dataplane.hbone import (
     HboneConnectError,
     HboneStream,
-    SpliceError,
     connect_headers,
     format_authority,
-    splice,
 )
-from ambient_dataplane.hbone.pool import HbonePool, PoolKey
+from ambient_dataplane.hbone.pool import PoolKey
 from ambient_dataplane.hbone.splice import SocketSide
-from ambient_dataplane.identity import CertificateManager
 from ambient_dataplane.labels import ResponseFlag
 from ambient_dataplane.state import (
     Destination,
@@ -58,20 +54,16 @@ from ambient_dataplane.state import (
 from ambient_dataplane.tls import PeerIdentityError
 from ztunnel import socks5
 from ztunnel.capture import netns
-from ztunnel.capture.rules import BYPASS_MARK
-from ztunnel.inbound import LOOP_GUARD_PORTS, connect_tcp
-from ztunnel.telemetry import ConnectionRecord, ConnectionTelemetry
+from ztunnel.errors import OutboundRefused, ProxyError, UpstreamConnectError
+from ztunnel.inbound import LOOP_GUARD_PORTS
+from ztunnel.inputs import ProxyInputs
+from ztunnel.sockets import connect_upstream
+from ztunnel.telemetry import ConnectionRecord
 
 log = structlog.get_logger()
 
-class OutboundRefused(Exception):
-    """Why an outbound connection cannot be made, with the SOCKS5 reply that says so."""
-
-    def __init__(self, reply_code: int, reason: str, response_flags: str = "-") -> None:
-        super().__init__(reason)
-        self.reply_code = reply_code
-        self.reason = reason
-        self.response_flags = response_flags
+# How long a connection waits for its source's certificate (just enrolled, not yet issued).
+CERTIFICATE_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -136,21 +128,18 @@ def plan_outbound_from(
     """Where a connection from ``source`` (None: unknown; ``caller`` names it in the refusal)
     really goes; OutboundRefused when the source is not an enrolled workload of ``node``."""
     if source is None or source.node != node or not is_hbone(source):
-        raise OutboundRefused(
-            socks5.CONNECTION_NOT_ALLOWED,
-            f"{caller} is not a mesh workload on node {node}",
-        )
+        raise OutboundRefused(f"{caller} is not a mesh workload on node {node}",
+                              reply_code=socks5.CONNECTION_NOT_ALLOWED)
     if port in LOOP_GUARD_PORTS:
-        raise OutboundRefused(
-            socks5.CONNECTION_NOT_ALLOWED, f"port {port} is a proxy port and cannot be a target"
-        )
+        raise OutboundRefused(f"port {port} is a proxy port and cannot be a target",
+                              reply_code=socks5.CONNECTION_NOT_ALLOWED)
     ip = canonical_ip(host)
     if ip is None:
         service = service_for_hostname(state, host)
         if service is None or not service.addresses:
-            raise OutboundRefused(
-                socks5.HOST_UNREACHABLE, f"{host} is not a mesh service", ResponseFlag.NO_ROUTE
-            )
+            raise OutboundRefused(f"{host} is not a mesh service",
+                                  reply_code=socks5.HOST_UNREACHABLE,
+                                  response_flags=ResponseFlag.NO_ROUTE)
         ip = service.addresses[0].address
     via_waypoint = _plan_via_waypoint(state, source, ip, port)
     if via_waypoint is not None:
@@ -158,9 +147,8 @@ def plan_outbound_from(
     try:
         destination = state.resolve(ip, port)
     except ResolveError as exc:
-        raise OutboundRefused(
-            socks5.HOST_UNREACHABLE, exc.reason, ResponseFlag.NO_HEALTHY_UPSTREAM
-        ) from None
+        raise OutboundRefused(exc.reason, reply_code=socks5.HOST_UNREACHABLE,
+                              response_flags=ResponseFlag.NO_HEALTHY_UPSTREAM) from None
     return OutboundPlan(source, destination)
 
 
@@ -191,11 +179,9 @@ def _plan_via_waypoint(
     try:
         waypoint = state.waypoint_workload(gateway)
     except ResolveError as exc:
-        raise OutboundRefused(
-            socks5.HOST_UNREACHABLE,
-            f"waypoint {gateway.destination} is unavailable: {exc.reason}",
-            ResponseFlag.NO_HEALTHY_UPSTREAM,
-        ) from None
+        raise OutboundRefused(f"waypoint {gateway.destination} is unavailable: {exc.reason}",
+                              reply_code=socks5.HOST_UNREACHABLE,
+                              response_flags=ResponseFlag.NO_HEALTHY_UPSTREAM) from None
     return OutboundPlan(source, destination, via_waypoint=waypoint,
                         waypoint_address=(address_of(waypoint), gateway.hbone_port))
 
@@ -211,7 +197,7 @@ class ClientReply(Protocol):
         """Tell the client the connection is up; returns bytes it already sent past its
         handshake (to be forwarded first)."""
 
-    async def refused(self, refused: OutboundRefused) -> None:
+    async def refused(self, refused: ProxyError) -> None:
         """Tell the client the connection cannot be made."""
 
 
@@ -225,7 +211,7 @@ class _Socks5Reply:
         await self._stream.send_all(self._protocol.data_to_send())
         return self._protocol.trailing_data()
 
-    async def refused(self, refused: OutboundRefused) -> None:
+    async def refused(self, refused: ProxyError) -> None:
         self._protocol.send_reply(refused.reply_code)
         await self._stream.send_all(self._protocol.data_to_send())
 
@@ -240,7 +226,7 @@ class CapturedReply:
     async def connected(self) -> bytes:
         return b""
 
-    async def refused(self, refused: OutboundRefused) -> None:
+    async def refused(self, refused: ProxyError) -> None:
         reset_on_close(self._stream)
 
 
@@ -251,28 +237,16 @@ def reset_on_close(stream: trio.SocketStream) -> None:
 
 
 class Outbound:
-    def __init__(
-        self,
-        *,
-        node: str,
-        connect_timeout: float,
-        certificate_timeout: float,
-        hbone_port: int,
-        state: ProxyState,
-        certs: CertificateManager,
-        pool: HbonePool,
-        telemetry: ConnectionTelemetry,
-        connections: ActiveConnections,
-    ) -> None:
-        self._node = node
-        self._connect_timeout = connect_timeout
-        self._certificate_timeout = certificate_timeout
-        self._hbone_port = hbone_port
-        self._state = state
-        self._certs = certs
-        self._pool = pool
-        self._telemetry = telemetry
-        self._connections = connections
+    def __init__(self, inputs: ProxyInputs) -> None:
+        config = inputs.config
+        self._node = config.node
+        self._connect_timeout = config.connect_timeout
+        self._hbone_port = config.ports.hbone
+        self._state = inputs.state
+        self._certs = inputs.certs
+        self._pool = inputs.pool
+        self._telemetry = inputs.telemetry
+        self._connections = inputs.connections
 
     # -- entries --------------------------------------------------------------------------
 
@@ -411,37 +385,31 @@ class Outbound:
             record.destination_identity = plan.destination_identity
             record.mtls = plan.use_hbone
             upstream = await self._open_upstream(plan, client_label, source_netns)
-        except OutboundRefused as refused:
-            self._telemetry.refused(record, reason=refused.reason,
-                                    response_flags=refused.response_flags)
-            await reply.refused(refused)
+        except ProxyError as error:
+            self._telemetry.refused(record, reason=error.reason,
+                                    response_flags=error.response_flags)
+            await reply.refused(error)
             return
         async with upstream:
             early = await reply.connected()
             if early:
                 await upstream.send_all(early)
-            self._telemetry.opened(record)
-            try:
-                result = await splice(client, upstream)
-            except SpliceError as exc:
-                self._telemetry.closed(record, sent=exc.a_to_b + len(early),
-                                       received=exc.b_to_a, error=exc.reason)
-            else:
-                self._telemetry.closed(record, sent=result.a_to_b + len(early),
-                                       received=result.b_to_a)
+            await self._telemetry.carry(record, client, upstream, already_sent=len(early))
 
     async def _open_upstream(
         self, plan: OutboundPlan, forwarded_for: str, source_netns: Path | None
     ) -> trio.abc.HalfCloseableStream:
         destination = plan.destination
         if not plan.use_hbone:
-            return await self._open_plain(plan, source_netns)
+            ip, port = destination.address
+            return await connect_upstream(ip, port, pod_netns=source_netns,
+                                          timeout=self._connect_timeout)
         assert plan.destination_identity is not None
         source_identity = identity_of(plan.source)
         try:
-            await self._certs.wait_for(source_identity, self._certificate_timeout)
+            await self._certs.wait_for(source_identity, CERTIFICATE_WAIT)
         except (TimeoutError, KeyError) as exc:
-            raise OutboundRefused(socks5.GENERAL_FAILURE, str(exc)) from None
+            raise OutboundRefused(str(exc), reply_code=socks5.GENERAL_FAILURE) from None
         service = destination.service
         peer_ip, peer_port = plan.hbone_address(self._hbone_port)
         key = PoolKey(
@@ -461,39 +429,19 @@ class Outbound:
             with trio.fail_after(self._connect_timeout):
                 stream: HboneStream = await self._pool.open_stream(key, headers)
         except HboneConnectError as exc:
-            raise OutboundRefused(
-                _reply_for_status(exc.status), f"HBONE CONNECT answered {exc.status}: {exc.reason}",
-                ResponseFlag.UNAUTHORIZED if exc.status == 401
-                else ResponseFlag.UPSTREAM_CONNECT_FAILURE,
+            raise UpstreamConnectError(
+                f"HBONE CONNECT answered {exc.status}: {exc.reason}",
+                reply_code=_reply_for_status(exc.status),
+                response_flags=(ResponseFlag.UNAUTHORIZED if exc.status == 401
+                                else ResponseFlag.UPSTREAM_CONNECT_FAILURE),
             ) from None
         except PeerIdentityError as exc:
-            raise OutboundRefused(socks5.GENERAL_FAILURE, f"mTLS with {peer_ip}: "
-                                  f"{exc.reason}", ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
+            raise UpstreamConnectError(f"mTLS with {peer_ip}: {exc.reason}",
+                                       reply_code=socks5.GENERAL_FAILURE) from None
         except (OSError, netns.NetnsError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            raise OutboundRefused(socks5.HOST_UNREACHABLE,
-                                  f"HBONE to {format_authority(peer_ip, peer_port)}: {exc}",
-                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
+            raise UpstreamConnectError(f"HBONE to {format_authority(peer_ip, peer_port)}: {exc}",
+                                       reply_code=socks5.HOST_UNREACHABLE) from None
         return stream
-
-    async def _open_plain(self, plan: OutboundPlan, source_netns: Path | None) -> trio.SocketStream:
-        ip, port = plan.destination.address
-        try:
-            with trio.fail_after(self._connect_timeout):
-                if source_netns is None:
-                    return await connect_tcp(ip, port)
-                return await netns.connect_in(source_netns, ip, port, mark=BYPASS_MARK,
-                                              timeout=self._connect_timeout)
-        except trio.TooSlowError:
-            raise OutboundRefused(socks5.TTL_EXPIRED, f"connect to {ip}:{port} timed out",
-                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
-        except netns.NetnsError as exc:
-            raise OutboundRefused(socks5.GENERAL_FAILURE, f"connect to {ip}:{port}: {exc}",
-                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
-        except OSError as exc:
-            code = (socks5.CONNECTION_REFUSED if exc.errno == errno.ECONNREFUSED
-                    else socks5.HOST_UNREACHABLE)
-            raise OutboundRefused(code, f"connect to {ip}:{port}: {exc.strerror or exc}",
-                                  ResponseFlag.UPSTREAM_CONNECT_FAILURE) from None
 
     def _baggage(self, source: Workload) -> dict[str, str]:
         baggage = {

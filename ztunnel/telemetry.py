@@ -1,8 +1,13 @@
 """One place where a proxied connection becomes an access-log line and ``istio_tcp_*`` series.
 
 Inbound and outbound both describe a connection with a ``ConnectionRecord`` and hand it to
-``ConnectionTelemetry`` when it opens and when it ends, so the two directions report the same
-fields the same way.
+``ConnectionTelemetry``, which carries it (``carry``: the splice) or reports its refusal, so
+the two directions report the same fields the same way.
+
+Bytes show while a connection lives, as in Istio's ztunnel: the splice keeps plain integer
+counts (``SpliceProgress``) and one task per ztunnel (``run``) adds what every open
+connection moved since the last pass to the byte counters each ``flush_interval``; the rest
+is added when the connection ends, so the totals stay exact and nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import trio
 
 from ambient_api.identity import SpiffeId
 from ambient_api.model import Service, Workload
+from ambient_dataplane.hbone import SpliceError, splice
+from ambient_dataplane.hbone.splice import SpliceProgress
 from ambient_dataplane.labels import ConnectionLabels, connection_labels
 from ztunnel.metrics import ZtunnelMetrics
 
 Direction = Literal["inbound", "outbound"]
+
+DEFAULT_FLUSH_INTERVAL = 1.0  # seconds between two reports of open connections' bytes
 
 
 @dataclass
@@ -34,15 +43,61 @@ class ConnectionRecord:
     destination_service: Service | None = None
     mtls: bool = False
     started_at: float = field(default_factory=trio.current_time)
-    labels: ConnectionLabels | None = None  # set by ``ConnectionTelemetry.opened``
+
+
+class _LiveBytes:
+    """An open connection's byte counts, and how much of them the counters already show."""
+
+    __slots__ = ("labels", "progress", "already_sent", "reported_sent", "reported_received")
+
+    def __init__(self, labels: ConnectionLabels, already_sent: int) -> None:
+        self.labels = labels
+        self.progress = SpliceProgress()
+        self.already_sent = already_sent
+        self.reported_sent = 0
+        self.reported_received = 0
+
+    @property
+    def sent(self) -> int:
+        return self.already_sent + self.progress.a_to_b
+
+    @property
+    def received(self) -> int:
+        return self.progress.b_to_a
+
+    def unreported(self) -> tuple[int, int]:
+        """The bytes moved since the last call (sent, received), now counted as reported."""
+        sent, received = self.sent, self.received
+        delta = (sent - self.reported_sent, received - self.reported_received)
+        self.reported_sent, self.reported_received = sent, received
+        return delta
 
 
 class ConnectionTelemetry:
-    """Counts connections and writes one structlog access line per connection."""
+    """Counts connections and their bytes, and writes one structlog access line per
+    connection."""
 
-    def __init__(self, metrics: ZtunnelMetrics) -> None:
+    def __init__(
+        self, metrics: ZtunnelMetrics, *, flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    ) -> None:
         self._metrics = metrics
+        self._flush_interval = flush_interval
+        self._live: set[_LiveBytes] = set()
         self._log = structlog.get_logger("ztunnel.access")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Report open connections' bytes every flush interval until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self._flush_interval)
+            self.flush()
+
+    def flush(self) -> None:
+        """Add what each open connection moved since the last flush to the byte counters."""
+        for live in self._live:
+            sent, received = live.unreported()
+            if sent or received:
+                self._metrics.bytes_transferred(live.labels, sent, received)
 
     def _labels(self, record: ConnectionRecord, response_flags: str = "-") -> ConnectionLabels:
         return connection_labels(
@@ -55,23 +110,37 @@ class ConnectionTelemetry:
             response_flags=response_flags,
         )
 
-    def opened(self, record: ConnectionRecord) -> None:
-        record.labels = self._labels(record)
-        self._metrics.connection_opened(record.labels)
-
-    def closed(
-        self, record: ConnectionRecord, *, sent: int, received: int, error: str | None = None
+    async def carry(
+        self,
+        record: ConnectionRecord,
+        downstream: trio.abc.HalfCloseableStream,
+        upstream: trio.abc.HalfCloseableStream,
+        *,
+        already_sent: int = 0,
     ) -> None:
-        """An accepted connection ended. ``sent`` flowed towards the destination."""
-        assert record.labels is not None, "closed() without opened()"
-        self._metrics.connection_closed(record.labels, sent=sent, received=received)
+        """Splice an accepted connection (``downstream``: the side that opened it) until both
+        sides are done, and report it: opened now, its bytes while they flow, closed with the
+        access line at the end. ``already_sent``: bytes forwarded upstream before (early
+        data); "sent" is always towards the destination."""
+        live = _LiveBytes(self._labels(record), already_sent)
+        self._metrics.connection_opened(live.labels)
+        self._live.add(live)
+        error: str | None = None
+        try:
+            await splice(downstream, upstream, live.progress)
+        except SpliceError as exc:
+            error = exc.reason
+        finally:
+            self._live.discard(live)
+        sent, received = live.unreported()
+        self._metrics.connection_closed(live.labels, sent=sent, received=received)
         if not self._log.is_enabled_for(logging.INFO):
             return  # the access line's fields are not worth building for nobody
         self._log.info(
             "connection complete" if error is None else "connection broken",
             **self._fields(record),
-            bytes_sent=sent,
-            bytes_recv=received,
+            bytes_sent=live.sent,
+            bytes_recv=live.received,
             duration_ms=_duration_ms(record),
             error=error,
         )

@@ -18,6 +18,25 @@ class SpliceResult(NamedTuple):
     b_to_a: int
 
 
+class SpliceProgress:
+    """The bytes a splice copied so far each way, updated in place as they flow: a reader
+    (ztunnel's periodic metrics flush) sees them while the splice runs, for no more than the
+    integer additions the splice does anyway."""
+
+    __slots__ = ("copied",)
+
+    def __init__(self) -> None:
+        self.copied = [0, 0]  # a->b, b->a
+
+    @property
+    def a_to_b(self) -> int:
+        return self.copied[0]
+
+    @property
+    def b_to_a(self) -> int:
+        return self.copied[1]
+
+
 class SpliceError(Exception):
     """One side broke mid-splice; the byte counts so far are kept for metrics."""
 
@@ -84,14 +103,17 @@ def _side(stream: trio.abc.HalfCloseableStream) -> _Side:
 
 
 async def splice(
-    a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream
+    a: trio.abc.HalfCloseableStream,
+    b: trio.abc.HalfCloseableStream,
+    progress: SpliceProgress | None = None,
 ) -> SpliceResult:
     """Copy both ways until both sides sent EOF; each EOF is forwarded with send_eof.
 
     Does not close either stream (the caller owns them). If either side breaks, the other
-    direction is cancelled and SpliceError carries the counts and the reason.
+    direction is cancelled and SpliceError carries the counts and the reason. A fresh
+    ``progress``, if given, is where the counts are kept: a watcher reads them mid-splice.
     """
-    counts = [0, 0]
+    counts = (progress if progress is not None else SpliceProgress()).copied
     failure: list[str] = []
 
     async def pump(source: _Side, sink: _Side, index: int, cancel_scope: trio.CancelScope) -> None:

@@ -188,7 +188,7 @@ async def test_ztunnel_shutdown_drains_instead_of_waiting_for_the_timeout(
     httpbin_ip = mesh.addr(HTTPBIN_V1)
 
     def pooled_to_httpbin() -> list[PoolKey]:
-        return [k for k in node_1.pool.live_keys() if k.destination_address[0] == httpbin_ip]
+        return [k for k in node_1.inputs.pool.live_keys() if k.destination_address[0] == httpbin_ip]
 
     stream = await mesh.connect(SLEEP, HTTPBIN_V1, ECHO_PORT)
     async with stream:
@@ -199,7 +199,7 @@ async def test_ztunnel_shutdown_drains_instead_of_waiting_for_the_timeout(
         node_2.request_shutdown()
         with trio.fail_after(5):  # node-2 stopped listening and sent GOAWAY
             while not all(c.is_draining for k in pooled_to_httpbin()
-                          for c in node_1.pool.connections(k)):
+                          for c in node_1.inputs.pool.connections(k)):
                 await trio.sleep(0.02)
         # (i) the flowing connection keeps working through the drain, both ways.
         for round_number in range(3):

@@ -149,7 +149,8 @@ async def test_ztunnels_authenticated_by_token_review_serve_traffic_and_follow_t
     assert (await cluster.get_through_mesh())["pod"] == "httpbin"
     assert api.get("secrets", "istio-ca-secret", "istio-system") is not None
     node_1 = cluster.ztunnels["node-1"]
-    assert {str(i) for i in node_1.certs.wanted()} == {"spiffe://cluster.local/ns/demo/sa/sleep"}
+    wanted = {str(i) for i in node_1.runtime.certs.wanted()}
+    assert wanted == {"spiffe://cluster.local/ns/demo/sa/sleep"}
 
     # A pod added reaches the ztunnels; the Service picks it as a second endpoint.
     api.apply(pod("httpbin-2", "demo", "node-2", cluster.ips["httpbin-2"], "httpbin",

@@ -23,6 +23,8 @@ from tests.integration.mesh_harness import (
     NOTSLEEP,
     SLEEP,
     Mesh,
+    fetch_metrics,
+    metric_samples,
     start_mesh,
 )
 from ztunnel import socks5
@@ -114,6 +116,53 @@ async def test_half_close_and_bulk_data_cross_the_tunnel(
     assert await _echo_roundtrip(mesh, SLEEP, payload) == payload
 
 
+_SLEEP_PRINCIPAL = "spiffe://cluster.local/ns/demo/sa/sleep"
+
+
+async def _tcp_totals(mesh: Mesh, node: str, reporter: str) -> tuple[float, float, float]:
+    """(sent bytes, received bytes, closed connections) of sleep's connections, as ``node``'s
+    ztunnel reports them."""
+    text = await fetch_metrics(mesh, node)
+    labels = {"reporter": reporter, "source_principal": _SLEEP_PRINCIPAL}
+    sent, received, closed = (sum(metric_samples(text, name, **labels)) for name in (
+        "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
+        "istio_tcp_connections_closed_total"))
+    return sent, received, closed
+
+
+async def test_byte_counters_move_while_the_connection_is_open(
+    nursery: trio.Nursery, tmp_path: Path, loopback: object
+) -> None:
+    """As Istio's ztunnel, bytes show in the metrics of both ends while a long-lived
+    connection still carries them; at the close the totals are exactly what flowed."""
+    mesh = await start_mesh(nursery, tmp_path, loopback)
+    ends = ((NODE_1, "source"), (NODE_2, "destination"))
+    before = {node: await _tcp_totals(mesh, node, reporter) for node, reporter in ends}
+    payload = bytes(range(256)) * 400  # 100 KiB, echoed back
+    stream = await mesh.connect(SLEEP, ECHO_VIP, ECHO_PORT)
+    async with stream:
+        await stream.send_all(payload)
+        echoed = bytearray()
+        while len(echoed) < len(payload):
+            echoed += await stream.receive_some(65536)
+        assert echoed == payload
+        with trio.fail_after(10):  # a few flush intervals
+            for node, reporter in ends:
+                sent, received, closed = before[node]
+                while (await _tcp_totals(mesh, node, reporter)) != (
+                        sent + len(payload), received + len(payload), closed):
+                    await trio.sleep(0.1)
+        await stream.send_eof()
+        assert await stream.receive_some(1) == b""
+    with trio.fail_after(10):
+        for node, reporter in ends:
+            sent, received, closed = before[node]
+            while (totals := await _tcp_totals(mesh, node, reporter))[2] == closed:
+                await trio.sleep(0.1)
+            # Flushed live and at the close, every byte is counted once.
+            assert totals == (sent + len(payload), received + len(payload), closed + 1)
+
+
 async def test_live_file_edit_reaches_ztunnels(
     nursery: trio.Nursery, tmp_path: Path, loopback: object
 ) -> None:
@@ -163,15 +212,15 @@ async def test_certificates_rotate_mid_traffic(
     nursery: trio.Nursery, tmp_path: Path, loopback: object
 ) -> None:
     mesh = await start_mesh(nursery, tmp_path, loopback, cert_ttl=timedelta(seconds=4))
-    ztunnel = mesh.ztunnels["node-1"]
-    identity = next(iter(ztunnel.certs.wanted()))
-    first = ztunnel.certs.current(identity)
+    certs = mesh.ztunnels["node-1"].runtime.certs
+    identity = next(iter(certs.wanted()))
+    first = certs.current(identity)
     assert first is not None
     stream = await mesh.connect(SLEEP, ECHO_VIP, ECHO_PORT)
     async with stream:
         # Keep one connection busy across at least one rotation (renewal at half-life).
         with trio.fail_after(15):
-            while (cert := ztunnel.certs.current(identity)) is None or cert.serial == first.serial:
+            while (cert := certs.current(identity)) is None or cert.serial == first.serial:
                 await stream.send_all(b"ping")
                 assert await stream.receive_some(4) == b"ping"
                 await trio.sleep(0.1)

@@ -58,7 +58,8 @@ from tests.integration.mesh_harness import (
 )
 from tests.pki import TestPki
 from ztunnel import socks5
-from ztunnel.outbound import OutboundRefused, plan_outbound
+from ztunnel.errors import OutboundRefused
+from ztunnel.outbound import plan_outbound
 
 pytestmark = pytest.mark.slow
 

@@ -22,6 +22,7 @@ from ambient_api.model import (
 from ambient_dataplane.hbone import HboneRejection
 from ambient_dataplane.state import ProxyState
 from tests.deltas import delta
+from ztunnel.errors import InboundRefused
 from ztunnel.inbound import LOOP_GUARD_PORTS, InboundTarget, decide_inbound
 
 ROOT_NAMESPACE = "istio-system"
@@ -188,3 +189,11 @@ def test_checks_run_in_order_ours_then_port_then_mesh_then_policy(state: ProxySt
     assert rejection(state, "10.0.0.5", 15006).status == 400
     # Out-of-mesh pod and a denied caller: 503 before policy is looked at.
     assert rejection(state, "10.0.0.5", identity=None).status == 503
+
+
+def test_a_rejection_is_answered_with_its_status_and_reported_uaex_only_for_policy() -> None:
+    denied = InboundRefused.from_rejection(HboneRejection(401, "no ALLOW policy matched"))
+    assert (denied.status_hint, denied.response_flags, denied.reason) == (
+        401, "UAEX", "no ALLOW policy matched")
+    not_ours = InboundRefused.from_rejection(HboneRejection(400, "not a workload here"))
+    assert (not_ours.status_hint, not_ours.response_flags) == (400, "-")

@@ -22,7 +22,8 @@ from ambient_dataplane.labels import ResponseFlag
 from ambient_dataplane.state import ProxyState
 from tests.deltas import delta
 from ztunnel import socks5
-from ztunnel.outbound import OutboundPlan, OutboundRefused, plan_outbound, service_for_hostname
+from ztunnel.errors import OutboundRefused
+from ztunnel.outbound import OutboundPlan, plan_outbound, service_for_hostname
 
 NODE = "node-1"
 HTTPBIN_KEY = "demo/httpbin.demo.svc.cluster.local"

@@ -29,6 +29,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,10 @@ import structlog
 import trio
 
 from ambient_api.model import Workload
-from ambient_dataplane.state import ProxyState, canonical_ip, is_hbone
+from ambient_dataplane.state import canonical_ip, is_hbone
 from ztunnel.capture import netns, rules
-from ztunnel.config import Ports
 from ztunnel.inbound import Inbound
+from ztunnel.inputs import ProxyInputs
 from ztunnel.outbound import Outbound
 
 log = structlog.get_logger()
@@ -47,7 +48,6 @@ log = structlog.get_logger()
 # After a failed attempt (namespace not ready, address not configured yet...) a pod is tried
 # again this much later, not on every poll.
 RETRY_DELAY = 2.0
-_DEFAULT_PORTS = Ports()
 
 
 class NetnsMapError(ValueError):
@@ -168,26 +168,22 @@ class InPodManager:
 
     def __init__(
         self,
-        *,
-        node: str,
-        netns_map_path: Path,
-        state: ProxyState,
+        inputs: ProxyInputs,
         inbound: Inbound,
         outbound: Outbound,
-        handler_nursery: trio.Nursery,
+        *,
         config_synced: trio.Event,
-        ports: Ports = _DEFAULT_PORTS,
-        poll_interval: float = 0.5,
     ) -> None:
-        self._node = node
-        self._map_path = netns_map_path
-        self._state = state
+        config = inputs.config
+        assert config.netns_map is not None, "ZtunnelConfig requires it with capture inpod"
+        self._node = config.node
+        self._map_path = config.netns_map
+        self._state = inputs.state
         self._inbound = inbound
         self._outbound = outbound
-        self._handler_nursery = handler_nursery
         self._config_synced = config_synced
-        self._ports = ports
-        self._poll_interval = poll_interval
+        self._ports = config.ports
+        self._poll_interval = config.netns_map_poll_interval
         self._wake = trio.Event()
         self._netns_map: dict[str, Path] = {}
         self._map_stamp: tuple[int, int, int] | None = None
@@ -195,6 +191,7 @@ class InPodManager:
         self._known_clean: set[tuple[str, Path]] = set()
         self._retry_at: dict[PodTarget, float] = {}
         self._pods_nursery: trio.Nursery | None = None
+        self._handler_nursery: trio.Nursery | None = None
         self.reconciled = trio.Event()  # set after each pass; tests and status wait on it
 
     # -- inputs ---------------------------------------------------------------------------
@@ -226,9 +223,16 @@ class InPodManager:
 
     # -- the loop -------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Until cancelled. Nothing is touched before the first config is synced: an empty
+    async def run(
+        self,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Until cancelled; the pods' connections run in ``handler_nursery`` (they outlive
+        the listeners). Nothing is touched before the first config is synced: an empty
         state would look like "no pod is enrolled" and sweep every pod's rules."""
+        self._handler_nursery = handler_nursery
         async with trio.open_nursery() as pods:
             self._pods_nursery = pods
             task_status.started()
@@ -333,26 +337,20 @@ class InPodManager:
         plaintext: list[trio.SocketListener],
         outbound: list[trio.SocketListener],
     ) -> None:
-        target = served.target
+        target, handlers = served.target, self._handler_nursery
+        assert handlers is not None, "pods are served only while run() runs"
         try:
             with served.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._serve_inbound, target, hbone, plaintext)
+                    nursery.start_soon(partial(self._inbound.serve_listeners,
+                                               pod_netns=target.netns),
+                                       target.ip, hbone, plaintext, handlers)
                     nursery.start_soon(self._outbound.serve_captured, outbound, target.uid,
-                                       target.netns, self._handler_nursery)
+                                       target.netns, handlers)
         finally:
             for listener in (*hbone, *plaintext, *outbound):
                 await trio.aclose_forcefully(listener)
             served.stopped.set()
-
-    async def _serve_inbound(
-        self,
-        target: PodTarget,
-        hbone: list[trio.SocketListener],
-        plaintext: list[trio.SocketListener],
-    ) -> None:
-        await self._inbound.serve_listeners(target.ip, hbone, plaintext, self._handler_nursery,
-                                            pod_netns=target.netns)
 
     async def _remove(self, served: _ServedPod) -> bool:
         """Rules off first (the pod's traffic is no longer redirected), then listeners; True

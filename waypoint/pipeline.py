@@ -5,6 +5,7 @@ circuit breaker -> endpoint choice (outlier-aware) -> upstream tries with budget
 response filters. Each step is a module of its own (``jwt``, ``authz``, ``resilience``,
 ``routing``); this module only sequences them and turns their verdicts into responses and
 Envoy response flags. ``RequestPipeline.handle`` never raises for a request's fault.
+The path is normalized first (``paths``): every step sees the one path that is forwarded.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from ambient_api import l7
 from ambient_api.identity import SpiffeId
 from ambient_api.model import Service, Workload, WorkloadStatus
 from ambient_dataplane.state import ProxyState, identity_of
-from waypoint.authz import RequestAttributes, evaluate, normalize_path
+from waypoint.authz import RequestAttributes, evaluate
 from waypoint.http import HttpRequest, HttpResponse, error_response
 from waypoint.jwt import JwtError, JwtResult, JwtValidator
+from waypoint.paths import PathNormalization, PathRejected, normalize_target
 from waypoint.resilience import (
     CircuitBreaker,
     OutlierDetector,
@@ -208,8 +210,10 @@ class RequestPipeline:
         upstream: HttpUpstream,
         nursery: trio.Nursery,
         rand: random.Random | None = None,
+        path_normalization: PathNormalization = PathNormalization.BASE,
     ) -> None:
         self._state = state
+        self._path_normalization = path_normalization
         self._waypoint_key = waypoint_key
         self._upstream = upstream
         self._nursery = nursery  # where mirrored requests run, detached from the primary
@@ -256,6 +260,11 @@ class RequestPipeline:
         self, request: HttpRequest, target: Target, caller: Caller, outcome: Outcome,
         extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> HttpResponse:
+        try:  # the one path that is authorized, routed and forwarded
+            request = request.replace(
+                target=normalize_target(request.target, self._path_normalization))
+        except PathRejected as rejection:
+            return error_response(400, rejection.reason)
         config = self._config_for(target)
         try:
             jwt = config.jwt.validate(request.headers)
@@ -288,7 +297,7 @@ class RequestPipeline:
             destination_port=target.port,
             host=request.authority,
             method=request.method,
-            path=normalize_path(request.target),
+            path=request.target,
             headers=(*request.headers, ("host", request.authority)),
             request_principal=jwt.principal,
             claims=jwt.claims,

@@ -18,10 +18,11 @@ claim in ``conditions``.
 
 Request fields, as Istio compares them:
 
-- ``paths``: the path without query string or fragment, after RFC 3986 normalisation
-  (``normalize_path``: unreserved percent-escapes decoded, dot segments removed), matched
-  exactly, ``prefix*``, ``*suffix`` or ``*``; a pattern with ``{*}`` (one segment) or ``{**}``
-  (one or more segments, last) is a path template.
+- ``paths``: the path without query string or fragment, as the waypoint normalized it
+  before anything else looked at it (``waypoint.paths``: the one path that is also routed
+  and forwarded; it is not normalized a second time here), matched exactly, ``prefix*``,
+  ``*suffix`` or ``*``; a pattern with ``{*}`` (one segment) or ``{**}`` (one or more
+  segments, last) is a path template.
 - ``hosts``: the ``:authority``/``Host`` value compared case-insensitively **as a whole**, as
   Istio does: ``example.com`` does not match ``example.com:8080``; write ``example.com:*``.
 - ``methods``: case-sensitive (HTTP methods are upper case).
@@ -61,6 +62,7 @@ from ambient_dataplane.matchers import (
     strings_match,
 )
 from waypoint.http import HeaderSource, header_values
+from waypoint.paths import policy_path
 
 _SPIFFE_SCHEME = "spiffe://"
 _CLAIMS_PREFIX = "request.auth.claims"
@@ -80,7 +82,7 @@ class RequestAttributes:
     destination_port: int
     host: str  # :authority or Host, as sent
     method: str
-    path: str  # the request target in origin form; query and fragment are ignored
+    path: str  # the normalized request target (waypoint.paths); query and fragment ignored
     headers: HeaderSource = ()
     request_principal: str | None = None  # "iss/sub" of a validated JWT (waypoint.jwt)
     claims: Mapping[str, Any] | None = None  # that JWT's payload
@@ -123,47 +125,6 @@ def evaluate(
     return L7Decision(False, "no ALLOW policy matched", None, audit)
 
 
-def normalize_path(target: str) -> str:
-    """The request path as authorization compares it (Istio's default normalisation).
-
-    Drops query and fragment, decodes percent-escapes of unreserved characters (so ``%2e``
-    cannot hide a dot segment) and removes ``.``/``..`` segments (RFC 3986 6.2.2). The proxy
-    should forward this same path upstream, or a DENY on ``/admin*`` could be walked around
-    with ``/public/../admin``."""
-    path = target.split("?", 1)[0].split("#", 1)[0]
-    path = _ESCAPE.sub(_decode_unreserved, path)
-    if not path.startswith("/"):
-        path = "/" + path
-    return _remove_dot_segments(path)
-
-
-_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-
-
-def _decode_unreserved(escape: re.Match[str]) -> str:
-    char = chr(int(escape.group(0)[1:], 16))
-    return char if char in _UNRESERVED else escape.group(0).upper()
-
-
-def _remove_dot_segments(path: str) -> str:
-    output: list[str] = []
-    segments = path.split("/")[1:]
-    for index, segment in enumerate(segments):
-        last = index == len(segments) - 1
-        if segment == ".":
-            if last:
-                output.append("")
-        elif segment == "..":
-            if output:
-                output.pop()
-            if last:
-                output.append("")
-        else:
-            output.append(segment)
-    return "/" + "/".join(output)
-
-
 @dataclass(frozen=True)
 class _Subject:
     """The request in the forms the matchers compare (computed once per evaluation)."""
@@ -189,7 +150,7 @@ class _Subject:
             destination_port=attrs.destination_port,
             host=attrs.host.lower(),
             method=attrs.method,
-            path=normalize_path(attrs.path),
+            path=policy_path(attrs.path),
             headers=attrs.headers,
             request_principal=attrs.request_principal or None,
             claims=attrs.claims,

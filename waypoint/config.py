@@ -23,6 +23,7 @@ from ambient_common.flags import (
     parse_host_port,
 )
 from ambient_common.logging import LogFormat
+from waypoint.paths import PathNormalization
 
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 LOG_FORMATS = ("auto", "json", "console")
@@ -61,6 +62,7 @@ class WaypointConfig:
     connect_timeout: float = 5.0
     drain_timeout: float = 5.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    path_normalization: PathNormalization = PathNormalization.BASE
     log_format: LogFormat = "auto"
     log_level: str = "info"
     ports: WaypointPorts = field(default_factory=WaypointPorts)
@@ -178,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="largest request body buffered (413 beyond; default 10 MiB)",
     )
+    parser.add_argument(
+        "--path-normalization",
+        choices=[mode.value for mode in PathNormalization],
+        default=PathNormalization.BASE.value,
+        help="Istio's meshConfig.pathNormalization for request paths (default BASE)",
+    )
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     return parser
@@ -204,6 +212,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> WaypointConfig:
         connect_timeout=args.connect_timeout,
         drain_timeout=args.drain_timeout,
         max_request_bytes=args.max_request_bytes,
+        path_normalization=PathNormalization(args.path_normalization),
         log_format=args.log_format,
         log_level=args.log_level,
     )

@@ -7,7 +7,8 @@ response filters. Each step's rules are a module of their own (``jwt``, ``authz`
 sequences them. Every stage returns a typed verdict: ``Continue`` (with what later stages
 need) or ``Respond`` (the waypoint answers, with its Envoy response flags); the upstream
 stage returns ``Forwarded``. Only the driver, ``RequestPipeline.handle``, assembles the
-request's ``Outcome`` from them; it never raises for a request's fault.
+request's ``Outcome`` from them; it never raises for a request's fault. The path is
+normalized first (``paths``): every stage sees the one path that is forwarded.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from ambient_api.identity import SpiffeId
 from ambient_api.model import Service, Workload, WorkloadStatus
 from ambient_dataplane.labels import ResponseFlag, format_response_flags
 from ambient_dataplane.state import ProxyState, identity_of
-from waypoint.authz import RequestAttributes, evaluate, normalize_path
+from waypoint.authz import RequestAttributes, evaluate
 from waypoint.http import HttpRequest, HttpResponse, error_response
 from waypoint.jwt import JwtError, JwtResult, JwtValidator
+from waypoint.paths import PathNormalization, PathRejected, normalize_target
 from waypoint.resilience import (
     CircuitBreaker,
     OutlierDetector,
@@ -162,8 +164,10 @@ class RequestPipeline:
         upstream: HttpUpstream,
         nursery: trio.Nursery,
         rand: random.Random | None = None,
+        path_normalization: PathNormalization = PathNormalization.BASE,
     ) -> None:
         self._state = state
+        self._path_normalization = path_normalization
         self._waypoint_key = waypoint_key
         self._upstream = upstream
         self._nursery = nursery  # where mirrored requests run, detached from the primary
@@ -214,6 +218,11 @@ class RequestPipeline:
         extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> tuple[HttpResponse, Outcome]:
         """Run the stages in order until one answers; the response and how it was served."""
+        try:  # the one path that is authorized, routed and forwarded
+            request = request.replace(
+                target=normalize_target(request.target, self._path_normalization))
+        except PathRejected as rejection:
+            return error_response(400, rejection.reason), Outcome()
         config = self._config_for(target)
         authenticated = self._authenticate(request, config.jwt)
         if isinstance(authenticated, Respond):
@@ -292,7 +301,7 @@ class RequestPipeline:
             destination_port=target.port,
             host=request.authority,
             method=request.method,
-            path=normalize_path(request.target),
+            path=request.target,
             headers=(*request.headers, ("host", request.authority)),
             request_principal=jwt.principal,
             claims=jwt.claims,

@@ -41,6 +41,7 @@ from ambient_dataplane.hbone.pool import HbonePool, PoolKey
 from ambient_dataplane.runtime import ProxyRuntime, RuntimeSettings
 from ambient_dataplane.state import SERVICE, WORKLOAD, ProxyState, identity_of
 from waypoint.config import WaypointConfig
+from waypoint.forwarded_headers import TunnelPeer, sanitize_request_headers
 from waypoint.http import HttpLimits, HttpRequest, HttpResponse, looks_like_http, serve_http
 from waypoint.pipeline import Caller, RequestPipeline, Target
 from waypoint.routing import choose_backend
@@ -93,7 +94,7 @@ class _Downstream(NamedTuple):
 
     target: Target
     caller: Caller
-    forwarded: tuple[tuple[str, str], ...]  # who the caller is, for the upstream
+    peer: TunnelPeer  # who the caller is, for the headers the upstream may believe
     labeler: RequestLabeler
 
 
@@ -155,6 +156,7 @@ class Waypoint:
         self.pipeline = RequestPipeline(
             state=self.state, waypoint_key=self.waypoint_key, upstream=self.upstream,
             nursery=connections, rand=self._rand,
+            path_normalization=self.config.path_normalization,
         )
 
     async def start_listeners(self, services: trio.Nursery, connections: trio.Nursery) -> None:
@@ -238,12 +240,8 @@ class Waypoint:
                     prefix += chunk
             protocol = "http" if looks_like_http(prefix) else "tcp"
         if protocol == "http":
-            downstream = _Downstream(
-                target, caller,
-                (("x-forwarded-for", caller.ip),
-                 ("x-forwarded-client-cert", f"By={self.identity};URI={caller.identity}")),
-                RequestLabeler(caller.workload, caller.identity),
-            )
+            downstream = _Downstream(target, caller, TunnelPeer(caller.ip, caller.identity),
+                                     RequestLabeler(caller.workload, caller.identity))
             await serve_http(
                 tunnel, lambda r: self._handle_request(r, downstream), self.limits,
                 initial_bytes=prefix,
@@ -256,11 +254,13 @@ class Waypoint:
     async def _handle_request(self, request: HttpRequest, downstream: _Downstream) -> HttpResponse:
         target, caller = downstream.target, downstream.caller
         started = trio.current_time()
+        request = request.replace(headers=sanitize_request_headers(
+            request.headers, downstream.peer, waypoint=self.identity))
         traceparent, tracestate = request.header("traceparent"), request.header("tracestate")
         span = self.tracer.start(traceparent, tracestate)
         if traceparent is not None or tracestate is not None:  # ours replace them upstream
             request = request.with_headers(remove=("traceparent", "tracestate"))
-        forwarded = (*span.propagation_headers(), *downstream.forwarded)
+        forwarded = tuple(span.propagation_headers())
         response, outcome = await self.pipeline.handle(request, target, caller, forwarded)
         flags = outcome.flags
         response = response.replace(response_flags=flags)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from waypoint.config import DEFAULT_MAX_REQUEST_BYTES, WaypointConfig, config_from_args
+from waypoint.paths import PathNormalization
 from ztunnel.config import config_from_args as ztunnel_config_from_args
 
 
@@ -47,6 +48,7 @@ def test_defaults(root_cert: Path, tmp_path: Path) -> None:
     assert (config.ports.hbone, config.ports.admin, config.ports.metrics,
             config.ports.readiness) == (15008, 15000, 15020, 15021)  # fmt: skip
     assert config.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
+    assert config.path_normalization is PathNormalization.BASE  # Istio's default
     assert config.otlp_endpoint is None
     assert (config.log_format, config.log_level) == ("auto", "info")
 
@@ -64,6 +66,7 @@ def test_every_flag(root_cert: Path) -> None:
             "--connect-timeout", "250ms",
             "--drain-timeout", "1m",
             "--max-request-bytes", "1024",
+            "--path-normalization", "DECODE_AND_MERGE_SLASHES",
             "--log-format", "json",
             "--log-level", "debug",
         )
@@ -75,6 +78,7 @@ def test_every_flag(root_cert: Path) -> None:
     assert config.otlp_endpoint == "http://127.0.0.1:4318"
     assert (config.connect_timeout, config.drain_timeout) == (0.25, 60.0)
     assert config.max_request_bytes == 1024
+    assert config.path_normalization is PathNormalization.DECODE_AND_MERGE_SLASHES
     assert (config.log_format, config.log_level) == ("json", "debug")
 
 
@@ -95,6 +99,7 @@ def test_ipv6_address_is_normalised(root_cert: Path) -> None:
         (("--max-request-bytes", "0"), "'0' is not a positive whole number"),
         (("--otlp-endpoint", "grpc://collector"), "must be an http:// or https:// URL"),
         (("--log-level", "loud"), "invalid choice: 'loud'"),
+        (("--path-normalization", "base"), "invalid choice: 'base'"),
     ],
 )
 def test_bad_flags_name_the_problem(

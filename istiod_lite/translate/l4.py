@@ -12,12 +12,28 @@ knowing (Istio's behaviour unless said otherwise):
 * Principals are kept exactly as Istio users write them: *without* the ``spiffe://`` scheme,
   e.g. ``cluster.local/ns/demo/sa/sleep`` (a leading ``spiffe://`` is stripped). A proxy
   matches them against its peer's SPIFFE id with the scheme removed. Source
-  ``serviceAccounts: [ns/sa]`` become principals ``<trust domain>/ns/<ns>/sa/<sa>``.
-* AuthorizationPolicy is enforced at L4: an ALLOW rule that needs L7 attributes (hosts,
-  methods, paths, request principals, L7 ``when`` keys) is dropped, since it can never match
-  (fail closed); in a DENY rule those attributes are ignored, so it denies more. AUDIT and
-  CUSTOM policies and policies with ``targetRefs`` (waypoint policies) are not translated.
-  A policy with a selector in the root namespace selects workloads of every namespace.
+  ``serviceAccounts: [ns/sa]`` (or a bare ``sa``: the policy's namespace) become principals
+  ``<trust domain>/ns/<ns>/sa/<sa>``.
+* AuthorizationPolicy is enforced at L4 (rules: ``authorization.py``): an ALLOW rule that
+  needs HTTP-only attributes is dropped, since it can never match (fail closed); in a DENY
+  rule those attributes are ignored, so it denies more. AUDIT policies (they decide nothing)
+  and policies with ``targetRefs`` (waypoint policies) are not translated. A policy with a
+  selector in the root namespace selects workloads of every namespace.
+* **No translation error widens access** (a deliberate difference from Istio, whose
+  validating webhook keeps such policies out): a broken ALLOW rule is dropped and a broken
+  part of a DENY rule left out (as for HTTP-only attributes); ``rules`` that are not a list
+  leave an ALLOW policy without rules (it allows nothing: the workloads it selects now need
+  another ALLOW policy) and make a DENY one deny everything it selects; an unknown action
+  denies everything; a selector that cannot be read makes the policy namespace-wide
+  (mesh-wide in the root namespace), since the workloads it meant are among those. Each
+  error is logged (``policy not translated as written; failing closed``: the policy, the
+  field, the reason, the effect) and kept in ``policy_errors`` for istiod's metrics.
+* ``action: CUSTOM`` needs an ext_authz provider, which istiod_lite does not have: the
+  policy becomes a DENY of what its rules match (HTTP-only parts left out, so it denies
+  more), as Istio's sidecar builder does for a CUSTOM policy whose provider it cannot use
+  ("will generate deny configs"). Istio's ambient translation drops CUSTOM at ztunnel
+  instead, which fails open; we do not. Logged once per policy (``CUSTOM needs an
+  ext_authz provider; denying``).
 * PeerAuthentication STRICT -> a DENY Authorization ``converted-peer-authentication-<name>``
   matching peers without an authenticated principal. PERMISSIVE/UNSET produce nothing;
   DISABLE is not supported yet (it produces nothing, so a broader STRICT still applies, as
@@ -34,7 +50,8 @@ knowing (Istio's behaviour unless said otherwise):
 
 ``L4Translator`` converts one object at a time (``incremental.py`` decides which objects
 need it); AuthorizationPolicy rules are converted in ``authorization.py``. A broken object
-never stops translation: it is skipped with a logged warning.
+never stops translation: it is skipped with a logged warning, except that a broken policy
+fails closed (above).
 """
 
 from __future__ import annotations
@@ -79,6 +96,11 @@ from istiod_lite.labels import (
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate.authorization import l4_rule
 from istiod_lite.translate.common import (
+    AUTHORIZATION_POLICY,
+    CUSTOM_DENIED,
+    PolicyError,
+    check_selector,
+    custom_provider,
     labels_of,
     name_of,
     namespace_of,
@@ -97,6 +119,7 @@ KNOWN_PORT_PROTOCOLS = frozenset(
     {"http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis"}
 )
 CONVERTED_PEER_AUTHENTICATION_PREFIX = "converted-peer-authentication-"
+PEER_AUTHENTICATION = "PeerAuthentication"
 EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
 EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
 
@@ -126,6 +149,7 @@ class L4Translator:
         self.objects = objects
         self.mesh = mesh
         self.selector_policies = selector_policies
+        self.policy_errors: list[PolicyError] = []
         self._services_by_label = _index_by_selector(objects.services)
         self._pods_by_label: dict[tuple[str, str, str], list[str]] | None = None
 
@@ -323,12 +347,33 @@ class L4Translator:
             return AuthorizationScope.GLOBAL
         return AuthorizationScope.NAMESPACE
 
+    def _policy_error(
+        self, kind: str, where: str, field: str, reason: str, effect: str
+    ) -> None:
+        logger.warning(
+            "policy not translated as written; failing closed",
+            policy=f"{kind} {where}", field=field, reason=reason, effect=effect,
+        )
+        self.policy_errors.append(PolicyError(f"{kind} {where}", field, reason))
+
+    def _usable_selector(self, kind: str, where: str, spec: Mapping[str, Any]) -> Any:
+        """The policy's selector, or None (namespace-wide, mesh-wide in the root namespace)
+        when it cannot be read: the workloads it meant are among those, so the policy still
+        covers them (fail closed) instead of vanishing."""
+        selector = spec.get("selector")
+        try:
+            check_selector(selector)
+        except ValueError as exc:
+            self._policy_error(kind, where, "spec.selector", str(exc),
+                               "the policy applies to its whole namespace")
+            return None
+        return selector
+
     def _register_selector(
         self, authorization: Authorization, selector: Mapping[str, Any] | None,
         *, root_applies_everywhere: bool,
     ) -> None:
         if authorization.scope is AuthorizationScope.WORKLOAD_SELECTOR and selector:
-            selector_matches(selector, {})  # a malformed selector fails here, for this policy
             self.selector_policies.append(
                 SelectorPolicy(
                     key=authorization.key,
@@ -341,26 +386,37 @@ class L4Translator:
 
     def authorization(self, policy: dict[str, Any]) -> Authorization | None:
         name, namespace = name_of(policy), namespace_of(policy)
+        where = f"{namespace}/{name}"
         spec = policy.get("spec") or {}
+        if not isinstance(spec, Mapping):
+            self._policy_error(AUTHORIZATION_POLICY, where, "spec", "must be a mapping",
+                               "denies all traffic of its namespace")
+            return Authorization(name, namespace, self._scope(namespace, None),
+                                 AuthorizationAction.DENY, (Rule(),))
         if spec.get("targetRefs") or spec.get("targetRef"):
-            logger.debug("policy targets a waypoint; not for ztunnel", policy=f"{namespace}/{name}")
+            logger.debug("policy targets a waypoint; not for ztunnel", policy=where)
             return None
         action_name = spec.get("action", "ALLOW")
-        if action_name not in ("ALLOW", "DENY"):
-            logger.warning(
-                "authorization policy action not supported; policy ignored",
-                policy=f"{namespace}/{name}",
-                action=action_name,
-            )
+        rules: list[Rule]
+        if action_name in ("ALLOW", "DENY"):
+            action = AuthorizationAction(action_name)
+        elif action_name == "CUSTOM":
+            logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
+            action = AuthorizationAction.DENY
+        elif action_name == "AUDIT":
+            # AUDIT only reports; not enforcing it changes no decision (Istio: ztunnel does
+            # not support it either).
+            logger.warning("authorization policy action not supported; policy ignored",
+                           policy=where, action=action_name)
             return None
-        action = AuthorizationAction(action_name)
-        where = f"{namespace}/{name}"
-        rules = []
-        for index, rule in enumerate(spec.get("rules") or []):
-            converted = l4_rule(rule, action, f"{where} rules[{index}]", self.mesh)
-            if converted is not None:
-                rules.append(converted)
-        selector = spec.get("selector")
+        else:
+            self._policy_error(AUTHORIZATION_POLICY, where, "spec.action",
+                               f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM",
+                               "denies everything it selects")
+            action, rules = AuthorizationAction.DENY, [Rule()]
+        if action_name in ("ALLOW", "DENY", "CUSTOM"):
+            rules = self._rules(spec, action, where, namespace, quiet=action_name == "CUSTOM")
+        selector = self._usable_selector(AUTHORIZATION_POLICY, where, spec)
         authorization = Authorization(
             name=name,
             namespace=namespace,
@@ -370,6 +426,43 @@ class L4Translator:
         )
         self._register_selector(authorization, selector, root_applies_everywhere=True)
         return authorization
+
+    def _rules(
+        self, spec: Mapping[str, Any], action: AuthorizationAction, where: str,
+        namespace: str, *, quiet: bool,
+    ) -> list[Rule]:
+        """The policy's rules for ztunnel (see ``authorization.py``); ``quiet`` leaves the
+        HTTP-only notes out (a CUSTOM policy's one line says it all)."""
+        raw_rules = spec.get("rules") or []
+        if not isinstance(raw_rules, list):
+            allow = action is AuthorizationAction.ALLOW
+            self._policy_error(AUTHORIZATION_POLICY, where, "spec.rules", "must be a list",
+                               "allows nothing" if allow else "denies everything it selects")
+            return [] if allow else [Rule()]
+        rules = []
+        for index, rule in enumerate(raw_rules):
+            converted = l4_rule(rule, action, f"rules[{index}].", namespace, self.mesh)
+            dropped = converted.rule is None
+            for field, reason in converted.errors:
+                self._policy_error(
+                    AUTHORIZATION_POLICY, where, field, reason,
+                    "ALLOW rule dropped" if dropped else "left out of the rule (denies more)",
+                )
+            if converted.http_only and not quiet:
+                if dropped:
+                    logger.warning(
+                        "ALLOW rule needs L7 attributes ztunnel cannot check; rule dropped",
+                        rule=f"{where} rules[{index}]", fields=list(converted.http_only),
+                    )
+                else:
+                    logger.info(
+                        "DENY rule has L7 attributes ztunnel cannot check; they are ignored "
+                        "(denies more)",
+                        rule=f"{where} rules[{index}]", fields=list(converted.http_only),
+                    )
+            if converted.rule is not None:
+                rules.append(converted.rule)
+        return rules
 
     def peer_authentication(self, peer_authentication: dict[str, Any]) -> Authorization | None:
         name, namespace = name_of(peer_authentication), namespace_of(peer_authentication)
@@ -387,7 +480,7 @@ class L4Translator:
             )
         if mode != "STRICT":
             return None
-        selector = spec.get("selector")
+        selector = self._usable_selector(PEER_AUTHENTICATION, f"{namespace}/{name}", spec)
         authorization = Authorization(
             name=f"{CONVERTED_PEER_AUTHENTICATION_PREFIX}{name}",
             namespace=namespace,

@@ -38,14 +38,20 @@ import structlog
 
 from ambient_api import l7
 from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.translate import policy_values
 from istiod_lite.translate.common import (
+    AUTHORIZATION_POLICY,
+    CUSTOM_DENIED,
     GATEWAY_GROUP,
+    PolicyError,
     convert_each,
+    custom_provider,
     name_of,
     namespace_of,
     service_hostname,
 )
 from istiod_lite.translate.mesh import MeshConfig
+from istiod_lite.translate.policy_values import PolicyValueError
 
 logger = structlog.get_logger(__name__)
 
@@ -59,12 +65,18 @@ def read_text_file(path: str) -> str:
 
 
 def security_resources(
-    objects: ClusterObjects, mesh: MeshConfig, read_file: ReadFile = read_text_file
+    objects: ClusterObjects,
+    mesh: MeshConfig,
+    read_file: ReadFile = read_text_file,
+    *,
+    errors: list[PolicyError] | None = None,
 ) -> list[SecurityResource]:
     """Every waypoint authorization and JWT policy, sorted by kind then key (stable output).
-    ``read_file`` reads a ``jwksUri: file://`` path (injected so tests need no files)."""
+    ``read_file`` reads a ``jwksUri: file://`` path (injected so tests need no files); the
+    AuthorizationPolicy parts that could not be translated are appended to ``errors``."""
+    found = errors if errors is not None else []
     authorizations: list[SecurityResource] = convert_each(
-        objects.authorization_policies, lambda p: _authorization(p, objects, mesh)
+        objects.authorization_policies, lambda p: _authorization(p, objects, mesh, found)
     )
     jwt_policies: list[SecurityResource] = convert_each(
         objects.request_authentications, lambda p: _jwt_policy(p, objects, mesh, read_file)
@@ -88,14 +100,16 @@ def _target_refs(spec: Mapping[str, Any]) -> list[Any]:
 
 def _targets(
     refs: Iterable[Any], namespace: str, where: str, objects: ClusterObjects, mesh: MeshConfig
-) -> tuple[str, ...]:
-    """``targetRefs`` -> target keys; unusable references are logged and left out."""
+) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
+    """``targetRefs`` -> (target keys, (field, reason) of each reference naming nothing we
+    can resolve); every unusable reference is logged."""
     targets: list[str] = []
+    unresolved: list[tuple[str, str]] = []
     for index, ref in enumerate(refs):
         field = f"targetRefs[{index}]"
         if not isinstance(ref, Mapping) or not ref.get("name") or not ref.get("kind"):
-            logger.warning("target reference needs kind and name; ignored", policy=where,
-                           field=field)
+            logger.warning("target reference needs kind and name", policy=where, field=field)
+            unresolved.append((field, "needs kind and name"))
             continue
         kind, name = str(ref["kind"]), str(ref["name"])
         group = str(ref.get("group") or "")
@@ -118,96 +132,110 @@ def _targets(
             targets.append(f"{namespace}/{service_hostname(name, namespace, mesh)}")
         else:
             logger.warning(
-                "target kind not supported; ignored (use a waypoint Gateway or a Service)",
+                "target kind not supported (use a waypoint Gateway or a Service)",
                 policy=where, field=field, group=group, kind=kind,
             )
-    return tuple(dict.fromkeys(targets))
+            unresolved.append((field, f"target kind {group or 'core'}/{kind} not supported"))
+    return tuple(dict.fromkeys(targets)), unresolved
+
+
+def _namespace_targets(namespace: str, objects: ClusterObjects, mesh: MeshConfig) -> list[str]:
+    """Everything a policy of ``namespace`` could target: its Gateways and Services."""
+    gateways = [
+        l7.waypoint_key(namespace_of(g), name_of(g))
+        for g in objects.gateways.values()
+        if namespace_of(g) == namespace
+    ]
+    services = [
+        f"{namespace}/{service_hostname(name_of(s), namespace, mesh)}"
+        for s in objects.services.values()
+        if namespace_of(s) == namespace
+    ]
+    return sorted(gateways) + sorted(services)
 
 
 # -- AuthorizationPolicy ---------------------------------------------------------------------
 
 
 def _authorization(
-    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig
+    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig,
+    errors: list[PolicyError],
 ) -> l7.WaypointAuthorization | None:
     name, namespace = name_of(policy), namespace_of(policy)
     where = f"{namespace}/{name}"
+    policy_name = f"{AUTHORIZATION_POLICY} {where}"
     spec = policy.get("spec") or {}
-    refs = _target_refs(spec)
-    if not refs:
+    if not isinstance(spec, Mapping):
+        return None  # no targetRefs to read: l4.py makes it deny its namespace
+    unresolved: list[tuple[str, str]] = []
+    try:
+        refs = _target_refs(spec)
+    except ValueError:
+        refs = []
+        unresolved.append(("spec.targetRefs", "must be a list"))
+    if not refs and not unresolved:
         return None  # an L4 policy: l4.py's
     if spec.get("selector"):
         logger.warning("policy has both selector and targetRefs; the selector is ignored",
                        policy=where)
-    action_name = str(spec.get("action", "ALLOW"))
-    if action_name not in {a.value for a in l7.WaypointAuthorizationAction}:
-        logger.warning("authorization policy action not supported; policy ignored",
-                       policy=where, action=action_name)
-        return None
-    action = l7.WaypointAuthorizationAction(action_name)
-    targets = _targets(refs, namespace, where, objects, mesh)
+    action_name = spec.get("action", "ALLOW")
+    rules: list[l7.L7Rule] = []
+    if action_name == "CUSTOM":
+        logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
+        action = l7.WaypointAuthorizationAction.DENY
+    elif action_name in {a.value for a in l7.WaypointAuthorizationAction}:
+        action = l7.WaypointAuthorizationAction(action_name)
+    else:
+        reason = f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM"
+        logger.warning("policy not translated as written; failing closed", policy=policy_name,
+                       field="spec.action", reason=reason,
+                       effect="denies every request at its targets")
+        errors.append(PolicyError(policy_name, "spec.action", reason))
+        action = l7.WaypointAuthorizationAction.DENY
+        rules.append(l7.L7Rule())
+    targets, unresolved_refs = _targets(refs, namespace, where, objects, mesh)
+    unresolved += unresolved_refs
+    if unresolved:
+        # Which targets were meant is unknown: cover every one the policy could have named.
+        logger.warning(
+            "policy not translated as written; failing closed", policy=policy_name,
+            field=", ".join(field for field, _ in unresolved),
+            reason="; ".join(reason for _, reason in unresolved),
+            effect="applies to every Gateway and Service of its namespace",
+        )
+        errors += [PolicyError(policy_name, f, r) for f, r in unresolved]
+        targets = tuple(dict.fromkeys((*targets, *_namespace_targets(namespace, objects, mesh))))
     if not targets:
         logger.warning("policy has no usable target; ignored", policy=where)
         return None
-    raw_rules = spec.get("rules") or []
-    rules: list[l7.L7Rule] = []
-    if not isinstance(raw_rules, list):
-        # Skipping the policy would open an ALLOW policy's targets: fail closed instead.
-        fallback = (
-            "no rule (denies all)"
-            if action is l7.WaypointAuthorizationAction.ALLOW
-            else "one rule matching every request"
-        )
-        logger.warning(f"spec.rules must be a list; the policy gets {fallback}", policy=where)
-        if action is not l7.WaypointAuthorizationAction.ALLOW:
-            rules.append(l7.L7Rule())
-        raw_rules = []
-    for index, rule in enumerate(raw_rules):
-        converted = convert_rule(rule, action, f"{where} rules[{index}]", mesh)
-        if converted is not None:
-            rules.append(converted)
+    if not rules:
+        rules = _rules(spec, action, where, policy_name, namespace, mesh, errors)
     return l7.WaypointAuthorization(
         name=name, namespace=namespace, action=action, targets=targets, rules=tuple(rules)
     )
 
 
-class _Unsupported(Exception):
-    """A part of a rule the waypoint cannot check (or that is malformed)."""
-
-
-def _strings(value: Any, field: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
-        raise _Unsupported(f"{field} must be a list of strings")
-    return tuple(str(v) for v in value)
-
-
-def _ports(value: Any, field: str) -> tuple[int, ...]:
-    ports = []
-    for text in _strings(value, field):
-        try:
-            port = int(text)
-        except ValueError:
-            raise _Unsupported(f"{field}: {text!r} is not a port number") from None
-        if not 0 < port < 65536:
-            raise _Unsupported(f"{field}: {port} is not a port number")
-        ports.append(port)
-    return tuple(ports)
-
-
-def _principal(value: str) -> str:
-    return value.removeprefix("spiffe://")
-
-
-def _service_account_principals(value: Any, field: str, mesh: MeshConfig) -> tuple[str, ...]:
-    principals = []
-    for entry in _strings(value, field):
-        namespace, _, account = entry.partition("/")
-        if not namespace or not account or "/" in account:
-            raise _Unsupported(f"{field}: {entry!r} is not namespace/name")
-        principals.append(f"{mesh.trust_domain}/ns/{namespace}/sa/{account}")
-    return tuple(principals)
+def _rules(
+    spec: Mapping[str, Any], action: l7.WaypointAuthorizationAction, where: str,
+    policy_name: str, namespace: str, mesh: MeshConfig, errors: list[PolicyError],
+) -> list[l7.L7Rule]:
+    raw_rules = spec.get("rules") or []
+    if not isinstance(raw_rules, list):
+        # Skipping the policy would open an ALLOW policy's targets: fail closed instead.
+        allow = action is l7.WaypointAuthorizationAction.ALLOW
+        fallback = "no rule (denies all)" if allow else "one rule matching every request"
+        logger.warning(f"spec.rules must be a list; the policy gets {fallback}", policy=where)
+        errors.append(PolicyError(policy_name, "spec.rules", "must be a list"))
+        return [] if allow else [l7.L7Rule()]
+    rules = []
+    for index, rule in enumerate(raw_rules):
+        converted, problems = convert_rule(
+            rule, action, f"{where} rules[{index}]", namespace, mesh
+        )
+        errors += [PolicyError(policy_name, f"rules[{index}]", p) for p in problems]
+        if converted is not None:
+            rules.append(converted)
+    return rules
 
 
 # source / operation field -> the L7Match field it fills
@@ -251,22 +279,25 @@ _CONDITION_KEY = re.compile(
 
 
 def _convert_values(
-    target_field: str, raw: Any, field: str, mesh: MeshConfig, *, service_accounts: bool
+    target_field: str, raw: Any, field: str, namespace: str, mesh: MeshConfig,
+    *, service_accounts: bool,
 ) -> tuple[Any, ...]:
     if service_accounts:
-        return _service_account_principals(raw, field, mesh)
+        return policy_values.service_account_principals(raw, field, namespace, mesh)
     if target_field in ("ports", "not_ports"):
-        return _ports(raw, field)
-    values = _strings(raw, field)
+        return policy_values.ports(raw, field)
+    if target_field in ("source_ips", "not_source_ips"):
+        return policy_values.addresses(raw, field)
     if target_field in ("principals", "not_principals"):
-        return tuple(_principal(v) for v in values)
-    return values
+        return policy_values.principals(raw, field)
+    return policy_values.strings(raw, field)
 
 
 def _match(
     entry: Mapping[str, Any],
     fields: Mapping[str, str],
     prefix: str,
+    namespace: str,
     mesh: MeshConfig,
     problems: list[str],
 ) -> l7.L7Match:
@@ -284,32 +315,33 @@ def _match(
             continue
         try:
             converted = _convert_values(
-                target, raw, field, mesh,
+                target, raw, field, namespace, mesh,
                 service_accounts=key in ("serviceAccounts", "notServiceAccounts"),
             )
-        except _Unsupported as exc:
+        except PolicyValueError as exc:
             problems.append(str(exc))
             continue
         values[target] = values.get(target, ()) + converted
     return l7.L7Match(**values)
 
 
-def _when_clause(condition: Any, index: int, mesh: MeshConfig) -> l7.L7Clause:
+def _when_clause(condition: Any, index: int, namespace: str, mesh: MeshConfig) -> l7.L7Clause:
     field = f"when[{index}]"
     if not isinstance(condition, Mapping) or not isinstance(condition.get("key"), str):
-        raise _Unsupported(f"{field}: a condition needs a key")
+        raise PolicyValueError(f"{field}: a condition needs a key")
     key: str = condition["key"]
     raw_values, raw_not_values = condition.get("values"), condition.get("notValues")
     if not raw_values and not raw_not_values:
-        raise _Unsupported(f"{field} {key}: needs values or notValues")
+        raise PolicyValueError(f"{field} {key}: needs values or notValues")
     if key in _WHEN_FIELDS:
         values_field, not_values_field = _WHEN_FIELDS[key]
         fields = {
             values_field: _convert_values(
-                values_field, raw_values, f"{field}.values", mesh, service_accounts=False
+                values_field, raw_values, f"{field}.values", namespace, mesh,
+                service_accounts=False,
             ),
             not_values_field: _convert_values(
-                not_values_field, raw_not_values, f"{field}.notValues", mesh,
+                not_values_field, raw_not_values, f"{field}.notValues", namespace, mesh,
                 service_accounts=False,
             ),
         }
@@ -317,19 +349,21 @@ def _when_clause(condition: Any, index: int, mesh: MeshConfig) -> l7.L7Clause:
     if _CONDITION_KEY.match(key):
         condition_match = l7.Condition(
             key=key,
-            values=_strings(raw_values, f"{field}.values"),
-            not_values=_strings(raw_not_values, f"{field}.notValues"),
+            values=policy_values.strings(raw_values, f"{field}.values"),
+            not_values=policy_values.strings(raw_not_values, f"{field}.notValues"),
         )
         return l7.L7Clause(matches=(l7.L7Match(conditions=(condition_match,)),))
-    raise _Unsupported(f"{field}: condition key {key!r} not supported")
+    raise PolicyValueError(f"{field}: condition key {key!r} not supported")
 
 
 def convert_rule(
-    rule: Any, action: l7.WaypointAuthorizationAction, where: str, mesh: MeshConfig
-) -> l7.L7Rule | None:
+    rule: Any, action: l7.WaypointAuthorizationAction, where: str, namespace: str,
+    mesh: MeshConfig,
+) -> tuple[l7.L7Rule | None, list[str]]:
     """One Istio rule -> an L7Rule (``from``, ``to`` and each ``when`` condition are AND'd
     clauses), or None for an ALLOW rule with parts the waypoint cannot check (fail closed);
-    other actions keep the rule without those parts, so it matches more."""
+    other actions keep the rule without those parts, so it matches more. Also returns those
+    parts (logged here). ``namespace`` is the policy's, for bare ``serviceAccounts``."""
     problems: list[str] = []
     clauses: list[l7.L7Clause] = []
     if not isinstance(rule, Mapping):
@@ -348,22 +382,25 @@ def convert_rule(
         matches = []
         for entry in entries:
             body = entry.get(inner) if isinstance(entry, Mapping) else None
-            if not isinstance(body, Mapping):
-                problems.append(f"{section}: each entry needs a {inner} mapping")
+            if not isinstance(body, Mapping) or not body:
+                # Left out of a DENY it must match more, not less: an empty alternative.
+                problems.append(f"{section}: each entry needs a non-empty {inner} mapping")
+                matches.append(l7.L7Match())
                 continue
-            matches.append(_match(body, fields, f"{section}.{inner}", mesh, problems))
-        if matches:
-            clauses.append(l7.L7Clause(matches=tuple(matches)))
+            matches.append(
+                _match(body, fields, f"{section}.{inner}", namespace, mesh, problems)
+            )
+        clauses.append(l7.L7Clause(matches=tuple(matches)))
     conditions = rule.get("when") or []
     if not isinstance(conditions, list):
         problems.append("when must be a list")
         conditions = []
     for index, condition in enumerate(conditions):
         try:
-            clauses.append(_when_clause(condition, index, mesh))
-        except _Unsupported as exc:
+            clauses.append(_when_clause(condition, index, namespace, mesh))
+        except PolicyValueError as exc:
             problems.append(str(exc))
-    unknown = sorted(set(rule) - {"from", "to", "when"})
+    unknown = sorted(str(key) for key in rule if key not in ("from", "to", "when"))
     problems += [f"{key}: not a rule field" for key in unknown]
     if problems:
         if action is l7.WaypointAuthorizationAction.ALLOW:
@@ -371,13 +408,13 @@ def convert_rule(
                 "ALLOW rule uses something the waypoint cannot check; rule dropped",
                 rule=where, problems=problems,
             )
-            return None
+            return None, problems
         logger.warning(
             f"{action.value} rule uses something the waypoint cannot check; "
             "those parts are left out (it matches more)",
             rule=where, problems=problems,
         )
-    return l7.L7Rule(clauses=tuple(clauses))
+    return l7.L7Rule(clauses=tuple(clauses)), problems
 
 
 # -- RequestAuthentication -------------------------------------------------------------------
@@ -404,7 +441,7 @@ def _jwt_policy(
                 policy=where,
             )
         return None
-    targets = _targets(refs, namespace, where, objects, mesh)
+    targets, _unresolved = _targets(refs, namespace, where, objects, mesh)
     if not targets:
         logger.warning("policy has no usable target; ignored", policy=where)
         return None
@@ -442,10 +479,10 @@ def jwt_provider(rule: Any, where: str, read_file: ReadFile) -> l7.JwtProvider |
         if rule.get(unsupported):
             logger.warning(f"jwtRules {unsupported} is not supported; ignored", rule=where)
     try:
-        audiences = _strings(rule.get("audiences"), "audiences")
+        audiences = policy_values.strings(rule.get("audiences"), "audiences")
         from_headers = _from_headers(rule.get("fromHeaders"))
         claim_headers = _claim_headers(rule.get("outputClaimToHeaders"))
-    except _Unsupported as exc:
+    except PolicyValueError as exc:
         logger.warning("jwtRules entry is malformed; provider skipped", rule=where,
                        reason=str(exc))
         return None
@@ -527,11 +564,11 @@ def _from_headers(value: Any) -> tuple[tuple[str, str], ...] | None:
     if not value:
         return None
     if not isinstance(value, list):
-        raise _Unsupported("fromHeaders must be a list")
+        raise PolicyValueError("fromHeaders must be a list")
     headers = []
     for entry in value:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-            raise _Unsupported("each fromHeaders entry needs a name")
+            raise PolicyValueError("each fromHeaders entry needs a name")
         headers.append((entry["name"].lower(), str(entry.get("prefix") or "")))
     return tuple(headers)
 
@@ -540,7 +577,7 @@ def _claim_headers(value: Any) -> tuple[tuple[str, str], ...]:
     if not value:
         return ()
     if not isinstance(value, list):
-        raise _Unsupported("outputClaimToHeaders must be a list")
+        raise PolicyValueError("outputClaimToHeaders must be a list")
     pairs = []
     for entry in value:
         if (
@@ -548,6 +585,6 @@ def _claim_headers(value: Any) -> tuple[tuple[str, str], ...]:
             or not isinstance(entry.get("header"), str)
             or not isinstance(entry.get("claim"), str)
         ):
-            raise _Unsupported("each outputClaimToHeaders entry needs a header and a claim")
+            raise PolicyValueError("each outputClaimToHeaders entry needs a header and a claim")
         pairs.append((entry["header"].lower(), entry["claim"]))
     return tuple(pairs)

@@ -25,7 +25,9 @@ knowing (Istio's behaviour unless said otherwise):
   leave an ALLOW policy without rules (it allows nothing: the workloads it selects now need
   another ALLOW policy) and make a DENY one deny everything it selects; an unknown action
   denies everything; a selector that cannot be read makes the policy namespace-wide
-  (mesh-wide in the root namespace), since the workloads it meant are among those. Each
+  (mesh-wide in the root namespace), since the workloads it meant are among those, and an
+  ALLOW one then has no rules (its rules would add to the other workloads' ALLOW policies,
+  widening them; without rules it only takes away). Each
   error is logged (``policy not translated as written; failing closed``: the policy, the
   field, the reason, the effect) and kept in ``policy_errors`` for istiod's metrics.
 * ``action: CUSTOM`` needs an ext_authz provider, which istiod_lite does not have: the
@@ -356,18 +358,19 @@ class L4Translator:
         )
         self.policy_errors.append(PolicyError(f"{kind} {where}", field, reason))
 
-    def _usable_selector(self, kind: str, where: str, spec: Mapping[str, Any]) -> Any:
-        """The policy's selector, or None (namespace-wide, mesh-wide in the root namespace)
-        when it cannot be read: the workloads it meant are among those, so the policy still
-        covers them (fail closed) instead of vanishing."""
+    def _usable_selector(
+        self, kind: str, where: str, spec: Mapping[str, Any], effect: str
+    ) -> tuple[Any, bool]:
+        """(the policy's selector, True), or (None, False) when it cannot be read: the
+        policy then covers its namespace (the mesh, in the root namespace), which holds the
+        workloads it meant, instead of vanishing."""
         selector = spec.get("selector")
         try:
             check_selector(selector)
         except ValueError as exc:
-            self._policy_error(kind, where, "spec.selector", str(exc),
-                               "the policy applies to its whole namespace")
-            return None
-        return selector
+            self._policy_error(kind, where, "spec.selector", str(exc), effect)
+            return None, False
+        return selector, True
 
     def _register_selector(
         self, authorization: Authorization, selector: Mapping[str, Any] | None,
@@ -416,7 +419,15 @@ class L4Translator:
             action, rules = AuthorizationAction.DENY, [Rule()]
         if action_name in ("ALLOW", "DENY", "CUSTOM"):
             rules = self._rules(spec, action, where, namespace, quiet=action_name == "CUSTOM")
-        selector = self._usable_selector(AUTHORIZATION_POLICY, where, spec)
+        allow = action is AuthorizationAction.ALLOW
+        selector, selector_usable = self._usable_selector(
+            AUTHORIZATION_POLICY, where, spec,
+            # Its rules OR'd into the other workloads' ALLOW policies would widen theirs.
+            "applies to its whole namespace, allowing nothing" if allow
+            else "applies to its whole namespace",
+        )
+        if allow and not selector_usable:
+            rules = []
         authorization = Authorization(
             name=name,
             namespace=namespace,
@@ -480,7 +491,9 @@ class L4Translator:
             )
         if mode != "STRICT":
             return None
-        selector = self._usable_selector(PEER_AUTHENTICATION, f"{namespace}/{name}", spec)
+        selector, _ = self._usable_selector(
+            PEER_AUTHENTICATION, f"{namespace}/{name}", spec, "applies to its whole namespace"
+        )
         authorization = Authorization(
             name=f"{CONVERTED_PEER_AUTHENTICATION_PREFIX}{name}",
             namespace=namespace,

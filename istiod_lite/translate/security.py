@@ -201,14 +201,17 @@ def _authorization(
             "policy not translated as written; failing closed", policy=policy_name,
             field=", ".join(field for field, _ in unresolved),
             reason="; ".join(reason for _, reason in unresolved),
-            effect="applies to every Gateway and Service of its namespace",
+            effect="applies to every Gateway and Service of its namespace (an ALLOW policy "
+            "allowing nothing)",
         )
         errors += [PolicyError(policy_name, f, r) for f, r in unresolved]
         targets = tuple(dict.fromkeys((*targets, *_namespace_targets(namespace, objects, mesh))))
     if not targets:
         logger.warning("policy has no usable target; ignored", policy=where)
         return None
-    if not rules:
+    # An ALLOW policy's rules at targets it did not name would widen their ALLOW policies.
+    allows_nothing = bool(unresolved) and action is l7.WaypointAuthorizationAction.ALLOW
+    if not rules and not allows_nothing:
         rules = _rules(spec, action, where, policy_name, namespace, mesh, errors)
     return l7.WaypointAuthorization(
         name=name, namespace=namespace, action=action, targets=targets, rules=tuple(rules)

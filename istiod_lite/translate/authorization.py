@@ -21,7 +21,8 @@ which ztunnel does not know). As in Istio:
 IP or CIDR, an unknown field, an empty ``source``/``operation``, a condition without values,
 a malformed ``serviceAccounts`` entry) are errors: the ALLOW rule is dropped, and in a DENY
 rule the field (or the whole alternative or condition) is left out, so it denies more, the
-same treatment as an HTTP-only attribute. ``L4Translator`` logs and counts them.
+same treatment as an HTTP-only attribute. ``l4_rules`` logs them and collects them as
+``PolicyError``.
 
 Principals are kept without the ``spiffe://`` scheme; ``serviceAccounts`` entries become
 ``<trust domain>/ns/<ns>/sa/<sa>``, a bare ``<sa>`` in the policy's namespace (Istio).
@@ -33,8 +34,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from ambient_api.model import AuthorizationAction, Clause, Match, Rule
 from istiod_lite.translate import policy_values
+from istiod_lite.translate.common import AUTHORIZATION_POLICY, PolicyError, record_policy_error
 from istiod_lite.translate.mesh import MeshConfig
 from istiod_lite.translate.policy_values import PolicyValueError
 
@@ -69,6 +73,8 @@ L4_CONDITIONS: dict[str, tuple[str, str]] = {
 _RULE_SECTIONS = frozenset({"from", "to", "when"})
 
 ValueParser = Callable[[Any, str], tuple[Any, ...]]
+
+logger = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -212,3 +218,42 @@ def l4_rule(
         http_only=tuple(sorted(set(reader.http_only))),
         errors=tuple(reader.errors),
     )
+
+
+def l4_rules(
+    spec: Mapping[str, Any], action: AuthorizationAction, where: str, policy_namespace: str,
+    mesh: MeshConfig, errors: list[PolicyError], *, quiet: bool = False,
+) -> list[Rule]:
+    """A policy's ``rules`` for ztunnel, each error logged and added to ``errors``. Rules
+    that are not a list leave an ALLOW policy with none (it allows nothing) and give any
+    other one a rule matching everything. ``quiet`` leaves out the HTTP-only notes (a CUSTOM
+    policy's one log line says it all)."""
+    policy = f"{AUTHORIZATION_POLICY} {where}"
+    allow = action is AuthorizationAction.ALLOW
+    raw_rules = spec.get("rules") or []
+    if not isinstance(raw_rules, list):
+        record_policy_error(errors, policy, "spec.rules", "must be a list",
+                            "allows nothing" if allow else "denies everything it selects")
+        return [] if allow else [Rule()]
+    rules = []
+    for index, rule in enumerate(raw_rules):
+        converted = l4_rule(rule, action, f"rules[{index}].", policy_namespace, mesh)
+        effect = "ALLOW rule dropped" if allow else "left out of the rule (denies more)"
+        for field, reason in converted.errors:
+            record_policy_error(errors, policy, field, reason, effect)
+        if converted.http_only and not quiet:
+            fields = list(converted.http_only)
+            if allow:
+                logger.warning(
+                    "ALLOW rule needs L7 attributes ztunnel cannot check; rule dropped",
+                    rule=f"{where} rules[{index}]", fields=fields,
+                )
+            else:
+                logger.info(
+                    "DENY rule has L7 attributes ztunnel cannot check; they are ignored "
+                    "(denies more)",
+                    rule=f"{where} rules[{index}]", fields=fields,
+                )
+        if converted.rule is not None:
+            rules.append(converted.rule)
+    return rules

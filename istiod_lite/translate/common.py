@@ -33,6 +33,16 @@ class PolicyError:
     reason: str
 
 
+def record_policy_error(
+    errors: list[PolicyError], policy: str, field: str, reason: str, effect: str
+) -> None:
+    """Log a policy part that cannot be translated (and ``effect``: how the policy fails
+    closed instead) and add it to ``errors``."""
+    logger.warning("policy not translated as written; failing closed",
+                   policy=policy, field=field, reason=reason, effect=effect)
+    errors.append(PolicyError(policy, field, reason))
+
+
 def convert_each(
     objects: Mapping[str, dict[str, Any]], convert: Callable[[dict[str, Any]], T | None]
 ) -> list[T]:

@@ -96,7 +96,7 @@ from istiod_lite.labels import (
     ZONE_LABEL,
 )
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate.authorization import l4_rule
+from istiod_lite.translate.authorization import l4_rules
 from istiod_lite.translate.common import (
     AUTHORIZATION_POLICY,
     CUSTOM_DENIED,
@@ -106,6 +106,7 @@ from istiod_lite.translate.common import (
     labels_of,
     name_of,
     namespace_of,
+    record_policy_error,
     selector_matches,
     service_hostname,
 )
@@ -349,15 +350,6 @@ class L4Translator:
             return AuthorizationScope.GLOBAL
         return AuthorizationScope.NAMESPACE
 
-    def _policy_error(
-        self, kind: str, where: str, field: str, reason: str, effect: str
-    ) -> None:
-        logger.warning(
-            "policy not translated as written; failing closed",
-            policy=f"{kind} {where}", field=field, reason=reason, effect=effect,
-        )
-        self.policy_errors.append(PolicyError(f"{kind} {where}", field, reason))
-
     def _usable_selector(
         self, kind: str, where: str, spec: Mapping[str, Any], effect: str
     ) -> tuple[Any, bool]:
@@ -368,7 +360,8 @@ class L4Translator:
         try:
             check_selector(selector)
         except ValueError as exc:
-            self._policy_error(kind, where, "spec.selector", str(exc), effect)
+            record_policy_error(self.policy_errors, f"{kind} {where}", "spec.selector",
+                                str(exc), effect)
             return None, False
         return selector, True
 
@@ -388,14 +381,26 @@ class L4Translator:
             )
 
     def authorization(self, policy: dict[str, Any]) -> Authorization | None:
+        """The policy for ztunnel, None for a waypoint's. One whose translation fails (even
+        unexpectedly) denies all traffic of its namespace: a policy never just vanishes."""
+        try:
+            return self._authorization(policy)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return self._deny_namespace(policy, "spec", f"{type(exc).__name__}: {exc}")
+
+    def _deny_namespace(self, policy: dict[str, Any], field: str, reason: str) -> Authorization:
+        name, namespace = name_of(policy), namespace_of(policy)
+        record_policy_error(self.policy_errors, f"{AUTHORIZATION_POLICY} {namespace}/{name}",
+                            field, reason, "denies all traffic of its namespace")
+        return Authorization(name, namespace, self._scope(namespace, None),
+                             AuthorizationAction.DENY, (Rule(),))
+
+    def _authorization(self, policy: dict[str, Any]) -> Authorization | None:
         name, namespace = name_of(policy), namespace_of(policy)
         where = f"{namespace}/{name}"
         spec = policy.get("spec") or {}
         if not isinstance(spec, Mapping):
-            self._policy_error(AUTHORIZATION_POLICY, where, "spec", "must be a mapping",
-                               "denies all traffic of its namespace")
-            return Authorization(name, namespace, self._scope(namespace, None),
-                                 AuthorizationAction.DENY, (Rule(),))
+            return self._deny_namespace(policy, "spec", "must be a mapping")
         if spec.get("targetRefs") or spec.get("targetRef"):
             logger.debug("policy targets a waypoint; not for ztunnel", policy=where)
             return None
@@ -413,12 +418,14 @@ class L4Translator:
                            policy=where, action=action_name)
             return None
         else:
-            self._policy_error(AUTHORIZATION_POLICY, where, "spec.action",
-                               f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM",
-                               "denies everything it selects")
+            record_policy_error(self.policy_errors, f"{AUTHORIZATION_POLICY} {where}",
+                                "spec.action",
+                                f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM",
+                                "denies everything it selects")
             action, rules = AuthorizationAction.DENY, [Rule()]
         if action_name in ("ALLOW", "DENY", "CUSTOM"):
-            rules = self._rules(spec, action, where, namespace, quiet=action_name == "CUSTOM")
+            rules = l4_rules(spec, action, where, namespace, self.mesh, self.policy_errors,
+                             quiet=action_name == "CUSTOM")
         allow = action is AuthorizationAction.ALLOW
         selector, selector_usable = self._usable_selector(
             AUTHORIZATION_POLICY, where, spec,
@@ -437,43 +444,6 @@ class L4Translator:
         )
         self._register_selector(authorization, selector, root_applies_everywhere=True)
         return authorization
-
-    def _rules(
-        self, spec: Mapping[str, Any], action: AuthorizationAction, where: str,
-        namespace: str, *, quiet: bool,
-    ) -> list[Rule]:
-        """The policy's rules for ztunnel (see ``authorization.py``); ``quiet`` leaves the
-        HTTP-only notes out (a CUSTOM policy's one line says it all)."""
-        raw_rules = spec.get("rules") or []
-        if not isinstance(raw_rules, list):
-            allow = action is AuthorizationAction.ALLOW
-            self._policy_error(AUTHORIZATION_POLICY, where, "spec.rules", "must be a list",
-                               "allows nothing" if allow else "denies everything it selects")
-            return [] if allow else [Rule()]
-        rules = []
-        for index, rule in enumerate(raw_rules):
-            converted = l4_rule(rule, action, f"rules[{index}].", namespace, self.mesh)
-            dropped = converted.rule is None
-            for field, reason in converted.errors:
-                self._policy_error(
-                    AUTHORIZATION_POLICY, where, field, reason,
-                    "ALLOW rule dropped" if dropped else "left out of the rule (denies more)",
-                )
-            if converted.http_only and not quiet:
-                if dropped:
-                    logger.warning(
-                        "ALLOW rule needs L7 attributes ztunnel cannot check; rule dropped",
-                        rule=f"{where} rules[{index}]", fields=list(converted.http_only),
-                    )
-                else:
-                    logger.info(
-                        "DENY rule has L7 attributes ztunnel cannot check; they are ignored "
-                        "(denies more)",
-                        rule=f"{where} rules[{index}]", fields=list(converted.http_only),
-                    )
-            if converted.rule is not None:
-                rules.append(converted.rule)
-        return rules
 
     def peer_authentication(self, peer_authentication: dict[str, Any]) -> Authorization | None:
         name, namespace = name_of(peer_authentication), namespace_of(peer_authentication)

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ambient_api.identity import SpiffeId
-from ambient_api.l7 import WaypointAuthorization, WaypointAuthorizationAction
+from ambient_api.l7 import L7Rule, WaypointAuthorization, WaypointAuthorizationAction
 from ambient_api.model import (
     Authorization,
     AuthorizationAction,
@@ -415,3 +415,36 @@ def test_the_translator_keeps_the_errors_of_the_resources_it_serves() -> None:
     assert len(translator.policy_errors) == 2
     translator.translate(cluster())
     assert translator.policy_errors == ()
+
+
+# -- a translation that fails unexpectedly ----------------------------------------------------
+
+
+def test_an_unexpected_failure_at_ztunnel_denies_the_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("istiod_lite.translate.l4.l4_rules", broken)
+    spec = {"selector": {"matchLabels": {"app": "httpbin"}}, "rules": [{}]}
+    with capture_logs() as logs:
+        [authorization] = authorizations(policy(spec)).values()
+    assert (authorization.action, authorization.scope) == (
+        AuthorizationAction.DENY, AuthorizationScope.NAMESPACE
+    )
+    assert [e["reason"] for e in failing_closed(logs)] == ["TypeError: a bug"]
+    assert not decide(policy(spec)).allowed
+
+
+def test_an_unexpected_failure_at_the_waypoint_denies_every_request_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("istiod_lite.translate.security._rules", broken)
+    spec = {"targetRefs": [GATEWAY_REF], "rules": [{}]}
+    [found] = waypoint_policies(policy(spec))
+    assert (found.action, found.rules) == (WaypointAuthorizationAction.DENY, (L7Rule(),))
+    assert not waypoint_decide(policy(spec)).allowed

@@ -22,7 +22,8 @@ from ambient_api.l7 import (
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate import MeshConfig, translate
 from istiod_lite.translate.common import PolicyError
-from istiod_lite.translate.security import jwks_problem, security_resources
+from istiod_lite.translate.jwt_policies import jwks_problem
+from istiod_lite.translate.security import security_resources
 
 MESH = MeshConfig()
 WAYPOINT = "waypoint:demo/waypoint"

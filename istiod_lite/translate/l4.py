@@ -405,27 +405,25 @@ class L4Translator:
             logger.debug("policy targets a waypoint; not for ztunnel", policy=where)
             return None
         action_name = spec.get("action", "ALLOW")
-        rules: list[Rule]
-        if action_name in ("ALLOW", "DENY"):
-            action = AuthorizationAction(action_name)
-        elif action_name == "CUSTOM":
-            logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
-            action = AuthorizationAction.DENY
-        elif action_name == "AUDIT":
+        if action_name == "AUDIT":
             # AUDIT only reports; not enforcing it changes no decision (Istio: ztunnel does
             # not support it either).
             logger.warning("authorization policy action not supported; policy ignored",
                            policy=where, action=action_name)
             return None
+        if action_name in ("ALLOW", "DENY", "CUSTOM"):
+            custom = action_name == "CUSTOM"
+            if custom:
+                logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
+            action = AuthorizationAction.DENY if custom else AuthorizationAction(action_name)
+            rules = l4_rules(spec, action, where, namespace, self.mesh, self.policy_errors,
+                             quiet=custom)
         else:
             record_policy_error(self.policy_errors, f"{AUTHORIZATION_POLICY} {where}",
                                 "spec.action",
                                 f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM",
                                 "denies everything it selects")
             action, rules = AuthorizationAction.DENY, [Rule()]
-        if action_name in ("ALLOW", "DENY", "CUSTOM"):
-            rules = l4_rules(spec, action, where, namespace, self.mesh, self.policy_errors,
-                             quiet=action_name == "CUSTOM")
         allow = action is AuthorizationAction.ALLOW
         selector, selector_usable = self._usable_selector(
             AUTHORIZATION_POLICY, where, spec,

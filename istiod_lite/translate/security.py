@@ -57,6 +57,7 @@ from istiod_lite.translate.targets import namespace_targets, resolve_targets, ta
 logger = structlog.get_logger(__name__)
 
 SecurityResource = l7.WaypointAuthorization | l7.JwtPolicy
+_ACTIONS = frozenset(action.value for action in l7.WaypointAuthorizationAction)
 
 
 def security_resources(
@@ -131,7 +132,7 @@ def _authorization(
     if action_name == "CUSTOM":
         logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
         action = l7.WaypointAuthorizationAction.DENY
-    elif action_name in {a.value for a in l7.WaypointAuthorizationAction}:
+    elif isinstance(action_name, str) and action_name in _ACTIONS:
         action = l7.WaypointAuthorizationAction(action_name)
     else:
         record_policy_error(errors, policy_name, "spec.action",

@@ -36,8 +36,7 @@ from istiod_lite.metrics import IstiodMetrics
 from istiod_lite.server import IstiodApp, hypercorn_config, serve
 from istiod_lite.sources.file import FileSource
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate import IncrementalTranslator, MeshConfig
-from istiod_lite.translate.common import PolicyError
+from istiod_lite.translate import IncrementalTranslator, MeshConfig, PolicyError
 
 log = structlog.get_logger()
 

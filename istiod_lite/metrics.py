@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Gauge
 
 from ambient_common.metrics import render_registry
-from istiod_lite.translate.common import PolicyError
+from istiod_lite.translate import PolicyError
 
 
 class IstiodMetrics:

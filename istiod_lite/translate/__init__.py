@@ -22,7 +22,8 @@ A policy that cannot be translated as written never widens access: it is made to
 or deny more, logged, and listed in ``IncrementalTranslator.policy_errors``.
 """
 
+from istiod_lite.translate.common import PolicyError
 from istiod_lite.translate.incremental import IncrementalTranslator, translate
 from istiod_lite.translate.mesh import MeshConfig
 
-__all__ = ["IncrementalTranslator", "MeshConfig", "translate"]
+__all__ = ["IncrementalTranslator", "MeshConfig", "PolicyError", "translate"]

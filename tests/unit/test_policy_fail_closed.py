@@ -22,8 +22,7 @@ from ambient_api.model import (
 )
 from ambient_dataplane.state import ProxyState
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate import IncrementalTranslator, MeshConfig, translate
-from istiod_lite.translate.common import PolicyError
+from istiod_lite.translate import IncrementalTranslator, MeshConfig, PolicyError, translate
 from tests.deltas import delta
 from waypoint import authz as waypoint_authz
 from ztunnel.authz import AuthzDecision, ConnectionAttributes, evaluate

@@ -20,8 +20,7 @@ from ambient_api.l7 import (
     WaypointAuthorizationAction,
 )
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate import MeshConfig, translate
-from istiod_lite.translate.common import PolicyError
+from istiod_lite.translate import MeshConfig, PolicyError, translate
 from istiod_lite.translate.jwt_policies import jwks_problem
 from istiod_lite.translate.security import security_resources
 

@@ -32,10 +32,11 @@ from istiod_lite.auth import (
 from istiod_lite.ca import CaConfigError, CertificateAuthority
 from istiod_lite.config import IstiodConfig, parse_args
 from istiod_lite.discovery import ResourceStore
+from istiod_lite.metrics import IstiodMetrics
 from istiod_lite.server import IstiodApp, hypercorn_config, serve
 from istiod_lite.sources.file import FileSource
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate import IncrementalTranslator, MeshConfig
+from istiod_lite.translate import IncrementalTranslator, MeshConfig, PolicyError
 
 log = structlog.get_logger()
 
@@ -118,10 +119,13 @@ async def feed_store(
     store: ResourceStore,
     mesh: MeshConfig,
     on_snapshot: SnapshotHook | None = None,
+    metrics: IstiodMetrics | None = None,
 ) -> None:
     """Translate every snapshot of the cluster into the store; a failed translation keeps the
-    last good resource set (and is logged) instead of serving a partial one."""
+    last good resource set (and is logged) instead of serving a partial one. The policy
+    translation errors of what is served go to ``metrics`` and, when they change, the log."""
     translator = IncrementalTranslator(mesh)
+    served_errors: tuple[PolicyError, ...] = ()
     async for objects in receive:
         try:
             resources = translator.translate(objects)
@@ -130,6 +134,11 @@ async def feed_store(
             continue
         first = not store.initialized
         store.replace_all(resources)
+        if translator.policy_errors != served_errors:
+            served_errors = translator.policy_errors
+            log_policy_errors(served_errors)
+        if metrics is not None:
+            metrics.record_translation(served_errors)
         if first:
             # The first load is most of the heap (every object and resource; unchanged ones
             # are reused from then on). Frozen, the collector no longer walks it: a full
@@ -138,6 +147,17 @@ async def feed_store(
             gc.freeze()
         if on_snapshot is not None:
             await on_snapshot(objects)
+
+
+def log_policy_errors(errors: Sequence[PolicyError]) -> None:
+    """The totals, once per change (each error was logged as it was found)."""
+    if errors:
+        log.warning(
+            "serving policies that failed closed",
+            errors=len(errors), policies=sorted({error.policy for error in errors}),
+        )
+    else:
+        log.info("no policy translation errors")
 
 
 @dataclass
@@ -195,11 +215,15 @@ async def run_istiod(
     ca = parts.ca
     key_path, chain_path, root_path = prepare_state_dir(config, ca)
     store = ResourceStore()
-    app = IstiodApp(store, ca, parts.authenticator, max_cert_ttl=config.max_cert_ttl)
+    metrics = IstiodMetrics()
+    app = IstiodApp(
+        store, ca, parts.authenticator, max_cert_ttl=config.max_cert_ttl, metrics=metrics,
+        root_namespace=config.mesh.root_namespace,
+    )
 
     async with trio.open_nursery() as nursery:
         send, receive = trio.open_memory_channel[ClusterObjects](1)
-        nursery.start_soon(feed_store, receive, store, config.mesh, parts.on_snapshot)
+        nursery.start_soon(feed_store, receive, store, config.mesh, parts.on_snapshot, metrics)
         await nursery.start(parts.source.run, send)
         await store.wait_initialized()
 

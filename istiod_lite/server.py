@@ -9,7 +9,14 @@ Endpoints (see ``ambient_api.discovery``):
 - ``POST /v1/certificate``: sign a workload CSR after authorization: a node's ztunnel may
   obtain the identities running on its node, a waypoint only its own.
 - ``GET /ready``: 200 once the first resource set is loaded, else 503.
-- ``GET /debug/syncz``: the open discovery streams and their ACK state.
+- ``GET /debug/syncz``: the open discovery streams and their ACK state. It names every
+  proxy of the mesh, so it needs an authenticated caller (401 otherwise, the discovery
+  stream's authenticator) and shows a caller only its own streams: a node its node's, a
+  service account its ``serviceaccount:<ns>/<sa>`` ones. A service account of the root
+  namespace sees them all, as Istio limits its debug endpoints to the system namespace
+  (``AuthorizeDebugRequest``); unlike Istio, localhost gets no exception.
+- ``GET /metrics``: istiod_lite's Prometheus metrics (``istiod_lite.metrics``). Counts only,
+  no names, so no token, as istiod's monitoring port.
 
 Every error is a JSON ``ErrorResponse``; nothing a client sends can take the server down.
 """
@@ -41,6 +48,7 @@ from ambient_api.discovery import (
 )
 from ambient_common.asgi import answer_lifespan
 from ambient_common.hypercorn_serving import serve_isolated
+from ambient_common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from istiod_lite.auth import AuthenticationError, Authenticator, Caller
 from istiod_lite.ca import CaError, CertificateAuthority
 from istiod_lite.csr import (
@@ -52,6 +60,7 @@ from istiod_lite.csr import (
 )
 from istiod_lite.deflate import ZLIB_HEADER, SegmentCache, accepts_deflate, compress_segment
 from istiod_lite.discovery import ResourceStore, requested_kinds
+from istiod_lite.metrics import IstiodMetrics
 
 log = structlog.get_logger()
 
@@ -64,6 +73,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 READY_PATH = "/ready"
 SYNCZ_PATH = "/debug/syncz"
+METRICS_PATH = "/metrics"
 MAX_BODY_BYTES = 64 * 1024
 NDJSON = b"application/x-ndjson"
 JSON = b"application/json"
@@ -75,6 +85,7 @@ _ROUTES: dict[str, str] = {
     CERTIFICATE_PATH: "POST",
     READY_PATH: "GET",
     SYNCZ_PATH: "GET",
+    METRICS_PATH: "GET",
 }
 
 
@@ -130,12 +141,16 @@ class IstiodApp:
         *,
         max_cert_ttl: timedelta | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        metrics: IstiodMetrics | None = None,
+        root_namespace: str = "istio-system",
     ) -> None:
         self.store = store
         self.ca = ca
         self.authenticator = authenticator
         self.max_cert_ttl = max_cert_ttl
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics if metrics is not None else IstiodMetrics()
+        self.root_namespace = root_namespace
         self.shutting_down = trio.Event()
         # Deltas many streams share (the full set, a change every proxy in sync gets) are
         # compressed once for all of them.
@@ -186,8 +201,10 @@ class IstiodApp:
                 await self._certificate(scope, body, tracked_send)
             elif path == READY_PATH:
                 await self._ready(tracked_send)
+            elif path == METRICS_PATH:
+                await self._metrics(tracked_send)
             else:
-                await self._syncz(tracked_send)
+                await self._syncz(scope, tracked_send)
         except HttpError as error:
             if not started:
                 await send_error(send, error.status, error.message, error.headers)
@@ -379,15 +396,40 @@ class IstiodApp:
             reason = "shutting down" if self.shutting_down.is_set() else "resources not loaded"
             await send_json(send, 503, {"ready": False, "reason": reason})
 
-    async def _syncz(self, send: Send) -> None:
+    async def _syncz(self, scope: Scope, send: Send) -> None:
+        caller = await self._authenticate(scope)
+        sees_all = self._sees_every_stream(caller)
+        subscribers = [
+            status for status in self.store.subscribers()
+            if sees_all or status.node == caller.principal
+        ]
         await send_json(
             send,
             200,
             {
                 "system_version": self.store.system_version,
-                "subscribers": [s.to_json() for s in self.store.subscribers()],
+                "caller": caller.principal,
+                "scope": "all" if sees_all else "own",
+                "subscribers": [s.to_json() for s in subscribers],
             },
         )
+
+    def _sees_every_stream(self, caller: Caller) -> bool:
+        """A service account of the root namespace (an operator's, istiod's own)."""
+        account = caller.service_account
+        return account is not None and account.namespace == self.root_namespace
+
+    async def _metrics(self, send: Send) -> None:
+        payload = self.metrics.render()
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", METRICS_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        })
+        await send({"type": "http.response.body", "body": payload})
 
 
 def check_principal(caller: Caller, requested: str, verb: str) -> None:

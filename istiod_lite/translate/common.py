@@ -1,10 +1,12 @@
 """What the translators share: the one rule they all follow (a broken object is logged and
-skipped, never fatal), Kubernetes label-selector matching and the few accessors of a
+skipped, never fatal; a broken *policy* is translated so that it fails closed and is
+recorded as a ``PolicyError``), Kubernetes label-selector matching and the few accessors of a
 Kubernetes object's metadata."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, TypeVar
 
@@ -19,6 +21,26 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 CORE_GROUPS = frozenset({"", "core"})
 
 logger = structlog.get_logger("istiod_lite.translate")
+
+
+@dataclass(frozen=True)
+class PolicyError:
+    """A policy part that could not be translated as written; the translator already
+    logged it and made the policy fail closed. istiod counts these (``/metrics``)."""
+
+    policy: str  # "<kind> <namespace>/<name>"
+    field: str  # e.g. "rules[0].from[1].source.ipBlocks"
+    reason: str
+
+
+def record_policy_error(
+    errors: list[PolicyError], policy: str, field: str, reason: str, effect: str
+) -> None:
+    """Log a policy part that cannot be translated (and ``effect``: how the policy fails
+    closed instead) and add it to ``errors``."""
+    logger.warning("policy not translated as written; failing closed",
+                   policy=policy, field=field, reason=reason, effect=effect)
+    errors.append(PolicyError(policy, field, reason))
 
 
 def convert_each(
@@ -116,3 +138,45 @@ def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, st
             raise ValueError(f"unknown label selector operator {operator!r}")
     return True
 
+
+
+_SELECTOR_OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
+
+
+def check_selector(selector: Any) -> None:
+    """Raise ValueError naming what is wrong unless ``selector`` is a LabelSelector that
+    ``selector_matches`` can apply to any labels (checked up front, so that a broken policy
+    selector fails the policy, not every workload it is matched against)."""
+    if selector is None:
+        return
+    if not isinstance(selector, Mapping):
+        raise ValueError("selector must be a mapping")
+    labels = selector.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ValueError("selector.matchLabels must map strings to strings")
+    expressions = selector.get("matchExpressions") or []
+    if not isinstance(expressions, list):
+        raise ValueError("selector.matchExpressions must be a list")
+    for index, expression in enumerate(expressions):
+        where = f"selector.matchExpressions[{index}]"
+        if not isinstance(expression, Mapping) or not isinstance(expression.get("key"), str):
+            raise ValueError(f"{where} needs a key")
+        operator = expression.get("operator")
+        if not isinstance(operator, str) or operator not in _SELECTOR_OPERATORS:
+            raise ValueError(f"{where}: unknown label selector operator {operator!r}")
+        values = expression.get("values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{where}.values must be a list of strings")
+
+
+AUTHORIZATION_POLICY = "AuthorizationPolicy"
+# Logged once per CUSTOM policy by each translator that meets it (it fails closed).
+CUSTOM_DENIED = "CUSTOM needs an ext_authz provider; denying"
+
+
+def custom_provider(spec: Mapping[str, Any]) -> str | None:
+    """The ext_authz provider a CUSTOM policy names (for the log line)."""
+    provider = spec.get("provider")
+    return str(provider.get("name")) if isinstance(provider, Mapping) else None

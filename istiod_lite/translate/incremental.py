@@ -12,7 +12,7 @@ from typing import Any
 from ambient_api.kinds import AnyResource
 from ambient_api.model import Resource, Service, Workload, resource_key
 from istiod_lite.sources.objects import CLUSTER_OBJECT_FIELDS, ClusterObjects
-from istiod_lite.translate.common import convert_each, convert_one
+from istiod_lite.translate.common import PolicyError, convert_each, convert_one
 from istiod_lite.translate.l4 import L4Translator, SelectorPolicy
 from istiod_lite.translate.mesh import MeshConfig
 from istiod_lite.translate.routes import route_resources
@@ -53,6 +53,12 @@ class IncrementalTranslator:
         self._last = translation  # only once it succeeded: a failure keeps the last good one
         return translation.resources()
 
+    @property
+    def policy_errors(self) -> tuple[PolicyError, ...]:
+        """The policy parts the last translation could not carry over as written (each made
+        its policy fail closed and was logged)."""
+        return () if self._last is None else self._last.policy_errors
+
 
 @dataclass(frozen=True)
 class _Translation:
@@ -67,6 +73,7 @@ class _Translation:
     workloads: dict[str, tuple[dict[str, Any], Workload | None]]  # pod key -> (pod, result)
     waypoints: list[Resource]
     l7: list[AnyResource]
+    policy_errors: tuple[PolicyError, ...]
 
     @classmethod
     def full(cls, objects: ClusterObjects, mesh: MeshConfig) -> _Translation:
@@ -75,6 +82,11 @@ class _Translation:
         authorizations: list[Resource] = [
             *convert_each(objects.authorization_policies, translator.authorization),
             *convert_each(objects.peer_authentications, translator.peer_authentication),
+        ]
+        waypoint_policy_errors: list[PolicyError] = []
+        l7: list[AnyResource] = [
+            *route_resources(objects, mesh),
+            *security_resources(objects, mesh, errors=waypoint_policy_errors),
         ]
         return cls(
             objects=objects,
@@ -91,7 +103,8 @@ class _Translation:
                 for key, pod in objects.pods.items()
             },
             waypoints=sorted(waypoint_resources(objects, mesh), key=resource_key),
-            l7=[*route_resources(objects, mesh), *security_resources(objects, mesh)],
+            l7=l7,
+            policy_errors=(*translator.policy_errors, *waypoint_policy_errors),
         )
 
     def with_pods(self, objects: ClusterObjects) -> _Translation:

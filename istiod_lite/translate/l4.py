@@ -12,12 +12,30 @@ knowing (Istio's behaviour unless said otherwise):
 * Principals are kept exactly as Istio users write them: *without* the ``spiffe://`` scheme,
   e.g. ``cluster.local/ns/demo/sa/sleep`` (a leading ``spiffe://`` is stripped). A proxy
   matches them against its peer's SPIFFE id with the scheme removed. Source
-  ``serviceAccounts: [ns/sa]`` become principals ``<trust domain>/ns/<ns>/sa/<sa>``.
-* AuthorizationPolicy is enforced at L4: an ALLOW rule that needs L7 attributes (hosts,
-  methods, paths, request principals, L7 ``when`` keys) is dropped, since it can never match
-  (fail closed); in a DENY rule those attributes are ignored, so it denies more. AUDIT and
-  CUSTOM policies and policies with ``targetRefs`` (waypoint policies) are not translated.
-  A policy with a selector in the root namespace selects workloads of every namespace.
+  ``serviceAccounts: [ns/sa]`` (or a bare ``sa``: the policy's namespace) become principals
+  ``<trust domain>/ns/<ns>/sa/<sa>``.
+* AuthorizationPolicy is enforced at L4 (rules: ``authorization.py``): an ALLOW rule that
+  needs HTTP-only attributes is dropped, since it can never match (fail closed); in a DENY
+  rule those attributes are ignored, so it denies more. AUDIT policies (they decide nothing)
+  and policies with ``targetRefs`` (waypoint policies) are not translated. A policy with a
+  selector in the root namespace selects workloads of every namespace.
+* **No translation error widens access** (a deliberate difference from Istio, whose
+  validating webhook keeps such policies out): a broken ALLOW rule is dropped and a broken
+  part of a DENY rule left out (as for HTTP-only attributes); ``rules`` that are not a list
+  leave an ALLOW policy without rules (it allows nothing: the workloads it selects now need
+  another ALLOW policy) and make a DENY one deny everything it selects; an unknown action
+  denies everything; a selector that cannot be read makes the policy namespace-wide
+  (mesh-wide in the root namespace), since the workloads it meant are among those, and an
+  ALLOW one then has no rules (its rules would add to the other workloads' ALLOW policies,
+  widening them; without rules it only takes away). Each
+  error is logged (``policy not translated as written; failing closed``: the policy, the
+  field, the reason, the effect) and kept in ``policy_errors`` for istiod's metrics.
+* ``action: CUSTOM`` needs an ext_authz provider, which istiod_lite does not have: the
+  policy becomes a DENY of what its rules match (HTTP-only parts left out, so it denies
+  more), as Istio's sidecar builder does for a CUSTOM policy whose provider it cannot use
+  ("will generate deny configs"). Istio's ambient translation drops CUSTOM at ztunnel
+  instead, which fails open; we do not. Logged once per policy (``CUSTOM needs an
+  ext_authz provider; denying``).
 * PeerAuthentication STRICT -> a DENY Authorization ``converted-peer-authentication-<name>``
   matching peers without an authenticated principal. PERMISSIVE/UNSET produce nothing;
   DISABLE is not supported yet (it produces nothing, so a broader STRICT still applies, as
@@ -34,7 +52,8 @@ knowing (Istio's behaviour unless said otherwise):
 
 ``L4Translator`` converts one object at a time (``incremental.py`` decides which objects
 need it); AuthorizationPolicy rules are converted in ``authorization.py``. A broken object
-never stops translation: it is skipped with a logged warning.
+never stops translation: it is skipped with a logged warning, except that a broken policy
+fails closed (above).
 """
 
 from __future__ import annotations
@@ -77,11 +96,17 @@ from istiod_lite.labels import (
     ZONE_LABEL,
 )
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate.authorization import l4_rule
+from istiod_lite.translate.authorization import l4_rules
 from istiod_lite.translate.common import (
+    AUTHORIZATION_POLICY,
+    CUSTOM_DENIED,
+    PolicyError,
+    check_selector,
+    custom_provider,
     labels_of,
     name_of,
     namespace_of,
+    record_policy_error,
     selector_matches,
     service_hostname,
 )
@@ -97,6 +122,7 @@ KNOWN_PORT_PROTOCOLS = frozenset(
     {"http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis"}
 )
 CONVERTED_PEER_AUTHENTICATION_PREFIX = "converted-peer-authentication-"
+PEER_AUTHENTICATION = "PeerAuthentication"
 EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
 EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
 
@@ -126,6 +152,7 @@ class L4Translator:
         self.objects = objects
         self.mesh = mesh
         self.selector_policies = selector_policies
+        self.policy_errors: list[PolicyError] = []
         self._services_by_label = _index_by_selector(objects.services)
         self._pods_by_label: dict[tuple[str, str, str], list[str]] | None = None
 
@@ -323,12 +350,26 @@ class L4Translator:
             return AuthorizationScope.GLOBAL
         return AuthorizationScope.NAMESPACE
 
+    def _usable_selector(
+        self, kind: str, where: str, spec: Mapping[str, Any], effect: str
+    ) -> tuple[Any, bool]:
+        """(the policy's selector, True), or (None, False) when it cannot be read: the
+        policy then covers its namespace (the mesh, in the root namespace), which holds the
+        workloads it meant, instead of vanishing."""
+        selector = spec.get("selector")
+        try:
+            check_selector(selector)
+        except ValueError as exc:
+            record_policy_error(self.policy_errors, f"{kind} {where}", "spec.selector",
+                                str(exc), effect)
+            return None, False
+        return selector, True
+
     def _register_selector(
         self, authorization: Authorization, selector: Mapping[str, Any] | None,
         *, root_applies_everywhere: bool,
     ) -> None:
         if authorization.scope is AuthorizationScope.WORKLOAD_SELECTOR and selector:
-            selector_matches(selector, {})  # a malformed selector fails here, for this policy
             self.selector_policies.append(
                 SelectorPolicy(
                     key=authorization.key,
@@ -340,27 +381,58 @@ class L4Translator:
             )
 
     def authorization(self, policy: dict[str, Any]) -> Authorization | None:
+        """The policy for ztunnel, None for a waypoint's. One whose translation fails (even
+        unexpectedly) denies all traffic of its namespace: a policy never just vanishes."""
+        try:
+            return self._authorization(policy)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            return self._deny_namespace(policy, "spec", f"{type(exc).__name__}: {exc}")
+
+    def _deny_namespace(self, policy: dict[str, Any], field: str, reason: str) -> Authorization:
         name, namespace = name_of(policy), namespace_of(policy)
+        record_policy_error(self.policy_errors, f"{AUTHORIZATION_POLICY} {namespace}/{name}",
+                            field, reason, "denies all traffic of its namespace")
+        return Authorization(name, namespace, self._scope(namespace, None),
+                             AuthorizationAction.DENY, (Rule(),))
+
+    def _authorization(self, policy: dict[str, Any]) -> Authorization | None:
+        name, namespace = name_of(policy), namespace_of(policy)
+        where = f"{namespace}/{name}"
         spec = policy.get("spec") or {}
+        if not isinstance(spec, Mapping):
+            return self._deny_namespace(policy, "spec", "must be a mapping")
         if spec.get("targetRefs") or spec.get("targetRef"):
-            logger.debug("policy targets a waypoint; not for ztunnel", policy=f"{namespace}/{name}")
+            logger.debug("policy targets a waypoint; not for ztunnel", policy=where)
             return None
         action_name = spec.get("action", "ALLOW")
-        if action_name not in ("ALLOW", "DENY"):
-            logger.warning(
-                "authorization policy action not supported; policy ignored",
-                policy=f"{namespace}/{name}",
-                action=action_name,
-            )
+        if action_name == "AUDIT":
+            # AUDIT only reports; not enforcing it changes no decision (Istio: ztunnel does
+            # not support it either).
+            logger.warning("authorization policy action not supported; policy ignored",
+                           policy=where, action=action_name)
             return None
-        action = AuthorizationAction(action_name)
-        where = f"{namespace}/{name}"
-        rules = []
-        for index, rule in enumerate(spec.get("rules") or []):
-            converted = l4_rule(rule, action, f"{where} rules[{index}]", self.mesh)
-            if converted is not None:
-                rules.append(converted)
-        selector = spec.get("selector")
+        if action_name in ("ALLOW", "DENY", "CUSTOM"):
+            custom = action_name == "CUSTOM"
+            if custom:
+                logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
+            action = AuthorizationAction.DENY if custom else AuthorizationAction(action_name)
+            rules = l4_rules(spec, action, where, namespace, self.mesh, self.policy_errors,
+                             quiet=custom)
+        else:
+            record_policy_error(self.policy_errors, f"{AUTHORIZATION_POLICY} {where}",
+                                "spec.action",
+                                f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM",
+                                "denies everything it selects")
+            action, rules = AuthorizationAction.DENY, [Rule()]
+        allow = action is AuthorizationAction.ALLOW
+        selector, selector_usable = self._usable_selector(
+            AUTHORIZATION_POLICY, where, spec,
+            # Its rules OR'd into the other workloads' ALLOW policies would widen theirs.
+            "applies to its whole namespace, allowing nothing" if allow
+            else "applies to its whole namespace",
+        )
+        if allow and not selector_usable:
+            rules = []
         authorization = Authorization(
             name=name,
             namespace=namespace,
@@ -387,7 +459,9 @@ class L4Translator:
             )
         if mode != "STRICT":
             return None
-        selector = spec.get("selector")
+        selector, _ = self._usable_selector(
+            PEER_AUTHENTICATION, f"{namespace}/{name}", spec, "applies to its whole namespace"
+        )
         authorization = Authorization(
             name=f"{CONVERTED_PEER_AUTHENTICATION_PREFIX}{name}",
             namespace=namespace,

@@ -1,213 +1,187 @@
-"""L7 security objects -> waypoint resources: ``AuthorizationPolicy`` and
-``RequestAuthentication`` with ``targetRefs`` become ``WaypointAuthorization`` and
-``JwtPolicy`` (``ambient_api.l7``).
+"""L7 security objects -> waypoint resources: ``AuthorizationPolicy`` with ``targetRefs``
+becomes ``WaypointAuthorization`` (here) and ``RequestAuthentication`` ``JwtPolicy``
+(``jwt_policies.py``); ``security_resources`` gives both.
 
 Decisions worth knowing (Istio's behaviour unless said otherwise):
 
 * Only policies with ``targetRefs`` (or the singular ``targetRef``) reach waypoints; the L4
-  translator (``l4.py``) skips exactly those. A target is a waypoint ``Gateway``
-  (group ``gateway.networking.k8s.io``) -> ``waypoint:<ns>/<name>``, or a ``Service`` ->
-  ``<ns>/<name>.<ns>.svc.<cluster domain>``; other kinds are skipped with a warning, and a
-  target in another namespace than the policy's is refused (Istio requires the same one).
-  A target naming an object that does not exist is kept, with a warning: it takes effect when
-  the object appears.
-* Principals are stored without ``spiffe://`` (as in ``l4.py``); ``serviceAccounts:
-  [ns/sa]`` become principals ``<trust domain>/ns/<ns>/sa/<sa>``.
+  translator (``l4.py``) skips exactly those. Targets are resolved in ``targets.py``.
+* Principals are stored without ``spiffe://`` (as in ``l4.py``); ``serviceAccounts``
+  entries (``ns/sa``, or a bare ``sa`` in the policy's namespace) become principals
+  ``<trust domain>/ns/<ns>/sa/<sa>`` (``policy_values.py``).
 * An ALLOW rule using something a waypoint cannot check (an unknown ``when`` key, an unknown
-  source/operation field, a malformed value) is dropped: it can never match, so it fails
-  closed. In DENY and AUDIT rules such parts are left out, so the rule matches (denies) more.
-  ALLOW with no rules (``spec: {}``) denies everything at its targets. CUSTOM is not supported.
-* ``RequestAuthentication`` JWKS come inline (``jwks``) or from an absolute ``file://`` path,
-  read at translation time and inlined. Fetching over the network is not supported; such a
-  provider, or one whose JWKS is not a JSON object with a ``keys`` list, is left out with a
-  warning, so tokens of its issuer are rejected (401) rather than trusted. A policy whose every
-  provider was left out is still sent, so that any presented token is rejected.
-
-Broken objects are logged and skipped; translation never fails because of them.
+  source/operation field, a malformed value, an empty ``source``) is dropped: it can never
+  match, so it fails closed. In DENY and AUDIT rules such parts are left out, so the rule
+  matches (denies) more; an unreadable ``from``/``to`` entry becomes an alternative matching
+  every request, since dropping it would narrow the rule. ALLOW with no rules (``spec: {}``)
+  denies everything at its targets.
+* **No translation error widens access**: ``rules`` that are not a list leave an ALLOW
+  policy without rules and give a DENY one a rule matching every request; an unknown action
+  denies every request at the targets; a target reference that cannot be resolved makes the
+  policy cover every Gateway and Service of its namespace, an ALLOW one with no rules (its
+  rules would widen the ALLOW policies of targets it did not name); a translation that fails
+  unexpectedly denies every request there. Each error is logged (``policy not translated as
+  written; failing closed``) and collected as a ``PolicyError``.
+* ``action: CUSTOM`` without a usable ext_authz provider (istiod_lite has none yet) becomes
+  a DENY of what its rules match, as Istio's builder does for a provider it cannot use
+  ("will generate deny configs"); logged once per policy (``CUSTOM needs an ext_authz
+  provider; denying``).
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
 from ambient_api import l7
 from istiod_lite.sources.objects import ClusterObjects
+from istiod_lite.translate import policy_values
 from istiod_lite.translate.common import (
-    GATEWAY_GROUP,
+    AUTHORIZATION_POLICY,
+    CUSTOM_DENIED,
+    PolicyError,
     convert_each,
+    custom_provider,
     name_of,
     namespace_of,
-    service_hostname,
+    record_policy_error,
 )
+from istiod_lite.translate.jwt_policies import ReadFile, jwt_policy, read_text_file
 from istiod_lite.translate.mesh import MeshConfig
+from istiod_lite.translate.policy_values import PolicyValueError
+from istiod_lite.translate.targets import namespace_targets, resolve_targets, target_refs
 
 logger = structlog.get_logger(__name__)
 
 SecurityResource = l7.WaypointAuthorization | l7.JwtPolicy
-ReadFile = Callable[[str], str]
-
-
-def read_text_file(path: str) -> str:
-    """The default ``read_file``: the file's text (raises OSError)."""
-    return Path(path).read_text()
+_ACTIONS = frozenset(action.value for action in l7.WaypointAuthorizationAction)
 
 
 def security_resources(
-    objects: ClusterObjects, mesh: MeshConfig, read_file: ReadFile = read_text_file
+    objects: ClusterObjects,
+    mesh: MeshConfig,
+    read_file: ReadFile = read_text_file,
+    *,
+    errors: list[PolicyError] | None = None,
 ) -> list[SecurityResource]:
     """Every waypoint authorization and JWT policy, sorted by kind then key (stable output).
-    ``read_file`` reads a ``jwksUri: file://`` path (injected so tests need no files)."""
+    ``read_file`` reads a ``jwksUri: file://`` path (injected so tests need no files); the
+    AuthorizationPolicy parts that could not be translated are appended to ``errors``."""
+    found = errors if errors is not None else []
     authorizations: list[SecurityResource] = convert_each(
-        objects.authorization_policies, lambda p: _authorization(p, objects, mesh)
+        objects.authorization_policies,
+        lambda p: _authorization_or_deny(p, objects, mesh, found),
     )
     jwt_policies: list[SecurityResource] = convert_each(
-        objects.request_authentications, lambda p: _jwt_policy(p, objects, mesh, read_file)
+        objects.request_authentications, lambda p: jwt_policy(p, objects, mesh, read_file)
     )
     return authorizations + jwt_policies
-
-
-# -- shared --------------------------------------------------------------------------------
-
-
-def _target_refs(spec: Mapping[str, Any]) -> list[Any]:
-    refs = spec.get("targetRefs")
-    if refs is None and spec.get("targetRef") is not None:
-        refs = [spec["targetRef"]]
-    if refs is None:
-        return []
-    if not isinstance(refs, list):
-        raise ValueError("spec.targetRefs must be a list")
-    return refs
-
-
-def _targets(
-    refs: Iterable[Any], namespace: str, where: str, objects: ClusterObjects, mesh: MeshConfig
-) -> tuple[str, ...]:
-    """``targetRefs`` -> target keys; unusable references are logged and left out."""
-    targets: list[str] = []
-    for index, ref in enumerate(refs):
-        field = f"targetRefs[{index}]"
-        if not isinstance(ref, Mapping) or not ref.get("name") or not ref.get("kind"):
-            logger.warning("target reference needs kind and name; ignored", policy=where,
-                           field=field)
-            continue
-        kind, name = str(ref["kind"]), str(ref["name"])
-        group = str(ref.get("group") or "")
-        ref_namespace = str(ref.get("namespace") or namespace)
-        if ref_namespace != namespace:
-            logger.warning(
-                "target reference to another namespace; ignored (it must be the policy's)",
-                policy=where, field=field, target_namespace=ref_namespace,
-            )
-            continue
-        if kind == "Gateway" and group == GATEWAY_GROUP:
-            if f"{namespace}/{name}" not in objects.gateways:
-                logger.warning("policy targets a Gateway that does not exist", policy=where,
-                               gateway=f"{namespace}/{name}")
-            targets.append(l7.waypoint_key(namespace, name))
-        elif kind == "Service" and group in ("", "core"):
-            if f"{namespace}/{name}" not in objects.services:
-                logger.warning("policy targets a Service that does not exist", policy=where,
-                               service=f"{namespace}/{name}")
-            targets.append(f"{namespace}/{service_hostname(name, namespace, mesh)}")
-        else:
-            logger.warning(
-                "target kind not supported; ignored (use a waypoint Gateway or a Service)",
-                policy=where, field=field, group=group, kind=kind,
-            )
-    return tuple(dict.fromkeys(targets))
 
 
 # -- AuthorizationPolicy ---------------------------------------------------------------------
 
 
+def _authorization_or_deny(
+    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig,
+    errors: list[PolicyError],
+) -> l7.WaypointAuthorization | None:
+    """``_authorization``, or, should it fail unexpectedly, a policy denying every request
+    to whatever the policy could have targeted: it must not just vanish."""
+    try:
+        return _authorization(policy, objects, mesh, errors)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        name, namespace = name_of(policy), namespace_of(policy)
+        record_policy_error(errors, f"{AUTHORIZATION_POLICY} {namespace}/{name}", "spec",
+                            f"{type(exc).__name__}: {exc}",
+                            "denies every request to every Gateway and Service of its "
+                            "namespace")
+        targets = tuple(namespace_targets(namespace, objects, mesh))
+        if not targets:
+            return None
+        return l7.WaypointAuthorization(name=name, namespace=namespace,
+                                        action=l7.WaypointAuthorizationAction.DENY,
+                                        targets=targets, rules=(l7.L7Rule(),))
+
+
 def _authorization(
-    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig
+    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig,
+    errors: list[PolicyError],
 ) -> l7.WaypointAuthorization | None:
     name, namespace = name_of(policy), namespace_of(policy)
     where = f"{namespace}/{name}"
+    policy_name = f"{AUTHORIZATION_POLICY} {where}"
     spec = policy.get("spec") or {}
-    refs = _target_refs(spec)
-    if not refs:
+    if not isinstance(spec, Mapping):
+        return None  # no targetRefs to read: l4.py makes it deny its namespace
+    unresolved: list[tuple[str, str]] = []
+    try:
+        refs = target_refs(spec)
+    except ValueError:
+        refs = []
+        unresolved.append(("spec.targetRefs", "must be a list"))
+    if not refs and not unresolved:
         return None  # an L4 policy: l4.py's
     if spec.get("selector"):
         logger.warning("policy has both selector and targetRefs; the selector is ignored",
                        policy=where)
-    action_name = str(spec.get("action", "ALLOW"))
-    if action_name not in {a.value for a in l7.WaypointAuthorizationAction}:
-        logger.warning("authorization policy action not supported; policy ignored",
-                       policy=where, action=action_name)
-        return None
-    action = l7.WaypointAuthorizationAction(action_name)
-    targets = _targets(refs, namespace, where, objects, mesh)
+    action_name = spec.get("action", "ALLOW")
+    rules: list[l7.L7Rule] = []
+    if action_name == "CUSTOM":
+        logger.warning(CUSTOM_DENIED, policy=where, provider=custom_provider(spec))
+        action = l7.WaypointAuthorizationAction.DENY
+    elif isinstance(action_name, str) and action_name in _ACTIONS:
+        action = l7.WaypointAuthorizationAction(action_name)
+    else:
+        record_policy_error(errors, policy_name, "spec.action",
+                            f"{action_name!r} is not ALLOW, DENY, AUDIT or CUSTOM",
+                            "denies every request at its targets")
+        action = l7.WaypointAuthorizationAction.DENY
+        rules.append(l7.L7Rule())
+    targets, unresolved_refs = resolve_targets(refs, namespace, where, objects, mesh)
+    unresolved += unresolved_refs
+    for field, reason in unresolved:
+        # Which target was meant is unknown: cover every one the policy could have named.
+        record_policy_error(errors, policy_name, field, reason,
+                            "applies to every Gateway and Service of its namespace (an ALLOW "
+                            "policy allowing nothing)")
+    if unresolved:
+        targets = tuple(dict.fromkeys((*targets, *namespace_targets(namespace, objects, mesh))))
     if not targets:
         logger.warning("policy has no usable target; ignored", policy=where)
         return None
-    raw_rules = spec.get("rules") or []
-    rules: list[l7.L7Rule] = []
-    if not isinstance(raw_rules, list):
-        # Skipping the policy would open an ALLOW policy's targets: fail closed instead.
-        fallback = (
-            "no rule (denies all)"
-            if action is l7.WaypointAuthorizationAction.ALLOW
-            else "one rule matching every request"
-        )
-        logger.warning(f"spec.rules must be a list; the policy gets {fallback}", policy=where)
-        if action is not l7.WaypointAuthorizationAction.ALLOW:
-            rules.append(l7.L7Rule())
-        raw_rules = []
-    for index, rule in enumerate(raw_rules):
-        converted = convert_rule(rule, action, f"{where} rules[{index}]", mesh)
-        if converted is not None:
-            rules.append(converted)
+    # An ALLOW policy's rules at targets it did not name would widen their ALLOW policies.
+    allows_nothing = bool(unresolved) and action is l7.WaypointAuthorizationAction.ALLOW
+    if not rules and not allows_nothing:
+        rules = _rules(spec, action, where, policy_name, namespace, mesh, errors)
     return l7.WaypointAuthorization(
         name=name, namespace=namespace, action=action, targets=targets, rules=tuple(rules)
     )
 
 
-class _Unsupported(Exception):
-    """A part of a rule the waypoint cannot check (or that is malformed)."""
-
-
-def _strings(value: Any, field: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
-        raise _Unsupported(f"{field} must be a list of strings")
-    return tuple(str(v) for v in value)
-
-
-def _ports(value: Any, field: str) -> tuple[int, ...]:
-    ports = []
-    for text in _strings(value, field):
-        try:
-            port = int(text)
-        except ValueError:
-            raise _Unsupported(f"{field}: {text!r} is not a port number") from None
-        if not 0 < port < 65536:
-            raise _Unsupported(f"{field}: {port} is not a port number")
-        ports.append(port)
-    return tuple(ports)
-
-
-def _principal(value: str) -> str:
-    return value.removeprefix("spiffe://")
-
-
-def _service_account_principals(value: Any, field: str, mesh: MeshConfig) -> tuple[str, ...]:
-    principals = []
-    for entry in _strings(value, field):
-        namespace, _, account = entry.partition("/")
-        if not namespace or not account or "/" in account:
-            raise _Unsupported(f"{field}: {entry!r} is not namespace/name")
-        principals.append(f"{mesh.trust_domain}/ns/{namespace}/sa/{account}")
-    return tuple(principals)
+def _rules(
+    spec: Mapping[str, Any], action: l7.WaypointAuthorizationAction, where: str,
+    policy_name: str, namespace: str, mesh: MeshConfig, errors: list[PolicyError],
+) -> list[l7.L7Rule]:
+    raw_rules = spec.get("rules") or []
+    if not isinstance(raw_rules, list):
+        # Skipping the policy would open an ALLOW policy's targets: fail closed instead.
+        allow = action is l7.WaypointAuthorizationAction.ALLOW
+        fallback = "no rule (denies all)" if allow else "one rule matching every request"
+        logger.warning(f"spec.rules must be a list; the policy gets {fallback}", policy=where)
+        errors.append(PolicyError(policy_name, "spec.rules", "must be a list"))
+        return [] if allow else [l7.L7Rule()]
+    rules = []
+    for index, rule in enumerate(raw_rules):
+        converted, problems = convert_rule(
+            rule, action, f"{where} rules[{index}]", namespace, mesh
+        )
+        errors += [PolicyError(policy_name, f"rules[{index}]", p) for p in problems]
+        if converted is not None:
+            rules.append(converted)
+    return rules
 
 
 # source / operation field -> the L7Match field it fills
@@ -251,22 +225,25 @@ _CONDITION_KEY = re.compile(
 
 
 def _convert_values(
-    target_field: str, raw: Any, field: str, mesh: MeshConfig, *, service_accounts: bool
+    target_field: str, raw: Any, field: str, namespace: str, mesh: MeshConfig,
+    *, service_accounts: bool,
 ) -> tuple[Any, ...]:
     if service_accounts:
-        return _service_account_principals(raw, field, mesh)
+        return policy_values.service_account_principals(raw, field, namespace, mesh)
     if target_field in ("ports", "not_ports"):
-        return _ports(raw, field)
-    values = _strings(raw, field)
+        return policy_values.ports(raw, field)
+    if target_field in ("source_ips", "not_source_ips"):
+        return policy_values.addresses(raw, field)
     if target_field in ("principals", "not_principals"):
-        return tuple(_principal(v) for v in values)
-    return values
+        return policy_values.principals(raw, field)
+    return policy_values.strings(raw, field)
 
 
 def _match(
     entry: Mapping[str, Any],
     fields: Mapping[str, str],
     prefix: str,
+    namespace: str,
     mesh: MeshConfig,
     problems: list[str],
 ) -> l7.L7Match:
@@ -284,32 +261,33 @@ def _match(
             continue
         try:
             converted = _convert_values(
-                target, raw, field, mesh,
+                target, raw, field, namespace, mesh,
                 service_accounts=key in ("serviceAccounts", "notServiceAccounts"),
             )
-        except _Unsupported as exc:
+        except PolicyValueError as exc:
             problems.append(str(exc))
             continue
         values[target] = values.get(target, ()) + converted
     return l7.L7Match(**values)
 
 
-def _when_clause(condition: Any, index: int, mesh: MeshConfig) -> l7.L7Clause:
+def _when_clause(condition: Any, index: int, namespace: str, mesh: MeshConfig) -> l7.L7Clause:
     field = f"when[{index}]"
     if not isinstance(condition, Mapping) or not isinstance(condition.get("key"), str):
-        raise _Unsupported(f"{field}: a condition needs a key")
+        raise PolicyValueError(f"{field}: a condition needs a key")
     key: str = condition["key"]
     raw_values, raw_not_values = condition.get("values"), condition.get("notValues")
     if not raw_values and not raw_not_values:
-        raise _Unsupported(f"{field} {key}: needs values or notValues")
+        raise PolicyValueError(f"{field} {key}: needs values or notValues")
     if key in _WHEN_FIELDS:
         values_field, not_values_field = _WHEN_FIELDS[key]
         fields = {
             values_field: _convert_values(
-                values_field, raw_values, f"{field}.values", mesh, service_accounts=False
+                values_field, raw_values, f"{field}.values", namespace, mesh,
+                service_accounts=False,
             ),
             not_values_field: _convert_values(
-                not_values_field, raw_not_values, f"{field}.notValues", mesh,
+                not_values_field, raw_not_values, f"{field}.notValues", namespace, mesh,
                 service_accounts=False,
             ),
         }
@@ -317,19 +295,21 @@ def _when_clause(condition: Any, index: int, mesh: MeshConfig) -> l7.L7Clause:
     if _CONDITION_KEY.match(key):
         condition_match = l7.Condition(
             key=key,
-            values=_strings(raw_values, f"{field}.values"),
-            not_values=_strings(raw_not_values, f"{field}.notValues"),
+            values=policy_values.strings(raw_values, f"{field}.values"),
+            not_values=policy_values.strings(raw_not_values, f"{field}.notValues"),
         )
         return l7.L7Clause(matches=(l7.L7Match(conditions=(condition_match,)),))
-    raise _Unsupported(f"{field}: condition key {key!r} not supported")
+    raise PolicyValueError(f"{field}: condition key {key!r} not supported")
 
 
 def convert_rule(
-    rule: Any, action: l7.WaypointAuthorizationAction, where: str, mesh: MeshConfig
-) -> l7.L7Rule | None:
+    rule: Any, action: l7.WaypointAuthorizationAction, where: str, namespace: str,
+    mesh: MeshConfig,
+) -> tuple[l7.L7Rule | None, list[str]]:
     """One Istio rule -> an L7Rule (``from``, ``to`` and each ``when`` condition are AND'd
     clauses), or None for an ALLOW rule with parts the waypoint cannot check (fail closed);
-    other actions keep the rule without those parts, so it matches more."""
+    other actions keep the rule without those parts, so it matches more. Also returns those
+    parts (logged here). ``namespace`` is the policy's, for bare ``serviceAccounts``."""
     problems: list[str] = []
     clauses: list[l7.L7Clause] = []
     if not isinstance(rule, Mapping):
@@ -348,22 +328,25 @@ def convert_rule(
         matches = []
         for entry in entries:
             body = entry.get(inner) if isinstance(entry, Mapping) else None
-            if not isinstance(body, Mapping):
-                problems.append(f"{section}: each entry needs a {inner} mapping")
+            if not isinstance(body, Mapping) or not body:
+                # Left out of a DENY it must match more, not less: an empty alternative.
+                problems.append(f"{section}: each entry needs a non-empty {inner} mapping")
+                matches.append(l7.L7Match())
                 continue
-            matches.append(_match(body, fields, f"{section}.{inner}", mesh, problems))
-        if matches:
-            clauses.append(l7.L7Clause(matches=tuple(matches)))
+            matches.append(
+                _match(body, fields, f"{section}.{inner}", namespace, mesh, problems)
+            )
+        clauses.append(l7.L7Clause(matches=tuple(matches)))
     conditions = rule.get("when") or []
     if not isinstance(conditions, list):
         problems.append("when must be a list")
         conditions = []
     for index, condition in enumerate(conditions):
         try:
-            clauses.append(_when_clause(condition, index, mesh))
-        except _Unsupported as exc:
+            clauses.append(_when_clause(condition, index, namespace, mesh))
+        except PolicyValueError as exc:
             problems.append(str(exc))
-    unknown = sorted(set(rule) - {"from", "to", "when"})
+    unknown = sorted(str(key) for key in rule if key not in ("from", "to", "when"))
     problems += [f"{key}: not a rule field" for key in unknown]
     if problems:
         if action is l7.WaypointAuthorizationAction.ALLOW:
@@ -371,183 +354,10 @@ def convert_rule(
                 "ALLOW rule uses something the waypoint cannot check; rule dropped",
                 rule=where, problems=problems,
             )
-            return None
+            return None, problems
         logger.warning(
             f"{action.value} rule uses something the waypoint cannot check; "
             "those parts are left out (it matches more)",
             rule=where, problems=problems,
         )
-    return l7.L7Rule(clauses=tuple(clauses))
-
-
-# -- RequestAuthentication -------------------------------------------------------------------
-
-
-def _jwt_policy(
-    policy: dict[str, Any], objects: ClusterObjects, mesh: MeshConfig, read_file: ReadFile
-) -> l7.JwtPolicy | None:
-    name, namespace = name_of(policy), namespace_of(policy)
-    where = f"{namespace}/{name}"
-    spec = policy.get("spec") or {}
-    refs = _target_refs(spec)
-    if not refs:
-        if spec.get("selector"):
-            logger.warning(
-                "RequestAuthentication with a selector is not supported in ambient mode "
-                "(Istio: use targetRefs to a waypoint or Service); ignored",
-                policy=where,
-            )
-        else:
-            logger.warning(
-                "RequestAuthentication without targetRefs applies to no waypoint; ignored "
-                "(Istio: use targetRefs to a waypoint or Service)",
-                policy=where,
-            )
-        return None
-    targets = _targets(refs, namespace, where, objects, mesh)
-    if not targets:
-        logger.warning("policy has no usable target; ignored", policy=where)
-        return None
-    rules = spec.get("jwtRules") or []
-    if not isinstance(rules, list):
-        logger.warning("spec.jwtRules must be a list; no provider, so every token is rejected",
-                       policy=where)
-        return l7.JwtPolicy(name=name, namespace=namespace, targets=targets, providers=())
-    if not rules:
-        logger.info("RequestAuthentication has no jwtRules; nothing to enforce", policy=where)
-        return None
-    providers = []
-    for index, rule in enumerate(rules):
-        provider = jwt_provider(rule, f"{where} jwtRules[{index}]", read_file)
-        if provider is not None:
-            providers.append(provider)
-    return l7.JwtPolicy(
-        name=name, namespace=namespace, targets=targets, providers=tuple(providers)
-    )
-
-
-def jwt_provider(rule: Any, where: str, read_file: ReadFile) -> l7.JwtProvider | None:
-    """One ``jwtRules`` entry -> a JwtProvider, or None (logged) when it cannot be used."""
-    if not isinstance(rule, Mapping):
-        logger.warning("jwtRules entry is not a mapping; provider skipped", rule=where)
-        return None
-    issuer = rule.get("issuer")
-    if not isinstance(issuer, str) or not issuer:
-        logger.warning("jwtRules entry has no issuer; provider skipped", rule=where)
-        return None
-    jwks = _jwks(rule, where, read_file)
-    if jwks is None:
-        return None
-    for unsupported in ("fromParams", "fromCookies", "outputPayloadToHeader"):
-        if rule.get(unsupported):
-            logger.warning(f"jwtRules {unsupported} is not supported; ignored", rule=where)
-    try:
-        audiences = _strings(rule.get("audiences"), "audiences")
-        from_headers = _from_headers(rule.get("fromHeaders"))
-        claim_headers = _claim_headers(rule.get("outputClaimToHeaders"))
-    except _Unsupported as exc:
-        logger.warning("jwtRules entry is malformed; provider skipped", rule=where,
-                       reason=str(exc))
-        return None
-    extraction: dict[str, Any] = {} if from_headers is None else {"from_headers": from_headers}
-    return l7.JwtProvider(
-        issuer=issuer,
-        audiences=audiences,
-        jwks=jwks,
-        forward_original_token=bool(rule.get("forwardOriginalToken", False)),
-        output_claim_to_headers=claim_headers,
-        **extraction,
-    )
-
-
-def _jwks(rule: Mapping[str, Any], where: str, read_file: ReadFile) -> str | None:
-    """The provider's JWKS document, validated, or None (logged) when unusable."""
-    inline, uri = rule.get("jwks"), rule.get("jwksUri")
-    if inline:
-        if not isinstance(inline, str):
-            logger.warning("jwks must be a string holding a JWKS document; provider skipped",
-                           rule=where)
-            return None
-        source, text = "jwks", inline
-    elif uri:
-        uri = str(uri)
-        if uri.startswith(("http://", "https://")):
-            logger.warning(
-                "fetching JWKS over the network is not supported; provider skipped "
-                "(inline the keys with jwks, or use a file:// jwksUri)",
-                rule=where, jwks_uri=uri,
-            )
-            return None
-        if not uri.startswith("file://"):
-            logger.warning("jwksUri scheme not supported (use file://); provider skipped",
-                           rule=where, jwks_uri=uri)
-            return None
-        path = uri.removeprefix("file://")
-        if not path.startswith("/"):
-            logger.warning("jwksUri file:// path must be absolute; provider skipped",
-                           rule=where, jwks_uri=uri)
-            return None
-        try:
-            text = read_file(path)
-        except OSError as exc:
-            logger.warning("cannot read jwksUri; provider skipped", rule=where, path=path,
-                           reason=exc.strerror or str(exc))
-            return None
-        source = uri
-    else:
-        logger.warning(
-            "jwtRules entry has neither jwks nor jwksUri (OIDC discovery over the network is "
-            "not supported); provider skipped",
-            rule=where,
-        )
-        return None
-    problem = jwks_problem(text)
-    if problem is not None:
-        logger.warning("invalid JWKS; provider skipped", rule=where, source=source,
-                       reason=problem)
-        return None
-    return text
-
-
-def jwks_problem(text: str) -> str | None:
-    """Why ``text`` is not a usable JWKS document (a JSON object with a ``keys`` list of
-    objects), or None when it is."""
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON: {exc}"
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        return 'not a JWKS: expected a JSON object with a "keys" list'
-    if not all(isinstance(key, dict) for key in document["keys"]):
-        return 'not a JWKS: every entry of "keys" must be a JSON object'
-    return None
-
-
-def _from_headers(value: Any) -> tuple[tuple[str, str], ...] | None:
-    if not value:
-        return None
-    if not isinstance(value, list):
-        raise _Unsupported("fromHeaders must be a list")
-    headers = []
-    for entry in value:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-            raise _Unsupported("each fromHeaders entry needs a name")
-        headers.append((entry["name"].lower(), str(entry.get("prefix") or "")))
-    return tuple(headers)
-
-
-def _claim_headers(value: Any) -> tuple[tuple[str, str], ...]:
-    if not value:
-        return ()
-    if not isinstance(value, list):
-        raise _Unsupported("outputClaimToHeaders must be a list")
-    pairs = []
-    for entry in value:
-        if (
-            not isinstance(entry, Mapping)
-            or not isinstance(entry.get("header"), str)
-            or not isinstance(entry.get("claim"), str)
-        ):
-            raise _Unsupported("each outputClaimToHeaders entry needs a header and a claim")
-        pairs.append((entry["header"].lower(), entry["claim"]))
-    return tuple(pairs)
+    return l7.L7Rule(clauses=tuple(clauses)), problems

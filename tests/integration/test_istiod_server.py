@@ -37,10 +37,13 @@ from istiod_lite.config import IstiodConfig
 from tests.pki import new_key_and_csr
 
 WAYPOINT_PRINCIPAL = "serviceaccount:default/waypoint"
+# A service account of the root namespace: /debug/syncz shows it every stream.
+OPERATOR_PRINCIPAL = "serviceaccount:istio-system/operator"
 TOKENS = {
     "node-1": "token-node-1-0123456789abcdef",
     "node-2": "token-node-2-0123456789abcdef",
     WAYPOINT_PRINCIPAL: "token-waypoint-0123456789abcdef",
+    OPERATOR_PRINCIPAL: "token-operator-0123456789abcdef",
 }
 SLEEP_UID = "Kubernetes//Pod/default/sleep"
 HTTPBIN_UID = "Kubernetes//Pod/default/httpbin"
@@ -145,8 +148,11 @@ def versions_of(update: DeltaUpdate) -> dict[str, str]:
     return {versioned_key(r.kind, r.name): r.version for r in update.resources}
 
 
-async def syncz(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-    response = await client.get("/debug/syncz")
+async def syncz(
+    client: httpx.AsyncClient, caller: str = OPERATOR_PRINCIPAL
+) -> list[dict[str, Any]]:
+    """The streams ``caller`` may see (every one, for the default operator)."""
+    response = await client.get("/debug/syncz", headers=auth(caller))
     assert response.status_code == 200
     subscribers: list[dict[str, Any]] = response.json()["subscribers"]
     return subscribers

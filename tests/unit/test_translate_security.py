@@ -20,8 +20,9 @@ from ambient_api.l7 import (
     WaypointAuthorizationAction,
 )
 from istiod_lite.sources.objects import ClusterObjects
-from istiod_lite.translate import MeshConfig, translate
-from istiod_lite.translate.security import jwks_problem, security_resources
+from istiod_lite.translate import MeshConfig, PolicyError, translate
+from istiod_lite.translate.jwt_policies import jwks_problem
+from istiod_lite.translate.security import security_resources
 
 MESH = MeshConfig()
 WAYPOINT = "waypoint:demo/waypoint"
@@ -160,29 +161,55 @@ def test_target_refs_policies_are_not_l4_authorizations() -> None:
     assert [r for r in translate(objects, MESH) if type(r).__name__ == "Authorization"] == []
 
 
-def test_custom_action_is_skipped() -> None:
+def test_custom_action_denies_what_its_rules_match() -> None:
+    """No ext_authz provider can be used: like Istio's builder for a bad provider, the
+    policy denies the requests it would have sent to one."""
+    rules = [{"to": [{"operation": {"paths": ["/admin*"]}}]}]
     with capture_logs() as logs:
-        assert translated(authorization_policy({"targetRefs": [GATEWAY_REF],
-                                                "action": "CUSTOM"})) == []
-    assert "authorization policy action not supported; policy ignored" in warnings(logs)
+        policy = one_authorization({"targetRefs": [GATEWAY_REF], "action": "CUSTOM",
+                                    "provider": {"name": "opa"}, "rules": rules})
+    assert policy.action is WaypointAuthorizationAction.DENY
+    assert policy.rules == (
+        L7Rule(clauses=(L7Clause(matches=(L7Match(paths=("/admin*",)),)),)),
+    )
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "CUSTOM needs an ext_authz provider; denying"
+    assert (warning["policy"], warning["provider"]) == ("demo/policy", "opa")
 
 
-def test_bad_targets_are_skipped_with_warnings() -> None:
+def test_unresolvable_targets_fail_closed_over_the_namespace() -> None:
+    """Which target was meant is unknown, so the policy covers every one it could name."""
     refs = [
         {"kind": "Gateway", "name": "waypoint"},  # no group: not a Gateway API Gateway
         {"group": "networking.istio.io", "kind": "ServiceEntry", "name": "ext"},
-        {"kind": "Service", "name": "echo", "namespace": "elsewhere"},
         {"kind": "Service"},
         "not-a-ref",
     ]
+    errors: list[PolicyError] = []
     with capture_logs() as logs:
-        assert translated(authorization_policy({"targetRefs": refs})) == []
+        [policy] = security_resources(
+            cluster(authorization_policy({"targetRefs": refs})), MESH, no_files, errors=errors
+        )
+    assert isinstance(policy, WaypointAuthorization)
+    assert policy.targets == (WAYPOINT, ECHO)
+    assert policy.rules == ()  # ALLOW without rules: denies all there
     events = warnings(logs)
-    assert events.count(
-        "target kind not supported; ignored (use a waypoint Gateway or a Service)") == 2
-    assert "target reference to another namespace; ignored (it must be the policy's)" in events
-    assert events.count("target reference needs kind and name; ignored") == 2
-    assert events[-1] == "policy has no usable target; ignored"
+    assert events.count("target kind not supported (use a waypoint Gateway or a Service)") == 2
+    assert events.count("target reference needs kind and name") == 2
+    assert events[-1] == "policy not translated as written; failing closed"
+    assert [e.field for e in errors] == [
+        "targetRefs[0]", "targetRefs[1]", "targetRefs[2]", "targetRefs[3]"
+    ]
+
+
+def test_targets_in_another_namespace_are_ignored_as_istio_does() -> None:
+    ref = {"kind": "Service", "name": "echo", "namespace": "elsewhere"}
+    with capture_logs() as logs:
+        assert translated(authorization_policy({"targetRefs": [ref]})) == []
+    assert warnings(logs) == [
+        "target reference to another namespace; ignored (it must be the policy's)",
+        "policy has no usable target; ignored",
+    ]
 
 
 def test_missing_target_objects_are_kept_with_a_warning() -> None:
@@ -217,7 +244,9 @@ def test_unknown_when_key_drops_allow_rule_but_keeps_deny_rule_without_it() -> N
     [
         {"from": [{"source": {"bogusField": ["x"]}}]},
         {"to": [{"operation": {"ports": ["http"]}}]},
-        {"from": [{"source": {"serviceAccounts": ["no-namespace"]}}]},
+        {"from": [{"source": {"serviceAccounts": ["demo/"]}}]},
+        {"from": [{"source": {"notIpBlocks": ["10.0.0.0/33"]}}]},
+        {"from": [{"source": {}}]},
         {"from": [{"source": {"ipBlocks": ["1.2.3.4"], "remoteIpBlocks": ["5.6.7.8"]}}]},
         {"when": [{"key": "request.headers[x-a]"}]},  # neither values nor notValues
         {"when": [{"key": "request.headers[]", "values": ["a"]}]},
@@ -275,8 +304,9 @@ def test_broken_policy_never_stops_the_others() -> None:
     good = authorization_policy({"targetRefs": [GATEWAY_REF]}, name="good")
     with capture_logs() as logs:
         result = translated(broken, good)
-    assert [r.key for r in result] == ["demo/good"]
-    assert "object not translated" in warnings(logs)
+    assert [r.key for r in result] == ["demo/broken", "demo/good"]
+    assert result[0].targets == (WAYPOINT, ECHO)  # fails closed over its namespace
+    assert "policy not translated as written; failing closed" in warnings(logs)
 
 
 # -- RequestAuthentication -------------------------------------------------------------------

@@ -58,8 +58,7 @@ fails closed (above).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,7 +70,6 @@ from ambient_api.model import (
     AuthorizationScope,
     Clause,
     GatewayAddress,
-    Locality,
     Match,
     NetworkAddress,
     Node,
@@ -80,20 +78,14 @@ from ambient_api.model import (
     Service,
     TunnelProtocol,
     Workload,
-    WorkloadStatus,
 )
 from istiod_lite.labels import (
     AMBIENT,
-    CANONICAL_NAME_LABEL,
-    CANONICAL_REVISION_LABEL,
     DATAPLANE_MODE_LABEL,
     GATEWAY_NAME_LABEL,
     NETWORK_LABEL,
-    REGION_LABEL,
-    SUBZONE_LABEL,
     USE_WAYPOINT_LABEL,
     USE_WAYPOINT_NAMESPACE_LABEL,
-    ZONE_LABEL,
 )
 from istiod_lite.sources.objects import ClusterObjects
 from istiod_lite.translate.authorization import l4_rules
@@ -112,19 +104,24 @@ from istiod_lite.translate.common import (
 )
 from istiod_lite.translate.mesh import MeshConfig
 from istiod_lite.translate.waypoints import waypoint_for, waypoint_gateway
+from istiod_lite.translate.workload_fields import (
+    CANONICAL_NAME_LABELS,
+    CANONICAL_REVISION_LABELS,
+    EXCLUDE_INBOUND_ANNOTATION,
+    EXCLUDE_OUTBOUND_ANNOTATION,
+    app_protocol,
+    first_label,
+    locality,
+    pod_status,
+    port_list_annotation,
+    target_port,
+    workload_owner,
+)
 
 logger = structlog.get_logger(__name__)
 
-CANONICAL_NAME_LABELS = (CANONICAL_NAME_LABEL, "app.kubernetes.io/name", "app")
-CANONICAL_REVISION_LABELS = (CANONICAL_REVISION_LABEL, "app.kubernetes.io/version", "version")
-# Istio's protocol selection by port name: "<protocol>[-<suffix>]".
-KNOWN_PORT_PROTOCOLS = frozenset(
-    {"http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis"}
-)
 CONVERTED_PEER_AUTHENTICATION_PREFIX = "converted-peer-authentication-"
 PEER_AUTHENTICATION = "PeerAuthentication"
-EXCLUDE_INBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeInboundPorts"
-EXCLUDE_OUTBOUND_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundPorts"
 
 
 @dataclass(frozen=True)
@@ -171,7 +168,7 @@ class L4Translator:
             name=name_of(node),
             address=internal[0],
             cluster_id=self.mesh.cluster_id,
-            locality=_locality(labels_of(node)),
+            locality=locality(labels_of(node)),
         )
 
     # -- services -----------------------------------------------------------------------
@@ -196,8 +193,8 @@ class L4Translator:
             ports.append(
                 PortMapping(
                     service_port=int(port["port"]),
-                    target_port=_target_port(port, lambda: self._pods_selected_by(service)),
-                    app_protocol=_app_protocol(port),
+                    target_port=target_port(port, lambda: self._pods_selected_by(service)),
+                    app_protocol=app_protocol(port),
                 )
             )
         labels = labels_of(service)
@@ -300,7 +297,7 @@ class L4Translator:
             and labels.get(DATAPLANE_MODE_LABEL) != "none"
             and not spec.get("hostNetwork", False)
         )
-        workload_type, workload_name = _workload_owner(pod)
+        workload_type, workload_name = workload_owner(pod)
         node_name = spec["nodeName"]
         node = self.objects.nodes.get(node_name) or {}
         waypoint = None
@@ -326,17 +323,17 @@ class L4Translator:
             or self.mesh.network,
             cluster_id=self.mesh.cluster_id,
             tunnel_protocol=TunnelProtocol.HBONE if ambient else TunnelProtocol.NONE,
-            status=_pod_status(pod),
-            locality=_locality(labels_of(node)),
-            canonical_name=_first_label(labels, CANONICAL_NAME_LABELS) or workload_name,
-            canonical_revision=_first_label(labels, CANONICAL_REVISION_LABELS) or "latest",
+            status=pod_status(pod),
+            locality=locality(labels_of(node)),
+            canonical_name=first_label(labels, CANONICAL_NAME_LABELS) or workload_name,
+            canonical_revision=first_label(labels, CANONICAL_REVISION_LABELS) or "latest",
             workload_type=workload_type,
             workload_name=workload_name,
             waypoint=waypoint,
             services=services,
             authorization_policies=policies,
-            capture_exclude_inbound_ports=_port_list_annotation(pod, EXCLUDE_INBOUND_ANNOTATION),
-            capture_exclude_outbound_ports=_port_list_annotation(
+            capture_exclude_inbound_ports=port_list_annotation(pod, EXCLUDE_INBOUND_ANNOTATION),
+            capture_exclude_outbound_ports=port_list_annotation(
                 pod, EXCLUDE_OUTBOUND_ANNOTATION
             ),
         )
@@ -504,106 +501,3 @@ def _index_by_labels(
         for label, value in labels_of(objects[key]).items():
             index.setdefault((namespace, label, value), []).append(key)
     return index
-
-
-def _target_port(
-    port: Mapping[str, Any], selected_pods: Callable[[], Iterable[Mapping[str, Any]]]
-) -> int:
-    """The port number a Service port forwards to; a named ``targetPort`` is resolved in the
-    selected pods (only then are they looked up)."""
-    target = port.get("targetPort")
-    if target is None:
-        return int(port["port"])
-    if isinstance(target, int):
-        return target
-    if target.isdecimal():
-        return int(target)
-    for pod in selected_pods():
-        for container in (pod.get("spec") or {}).get("containers") or []:
-            for container_port in container.get("ports") or []:
-                if container_port.get("name") == target:
-                    return int(container_port["containerPort"])
-    return int(port["port"])
-
-
-def _app_protocol(port: Mapping[str, Any]) -> str:
-    if port.get("appProtocol"):
-        return str(port["appProtocol"]).lower()
-    name = str(port.get("name") or "").lower()
-    if name.startswith("grpc-web"):
-        return "grpc-web"
-    prefix = name.split("-", 1)[0]
-    return prefix if prefix in KNOWN_PORT_PROTOCOLS else ""
-
-
-def _locality(labels: Mapping[str, str]) -> Locality:
-    return Locality(
-        region=labels.get(REGION_LABEL, ""),
-        zone=labels.get(ZONE_LABEL, ""),
-        subzone=labels.get(SUBZONE_LABEL, ""),
-    )
-
-
-def _first_label(labels: Mapping[str, str], keys: Iterable[str]) -> str:
-    for key in keys:
-        if labels.get(key):
-            return labels[key]
-    return ""
-
-
-_GENERATED_SUFFIX = re.compile(r"^(?P<base>.+)-[a-z0-9]{5,10}$")
-_CRONJOB_SUFFIX = re.compile(r"^(?P<base>.+)-\d{8,}$")
-
-
-def _port_list_annotation(pod: Mapping[str, Any], annotation: str) -> tuple[int, ...]:
-    """Istio's comma-separated port list; entries that are not ports are logged and skipped
-    (one bad entry must not cost the pod its other exclusions)."""
-    text = ((pod.get("metadata") or {}).get("annotations") or {}).get(annotation)
-    if not text:
-        return ()
-    ports: list[int] = []
-    for entry in str(text).split(","):
-        entry = entry.strip()
-        if entry.isdigit() and 0 < int(entry) < 65536:
-            ports.append(int(entry))
-        elif entry:
-            logger.warning("ignored an invalid port in an annotation", annotation=annotation,
-                           value=entry, pod=f"{namespace_of(pod)}/{name_of(pod)}")
-    return tuple(sorted(set(ports)))
-
-
-def _workload_owner(pod: Mapping[str, Any]) -> tuple[str, str]:
-    """(workload_type, workload_name) as Istio derives them: the Deployment behind a
-    ReplicaSet, the CronJob behind a Job, another controller's name, else the pod itself."""
-    metadata = pod["metadata"]
-    owners = metadata.get("ownerReferences") or []
-    controller = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
-    if controller is None:
-        return "pod", name_of(pod)
-    kind, owner_name = controller["kind"], controller["name"]
-    if kind == "ReplicaSet":
-        template_hash = labels_of(pod).get("pod-template-hash")
-        if template_hash and owner_name.endswith(f"-{template_hash}"):
-            return "deployment", owner_name[: -len(template_hash) - 1]
-        generated = _GENERATED_SUFFIX.match(owner_name)
-        if generated:
-            return "deployment", generated["base"]
-        return "pod", owner_name
-    if kind == "Job":
-        cron = _CRONJOB_SUFFIX.match(owner_name)
-        if cron:
-            return "cronjob", cron["base"]
-        return "job", owner_name
-    return "pod", owner_name
-
-
-def _pod_status(pod: Mapping[str, Any]) -> WorkloadStatus:
-    status = pod.get("status") or {}
-    if status.get("phase", "Running") != "Running":
-        return WorkloadStatus.UNHEALTHY
-    if pod["metadata"].get("deletionTimestamp"):
-        return WorkloadStatus.UNHEALTHY
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Ready" and condition.get("status") == "False":
-            return WorkloadStatus.UNHEALTHY
-    return WorkloadStatus.HEALTHY

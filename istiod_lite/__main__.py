@@ -20,7 +20,7 @@ import structlog
 import trio
 
 from ambient_api.identity import SpiffeId
-from ambient_common.errors import describe
+from ambient_common.errors import describe, leaf_exceptions
 from ambient_common.files import write_atomically
 from ambient_common.logging import configure_logging
 from istiod_lite.auth import (
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(main_async, config)
     except* StartupError as group:
-        for error in group.exceptions:
+        for error in leaf_exceptions(group):  # nested nurseries nest the groups
             log.error("istiod_lite cannot start", error=str(error))
         exit_code = 1
     except* KeyboardInterrupt:

@@ -109,6 +109,7 @@ def idle_tunnels(settings: Settings, root: Path, index: int) -> dict[str, Any]:
             opened = json.loads(line)["open"]
             time.sleep(1.0)
             held = rss_mb(mesh)
+            held_open = {f"ztunnel-{node}": mesh.open_connections(node) for node in NODES}
             assert idle.stdin is not None
             idle.stdin.close()
             idle.wait(60)
@@ -117,12 +118,15 @@ def idle_tunnels(settings: Settings, root: Path, index: int) -> dict[str, Any]:
         while (elapsed := time.monotonic() - closed_at) < settings.idle_after_close_seconds:
             time.sleep(min(1.0, settings.idle_after_close_seconds - elapsed))
             after.append({"seconds": time.monotonic() - closed_at, **rss_mb(mesh)})
+        still_open = {f"ztunnel-{node}": mesh.open_connections(node) for node in NODES}
         return {"tunnels": opened, "proxies": {
             name: {"rss_before_mb": before[name], "rss_held_mb": held[name],
                    "rss_peak_mb": sampler.peak_mb()[name],
                    "rss_after_close_mb": after[-1][name],
                    "kb_per_tunnel": (held[name] - before[name]) * 1024 / max(opened, 1),
-                   "kept_after_close_mb": after[-1][name] - before[name]}
+                   "kept_after_close_mb": after[-1][name] - before[name],
+                   "connections_open_while_held": held_open[name],
+                   "connections_still_open_after_close": still_open[name]}
             for name in pids}, "after_close_series": after}
 
 

@@ -140,6 +140,22 @@ class Mesh:
             return None
         return dump
 
+    def open_connections(self, node: str) -> float | None:
+        """Connections the ztunnel counts as open (its ``istio_tcp_connections_opened``
+        minus ``_closed`` over every label set), or None if its metrics do not answer."""
+        address = self.addresses.node_1 if node == "node-1" else self.addresses.node_2
+        try:
+            text = httpx.get(f"http://{address}:15020/metrics", timeout=2.0,
+                             trust_env=False).text
+        except httpx.HTTPError:
+            return None
+        totals = {"opened": 0.0, "closed": 0.0}
+        for line in text.splitlines():
+            for event in totals:
+                if line.startswith(f"istio_tcp_connections_{event}_total"):
+                    totals[event] += float(line.rsplit(" ", 1)[1])
+        return totals["opened"] - totals["closed"]
+
     def discovery(self) -> dict[str, Any]:
         """Each ztunnel's discovery status (connected, lastError, ...) or None."""
         return {node: (dump or {}).get("discovery") for node in NODES

@@ -79,7 +79,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench $(if $(QUICK),--quick)
 
 # The reliability harness (issue 11; never part of `make test`): attacks and faults against a
-# live mesh, figures in bench/results/chaos-<timestamp>.json. QUICK=1: ~3 min instead of ~8.
+# live mesh, figures in bench/results/chaos-<timestamp>.json. QUICK=1: ~2 min instead of ~5.
 chaos: $(BENCH_STAMP)
 	$(PY) -m bench.chaos $(if $(QUICK),--quick)
 

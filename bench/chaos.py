@@ -41,13 +41,14 @@ from bench.run import RESULTS_DIR, machine_facts
 def rapid_reset(settings: Settings, root: Path, index: int) -> dict[str, Any]:
     with running_mesh(root, index) as mesh:
         before = mesh.probe()
+        rss_before = rss_mb(mesh)["ztunnel-node-2"]
         meter = Meter({"ztunnel-node-2": mesh.pid("node-2")})
         attack = run_worker("rapid_reset", {
             "target": mesh.hbone_target(), "count": settings.reset_pairs,
             "max_seconds": 60.0, "settle_seconds": 2.0}, module="bench.attacks")
         usage = meter.read()["ztunnel-node-2"]
         mesh.procs.check_alive()
-        return {"attack": attack, "destination_ztunnel": usage,
+        return {"attack": attack, "destination_ztunnel": {**usage, "rss_before_mb": rss_before},
                 "probe_before": before, "probe_after": mesh.probe()}
 
 
@@ -145,7 +146,7 @@ SCENARIOS: dict[str, Callable[[Settings, Path, int], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (~3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (~2 minutes)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes: proves the harness works (tests)")
     parser.add_argument("--only", action="append", choices=list(SCENARIOS),

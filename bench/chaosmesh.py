@@ -42,7 +42,7 @@ MB = 2**20
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes of one run: the full run takes ~8 minutes on 2 cores, --quick ~3, --smoke is
+    """Sizes of one run: the full run takes ~5 minutes on 2 cores, --quick ~2, --smoke is
     the test suite's proof that the harness works (its numbers mean nothing)."""
 
     reset_pairs: int

@@ -163,18 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="ambient-chaos-"))
     results: dict[str, Any] = {}
     failed: list[str] = []
-    for index, (name, scenario) in enumerate(SCENARIOS.items(), start=1):
-        if name not in only:
-            continue
-        log(f"{name}")
-        began = time.monotonic()
-        try:
-            results[name] = scenario(settings, root / name, index)
-        except Exception as exc:  # a scenario that breaks is a finding; the rest still run
-            log(f"{name} failed: {exc!r}; logs in {root / name}")
-            results[name] = {"error": repr(exc)}
-            failed.append(name)
-        results[name]["scenario_seconds"] = time.monotonic() - began
+    try:
+        for index, (name, scenario) in enumerate(SCENARIOS.items(), start=1):
+            if name not in only:
+                continue
+            log(f"{name}")
+            began = time.monotonic()
+            try:
+                results[name] = scenario(settings, root / name, index)
+            except Exception as exc:  # a scenario that breaks is a finding; the rest run
+                log(f"{name} failed: {exc!r}; logs in {root / name}")
+                results[name] = {"error": repr(exc)}
+                failed.append(name)
+            results[name]["scenario_seconds"] = time.monotonic() - began
+    except BaseException:  # Ctrl-C: the scenario's processes are stopped already
+        print(f"chaos: interrupted; process logs kept in {root}", file=sys.stderr)
+        raise
     document = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "quick": args.quick, "smoke": args.smoke, "settings": asdict(settings),

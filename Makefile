@@ -9,7 +9,7 @@ SYSTEM_STAMP := $(VENV)/.system-deps-stamp
 SYSTEM_PACKAGES := iproute2 iptables util-linux tcpdump netcat-openbsd curl
 PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common ambient_api ambient_dataplane fuzz
 
-.PHONY: venv system-deps kubectl demo test lint bench fuzz clean distclean
+.PHONY: venv system-deps kubectl demo test lint bench chaos fuzz clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -77,6 +77,11 @@ $(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(if $(QUICK),--quick)
+
+# The reliability harness (issue 11; never part of `make test`): attacks and faults against a
+# live mesh, figures in bench/results/chaos-<timestamp>.json. QUICK=1: ~2 min instead of ~5.
+chaos: $(BENCH_STAMP)
+	$(PY) -m bench.chaos $(if $(QUICK),--quick)
 
 # Coverage-guided fuzzing of every parser (atheris; never part of `make test`, whose
 # tests/unit/test_fuzz_parsers.py runs the same targets under hypothesis, bounded).

@@ -58,10 +58,13 @@ def rss_bytes(pid: int) -> int:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
-def run_worker(role: str, args: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    """One load-generator process; its JSON answer (its CPU is not the proxies')."""
+def run_worker(role: str, args: dict[str, Any], timeout: float = 120.0,
+               module: str = "bench.workers") -> dict[str, Any]:
+    """One load-generator process (``python -m <module> <role> '<json>'``, the chaos
+    harness's hostile clients are ``bench.attacks``); its JSON answer (its CPU is not the
+    proxies')."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.workers", role, json.dumps(args)],
+        [sys.executable, "-m", module, role, json.dumps(args)],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     if done.returncode != 0:
@@ -158,16 +161,17 @@ class Processes:
 
 def start_istiod(procs: Processes, root: Path, listen: str, tokens: dict[str, str],
                  poll_interval: str = "500ms", name: str = "istiod",
-                 timeout: float = 30.0) -> Path:
+                 timeout: float = 30.0, extra_args: Sequence[str] = ()) -> Path:
     """istiod_lite as a process; returns its state dir once root-cert.pem exists (written
-    before the config is loaded; the caller waits for readiness its own way)."""
+    before the config is loaded; the caller waits for readiness its own way).
+    ``extra_args`` are more istiod_lite flags (e.g. ``--cert-ttl``)."""
     state = root / f"{name}-state"
     write_atomically(root / f"{name}-tokens.yaml", yaml.safe_dump(tokens))
     procs.start(name, [
         sys.executable, "-m", "istiod_lite", "--config-dir", str(root / f"{name}-config"),
         "--state-dir", str(state), "--bootstrap-tokens", str(root / f"{name}-tokens.yaml"),
         "--listen", f"{listen}:15012", "--log-format", "json", "--log-level", "warning",
-        "--poll-interval", poll_interval,
+        "--poll-interval", poll_interval, *extra_args,
     ])
     deadline = time.monotonic() + timeout
     while not (state / "root-cert.pem").exists():
@@ -199,11 +203,13 @@ def service_account_principal(service_account: str) -> str:
 
 def start_ambient(procs: Processes, root: Path, addresses: Addresses, *,
                   extra_docs: Sequence[dict[str, Any]] = (),
-                  waypoint_accounts: Sequence[str] = ()) -> dict[str, int]:
+                  waypoint_accounts: Sequence[str] = (), istiod_args: Sequence[str] = (),
+                  ztunnel_args: Sequence[str] = ()) -> dict[str, int]:
     """istiod_lite + ztunnel on node-1 (client pod) and node-2 (server pod); returns the
     ztunnels' pids once both are ready. ``extra_docs`` join the mesh's objects; each of
     ``waypoint_accounts`` gets a bootstrap token in ``root/token-<account>`` for a
-    waypoint process running as that service account."""
+    waypoint process running as that service account. ``istiod_args`` and ``ztunnel_args``
+    are more flags for those processes (the chaos harness's TTLs and drain timeouts)."""
     config = root / "istiod-config"
     config.mkdir(parents=True)
     write_yaml(config / "mesh.yaml", [
@@ -220,7 +226,7 @@ def start_ambient(procs: Processes, root: Path, addresses: Addresses, *,
     tokens = {principal: secrets.token_urlsafe(24) for principal in principals.values()}
     for name, principal in principals.items():
         write_atomically(root / f"token-{name}", tokens[principal])
-    state = start_istiod(procs, root, addresses.istiod, tokens)
+    state = start_istiod(procs, root, addresses.istiod, tokens, extra_args=istiod_args)
     pids = {}
     for node, address in (("node-1", addresses.node_1), ("node-2", addresses.node_2)):
         process = procs.start(f"ztunnel-{node}", [
@@ -228,6 +234,7 @@ def start_ambient(procs: Processes, root: Path, addresses: Addresses, *,
             "--xds-address", f"{addresses.istiod}:15012",
             "--root-cert", str(state / "root-cert.pem"), "--token-file",
             str(root / f"token-{node}"), "--log-format", "json", "--log-level", "warning",
+            *ztunnel_args,
         ])
         pids[f"ztunnel-{node}"] = process.pid
     for address in (addresses.node_1, addresses.node_2):

@@ -18,10 +18,7 @@ the source pod's namespace with the bypass mark so the pod's rules do not captur
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +56,7 @@ from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import OutboundRefused, ProxyError, UpstreamConnectError
 from ztunnel.inbound import LOOP_GUARD_PORTS
 from ztunnel.inputs import ProxyInputs
-from ztunnel.sockets import connect_upstream
+from ztunnel.sockets import connect_upstream, reset_on_close
 from ztunnel.telemetry import ConnectionRecord
 
 log = structlog.get_logger()
@@ -284,12 +281,6 @@ class CapturedReply:
 
     async def refused(self, refused: ProxyError) -> None:
         reset_on_close(self._stream)
-
-
-def reset_on_close(stream: trio.SocketStream) -> None:
-    """Make closing ``stream`` send a RST (SO_LINGER 0) instead of a FIN."""
-    with contextlib.suppress(OSError):  # already gone: nothing to reset
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 class Outbound:

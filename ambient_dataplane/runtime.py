@@ -34,7 +34,7 @@ from ambient_dataplane.admin import (
     readiness_routes,
     serve_admin,
 )
-from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, control_plane_context
+from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, RootCertificate
 from ambient_dataplane.discovery import DiscoveryClient
 from ambient_dataplane.drain import ActiveConnections
 from ambient_dataplane.identity import CertificateManager, TlsContexts
@@ -111,14 +111,18 @@ class ProxyRuntime:
     ) -> None:
         self.settings = settings
         host, port = settings.xds_address
+        roots = RootCertificate(settings.root_cert)
         self.control_plane = ControlPlaneConnection(
-            f"https://{host}:{port}", settings.token, control_plane_context(settings.root_cert),
-            token_file=settings.token_file,
+            f"https://{host}:{port}", settings.token, roots, token_file=settings.token_file,
         )
         self.certs = CertificateManager(
             CaClient(self.control_plane),
             requested_ttl=settings.requested_cert_ttl,
-            bootstrap_trust_bundle=[settings.root_cert.read_text()],
+            bootstrap_trust_bundle=roots.pems,
+        )
+        # A new root (istiod restarted with another CA): leaves of the old one must go.
+        self.control_plane.on_roots_changed(
+            lambda _roots: self.certs.renew_all("the root certificate changed")
         )
         self.tls_contexts = TlsContexts(self.certs)
         self.discovery = DiscoveryClient(

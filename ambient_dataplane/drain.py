@@ -102,11 +102,13 @@ class ActiveConnections:
         finally:
             self._abortable.discard(scope)
 
-    def abort(self) -> None:
-        """The drain timed out: what still moves data stops now (see ``abortable``)."""
+    def abort(self) -> int:
+        """The drain timed out: what still moves data stops now (see ``abortable``); returns
+        how many connections were aborted."""
         self.aborted = True
         for scope in self._abortable:
             scope.cancel()
+        return len(self._abortable)
 
 
 async def serve_tracked(

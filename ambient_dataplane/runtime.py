@@ -183,9 +183,9 @@ class ProxyRuntime:
                 # Ended abortively (RST_STREAM to HBONE peers, TCP RST to apps) while the
                 # HBONE sessions still run to carry the resets: a clean end would pass a
                 # truncated transfer off as a complete one.
-                self.connections.abort()
-                with trio.move_on_after(ABORT_GRACE):
-                    await self.connections.wait_idle()
+                if self.connections.abort():
+                    with trio.move_on_after(ABORT_GRACE):
+                        await self.connections.wait_idle()
             await role.drained()
             connections.cancel_scope.cancel()
         log.info(f"{settings.name} stopped", **settings.log_fields)

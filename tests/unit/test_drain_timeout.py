@@ -72,7 +72,7 @@ async def test_abort_cancels_what_moves_data_and_what_starts_after() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(carry)
         await trio.sleep(0)
-        connections.abort()
+        assert connections.abort() == 1
     assert ended == [True]
     with connections.abortable() as late:
         await trio.sleep_forever()

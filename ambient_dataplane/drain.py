@@ -56,7 +56,7 @@ class ActiveConnections:
     def __init__(self) -> None:
         self.count = 0
         self.drain = Drain()
-        self.aborted = False
+        self._aborted = False
         self._abortable: set[trio.CancelScope] = set()
         self._idle = trio.Event()
         self._idle.set()
@@ -93,7 +93,7 @@ class ActiveConnections:
         """A cancel scope around the part of a connection that moves data, cancelled by
         ``abort()``: its owner then ends the connection with an error both ends see."""
         scope = trio.CancelScope()
-        if self.aborted:
+        if self._aborted:
             scope.cancel()
         self._abortable.add(scope)
         try:
@@ -105,7 +105,7 @@ class ActiveConnections:
     def abort(self) -> int:
         """The drain timed out: what still moves data stops now (see ``abortable``); returns
         how many connections were aborted."""
-        self.aborted = True
+        self._aborted = True
         for scope in self._abortable:
             scope.cancel()
         return len(self._abortable)

@@ -298,13 +298,13 @@ class CertificateManager:
             raise CaUnavailable(
                 f"CA answered a certificate for {info[0].subject_alt_names}, not {identity}"
             )
-        if response.trust_bundle and list(response.trust_bundle) != self._trust_bundle:
-            if self._entries and self._trust_bundle_from_ca:
+        if response.trust_bundle:
+            bundle = list(response.trust_bundle)
+            if self._trust_bundle_from_ca and bundle != self._trust_bundle:
                 # The CA's roots changed (a new CA): the other certificates chain to roots
                 # peers are about to stop trusting.
                 self.renew_all("the CA answered a new trust bundle", except_for=identity)
-            self._trust_bundle = list(response.trust_bundle)
-        self._trust_bundle_from_ca = True
+            self._trust_bundle, self._trust_bundle_from_ca = bundle, True
         return cert, info
 
     def _install(

@@ -63,15 +63,17 @@ def test_a_bad_environment_is_a_usage_error(
 async def test_abort_cancels_what_moves_data_and_what_starts_after() -> None:
     connections = ActiveConnections()
     ended: list[bool] = []
+    carrying = trio.Event()
 
     async def carry() -> None:
         with connections.abortable() as scope:
+            carrying.set()
             await trio.sleep_forever()
         ended.append(scope.cancelled_caught)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(carry)
-        await trio.sleep(0)
+        await carrying.wait()
         assert connections.abort() == 1
     assert ended == [True]
     with connections.abortable() as late:

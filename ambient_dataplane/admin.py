@@ -8,6 +8,7 @@ an ``AdminResponse``, so each endpoint is testable without a socket.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import ipaddress
 import json
@@ -76,6 +77,9 @@ class AdminResponse:
     body: bytes
     content_type: str = TEXT
     headers: tuple[tuple[str, str], ...] = ()
+    # Run once the answer is written: ``/quitquitquit``'s shutdown cancels this very server,
+    # so requested before, it would cut its own answer off.
+    after_sent: Callable[[], None] | None = None
 
     @classmethod
     def text(cls, status: int, text: str) -> AdminResponse:
@@ -166,6 +170,8 @@ def make_asgi_app(routes: Routes) -> Callable[[dict[str, Any], ASGIReceive, ASGI
         ]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
+        if response.after_sent is not None:
+            response.after_sent()
 
     return app
 
@@ -230,7 +236,8 @@ def admin_routes(
     on_quit: Callable[[], None],
 ) -> Routes:
     """``/config_dump`` (one JSON key per section callable, e.g. workloads, services,
-    policies, certificates), ``/logging`` and ``/quitquitquit``."""
+    policies, certificates), ``/logging`` and ``/quitquitquit`` (``on_quit`` runs once its
+    answer is written)."""
 
     def dump(_request: AdminRequest) -> AdminResponse:
         return AdminResponse.json({name: section() for name, section in config_dump.items()})
@@ -251,8 +258,7 @@ def admin_routes(
 
     def quit_(_request: AdminRequest) -> AdminResponse:
         log.info("graceful shutdown requested via /quitquitquit")
-        on_quit()
-        return AdminResponse.text(200, "OK")
+        return dataclasses.replace(AdminResponse.text(200, "OK"), after_sent=on_quit)
 
     return {
         "/config_dump": {"GET": dump},

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -89,27 +89,82 @@ class BearerToken(httpx.Auth):
         yield request
 
 
-def control_plane_context(root_cert: Path) -> ssl.SSLContext:
+def control_plane_context(root_pems: str) -> ssl.SSLContext:
     """The client TLS context for istiod_lite: its serving certificate verified against the
-    mesh root in ``root_cert`` (hostname or IP SAN checked), TLS 1.2 or later."""
-    context = ssl.create_default_context(cafile=str(root_cert))
+    mesh roots ``root_pems`` (hostname or IP SAN checked), TLS 1.2 or later. Raises
+    ssl.SSLError or ValueError for text without a usable certificate."""
+    context = ssl.create_default_context(cadata=root_pems)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+class RootCertificate:
+    """The mesh roots istiod's serving certificate is verified with, re-read from their file
+    whenever it changes, as ``BearerToken`` re-reads the token.
+
+    On Kubernetes the file is a mounted ConfigMap (istio-ca-root-cert), in the embedded mode
+    the ``root-cert.pem`` istiod_lite rewrites when it starts: after an istiod restart with a
+    new CA, the roots read once would fail every connection with CERTIFICATE_VERIFY_FAILED
+    until the proxy restarted. The first read must succeed (OSError, ValueError); a later
+    file that cannot be read or parsed keeps the last good roots.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        stat = path.stat()
+        self.pems, self.context = self._load()
+        self._seen = (stat.st_mtime_ns, stat.st_size)
+
+    def _load(self) -> tuple[tuple[str, ...], ssl.SSLContext]:
+        text = self.path.read_text()
+        pems = tuple(split_pem_certificates(text))
+        if not pems:  # an empty context would trust nothing
+            raise ValueError(f"no certificate in {self.path}")
+        return pems, control_plane_context(text)
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True when it now holds other roots."""
+        try:
+            stat = self.path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen == self._seen:
+                return False
+            pems, context = self._load()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("cannot re-read the root certificate; keeping the last roots",
+                        path=str(self.path), reason=getattr(exc, "strerror", None) or str(exc))
+            return False
+        self._seen = seen
+        if pems == self.pems:
+            return False
+        self.pems, self.context = pems, context
+        return True
+
+
+def split_pem_certificates(text: str) -> list[str]:
+    """The PEM certificates in ``text``, each with its END line and a newline."""
+    end = "-----END CERTIFICATE-----"
+    return [block.strip() + "\n" + end + "\n" for block in text.split(end)[:-1]]
+
+
+RootsChangedHook = Callable[[tuple[str, ...]], None]
 
 
 class ControlPlaneConnection:
     """Owns the one HTTP/2 client a ztunnel uses for everything it asks istiod_lite.
 
-    ``ssl_context`` must verify istiod's serving certificate against the mesh root
-    (``control_plane_context(root_cert)`` builds that context). Close it with
-    ``aclose()`` (or ``async with``) on shutdown.
+    ``verify`` checks istiod's serving certificate against the mesh roots: a fixed
+    ``ssl.SSLContext``, or a ``RootCertificate`` whose file is looked at before each request
+    (a CSR, a discovery stream being opened): when its roots changed, new requests go through
+    a client with a context built from them and the ``on_roots_changed`` hooks are called.
+    Close it with ``aclose()`` (or ``async with``) on shutdown.
     """
 
     def __init__(
         self,
         base_url: str,
         token: str,
-        ssl_context: ssl.SSLContext,
+        verify: ssl.SSLContext | RootCertificate,
         *,
         token_file: Path | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -117,19 +172,46 @@ class ControlPlaneConnection:
         self.base_url = base_url.rstrip("/")
         self.request_timeout = request_timeout
         self.token = BearerToken(token, token_file)
-        self.client = httpx.AsyncClient(
+        self.roots: RootCertificate | None = None
+        if isinstance(verify, RootCertificate):
+            self.roots, verify = verify, verify.context
+        self.client = self._new_client(verify)
+        # Clients of roots replaced: a stream they carry may still be fine; closed at aclose.
+        self._retired: list[httpx.AsyncClient] = []
+        self._roots_changed_hooks: list[RootsChangedHook] = []
+
+    def _new_client(self, context: ssl.SSLContext) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             base_url=self.base_url,
             http2=True,
-            verify=ssl_context,
+            verify=context,
             auth=self.token,
-            timeout=httpx.Timeout(request_timeout),
+            timeout=httpx.Timeout(self.request_timeout),
         )
+
+    def on_roots_changed(self, hook: RootsChangedHook) -> None:
+        """Call ``hook`` with the new roots whenever the root certificate file changes."""
+        self._roots_changed_hooks.append(hook)
+
+    def _client_for_request(self) -> httpx.AsyncClient:
+        """The client to use now: rebuilt first when the root certificate file changed."""
+        if self.roots is not None and self.roots.refresh():
+            log.info("root certificate reloaded", path=str(self.roots.path),
+                     roots=len(self.roots.pems))
+            self._retired.append(self.client)
+            self.client = self._new_client(self.roots.context)
+            for hook in self._roots_changed_hooks:
+                try:
+                    hook(self.roots.pems)
+                except Exception:
+                    log.exception("root certificate hook failed")
+        return self.client
 
     async def post_json(
         self, path: str, body: Any, *, timeout: float | None = None
     ) -> httpx.Response:
         """POST a contract dataclass as JSON; transport errors propagate as httpx errors."""
-        return await self.client.post(
+        return await self._client_for_request().post(
             path,
             content=codec.canonical_json(body),
             headers={"content-type": "application/json"},
@@ -139,7 +221,7 @@ class ControlPlaneConnection:
     def stream_json(self, path: str, body: Any) -> Any:
         """Open a long-lived streaming POST (the discovery stream): connect and write use the
         request timeout, reading waits as long as the server keeps the stream open."""
-        return self.client.stream(
+        return self._client_for_request().stream(
             "POST",
             path,
             content=codec.canonical_json(body),
@@ -148,7 +230,8 @@ class ControlPlaneConnection:
         )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in (*self._retired, self.client):
+            await client.aclose()
 
     async def __aenter__(self) -> ControlPlaneConnection:
         return self

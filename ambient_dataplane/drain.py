@@ -56,6 +56,8 @@ class ActiveConnections:
     def __init__(self) -> None:
         self.count = 0
         self.drain = Drain()
+        self._aborted = False
+        self._abortable: set[trio.CancelScope] = set()
         self._idle = trio.Event()
         self._idle.set()
 
@@ -85,6 +87,28 @@ class ActiveConnections:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    @contextmanager
+    def abortable(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope around the part of a connection that moves data, cancelled by
+        ``abort()``: its owner then ends the connection with an error both ends see."""
+        scope = trio.CancelScope()
+        if self._aborted:
+            scope.cancel()
+        self._abortable.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._abortable.discard(scope)
+
+    def abort(self) -> int:
+        """The drain timed out: what still moves data stops now (see ``abortable``); returns
+        how many connections were aborted."""
+        self._aborted = True
+        for scope in self._abortable:
+            scope.cancel()
+        return len(self._abortable)
 
 
 async def serve_tracked(

@@ -6,6 +6,9 @@ passed; a failed fetch is retried with exponential backoff (doubling from 1 s, c
 150 s) while the still-valid certificate keeps being served. A refusal (e.g. node
 authorization: "no instances of SA on node N") is logged with the CA's reason and retried on
 the same schedule, since the pod that makes it legitimate may just not be known to istiod yet.
+When the mesh root changes (the root certificate file was rewritten, or the CA answers a new
+trust bundle: istiod restarted with another CA) every certificate is renewed at once
+(``renew_all``), and the trust bundle follows the CA's answer.
 
 The timing decisions are the pure functions ``renewal_delay`` and ``next_backoff``; the
 ``CertificateManager`` is a thin Trio driver around them.
@@ -144,10 +147,17 @@ class _Entry:
     chain_info: tuple[CertificateInfo, ...] = ()
     last_error: str | None = None
     changed: trio.Event = field(default_factory=trio.Event)
+    renewal_requested: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    async def wait_until_renewal(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if a renewal is requested meanwhile."""
+        with trio.move_on_after(delay):
+            await self.renewal_requested.wait()
+        self.renewal_requested = trio.Event()
 
 
 RotationHook = Callable[[SpiffeId, CertifiedKey], None]
@@ -178,6 +188,7 @@ class CertificateManager:
         self._backoff_initial = backoff_initial
         self._backoff_cap = backoff_cap
         self._trust_bundle = list(bootstrap_trust_bundle)
+        self._trust_bundle_from_ca = False  # still the bootstrap roots
         self._rotation_hooks: list[RotationHook] = [on_rotated] if on_rotated else []
         self._entries: dict[SpiffeId, _Entry] = {}
         self._nursery: trio.Nursery | None = None
@@ -205,6 +216,16 @@ class CertificateManager:
 
     def wanted(self) -> set[SpiffeId]:
         return set(self._entries)
+
+    def renew_all(self, reason: str, *, except_for: SpiffeId | None = None) -> None:
+        """Fetch every certificate again now, without waiting for its half-life or backoff
+        (the mesh root changed: leaves of the old root stop working once peers drop it)."""
+        renewing = sorted(i for i in self._entries if i != except_for)
+        if not renewing:
+            return
+        log.info("certificates renewing", reason=reason, identities=[str(i) for i in renewing])
+        for identity in renewing:
+            self._entries[identity].renewal_requested.set()
 
     # -- the driver ----------------------------------------------------------------------
 
@@ -244,7 +265,7 @@ class CertificateManager:
                         retry_in=backoff,
                         keeping_valid_certificate=self._valid(entry),
                     )
-                    await trio.sleep(backoff)
+                    await entry.wait_until_renewal(backoff)
                     continue
                 self._install(entry, cert, info)
                 delay = renewal_delay(info[0].valid_from, info[0].expiration_time, self._clock())
@@ -261,7 +282,7 @@ class CertificateManager:
                         identity=str(entry.identity),
                         renew_in=delay,
                     )
-                await trio.sleep(delay)
+                await entry.wait_until_renewal(delay)
 
     async def _fetch(
         self, identity: SpiffeId
@@ -278,7 +299,12 @@ class CertificateManager:
                 f"CA answered a certificate for {info[0].subject_alt_names}, not {identity}"
             )
         if response.trust_bundle:
-            self._trust_bundle = list(response.trust_bundle)
+            bundle = list(response.trust_bundle)
+            if self._trust_bundle_from_ca and bundle != self._trust_bundle:
+                # The CA's roots changed (a new CA): the other certificates chain to roots
+                # peers are about to stop trusting.
+                self.renew_all("the CA answered a new trust bundle", except_for=identity)
+            self._trust_bundle, self._trust_bundle_from_ca = bundle, True
         return cert, info
 
     def _install(

@@ -6,7 +6,8 @@ else must outlast the listeners, so a shutdown can drain them); the *services* n
 (certificates, the admin, metrics and readiness servers, the proxy's listeners, discovery).
 Shutdown cancels the services (the listeners close), begins the drain (HBONE connections
 send GOAWAY and end with their last tunnel), waits up to the drain timeout for the live
-connections to finish, then cancels the rest.
+connections to finish, then aborts the ones left (``ActiveConnections.abort``: each ends with
+an error both of its ends see) and cancels the rest.
 
 Composition, not inheritance: a proxy builds a ``ProxyRuntime`` from its ``RuntimeSettings``
 (the runtime builds the parts every proxy has: ``certs``, ``tls_contexts``, ``discovery``,
@@ -33,13 +34,16 @@ from ambient_dataplane.admin import (
     readiness_routes,
     serve_admin,
 )
-from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, control_plane_context
+from ambient_dataplane.controlplane import CaClient, ControlPlaneConnection, RootCertificate
 from ambient_dataplane.discovery import DiscoveryClient
 from ambient_dataplane.drain import ActiveConnections
 from ambient_dataplane.identity import CertificateManager, TlsContexts
 from ambient_dataplane.state import AppliedChange, ProxyState
 
 log = structlog.get_logger()
+
+# After the drain timeout, how long the aborted connections may take to send their resets.
+ABORT_GRACE = 1.0
 
 
 class ServingPorts(Protocol):
@@ -107,14 +111,18 @@ class ProxyRuntime:
     ) -> None:
         self.settings = settings
         host, port = settings.xds_address
+        roots = RootCertificate(settings.root_cert)
         self.control_plane = ControlPlaneConnection(
-            f"https://{host}:{port}", settings.token, control_plane_context(settings.root_cert),
-            token_file=settings.token_file,
+            f"https://{host}:{port}", settings.token, roots, token_file=settings.token_file,
         )
         self.certs = CertificateManager(
             CaClient(self.control_plane),
             requested_ttl=settings.requested_cert_ttl,
-            bootstrap_trust_bundle=[settings.root_cert.read_text()],
+            bootstrap_trust_bundle=roots.pems,
+        )
+        # A new root (istiod restarted with another CA): leaves of the old one must go.
+        self.control_plane.on_roots_changed(
+            lambda _roots: self.certs.renew_all("the root certificate changed")
         )
         self.tls_contexts = TlsContexts(self.certs)
         self.discovery = DiscoveryClient(
@@ -172,6 +180,12 @@ class ProxyRuntime:
             if drain.cancelled_caught:
                 log.warning("drain timeout: closing remaining connections",
                             connections=self.connections.count)
+                # Ended abortively (RST_STREAM to HBONE peers, TCP RST to apps) while the
+                # HBONE sessions still run to carry the resets: a clean end would pass a
+                # truncated transfer off as a complete one.
+                if self.connections.abort():
+                    with trio.move_on_after(ABORT_GRACE):
+                        await self.connections.wait_idle()
             await role.drained()
             connections.cancel_scope.cancel()
         log.info(f"{settings.name} stopped", **settings.log_fields)

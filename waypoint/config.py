@@ -23,9 +23,14 @@ from ambient_common.flags import (
     parse_host_port,
 )
 from ambient_common.logging import LogFormat
+from waypoint.http.messages import HttpLimits
 from waypoint.paths import PathNormalization
 
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+# The HTTP servers' own defaults (waypoint.http.messages.HttpLimits says how they differ
+# from Envoy's).
+DEFAULT_REQUEST_HEADERS_TIMEOUT = HttpLimits.header_timeout
+DEFAULT_IDLE_TIMEOUT = HttpLimits.idle_timeout
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -63,6 +68,8 @@ class WaypointConfig:
     drain_timeout: float = 5.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     path_normalization: PathNormalization = PathNormalization.BASE
+    request_headers_timeout: float = DEFAULT_REQUEST_HEADERS_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     log_format: LogFormat = "auto"
     log_level: str = "info"
     ports: WaypointPorts = field(default_factory=WaypointPorts)
@@ -186,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=PathNormalization.BASE.value,
         help="Istio's meshConfig.pathNormalization for request paths (default BASE)",
     )
+    parser.add_argument(
+        "--request-headers-timeout",
+        type=duration_seconds,
+        default=DEFAULT_REQUEST_HEADERS_TIMEOUT,
+        help="from a request's first byte to the end of its head (HTTP/1.1: 408 and close; "
+        "HTTP/2: the connection is closed); Envoy's request_headers_timeout (default 10s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=duration_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="how long a connection may carry no request (and a request's body or answer "
+        "may stall) before it is closed (default 5m)",
+    )
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     return parser
@@ -213,6 +234,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> WaypointConfig:
         drain_timeout=args.drain_timeout,
         max_request_bytes=args.max_request_bytes,
         path_normalization=PathNormalization(args.path_normalization),
+        request_headers_timeout=args.request_headers_timeout,
+        idle_timeout=args.idle_timeout,
         log_format=args.log_format,
         log_level=args.log_level,
     )

@@ -128,7 +128,9 @@ class Waypoint:
         self.hostname = f"{config.name}.{config.namespace}.svc.cluster.local"
         self.state = ProxyState()
         self.metrics = WaypointMetrics()
-        self.limits = HttpLimits(max_body_bytes=config.max_request_bytes)
+        self.limits = HttpLimits(max_body_bytes=config.max_request_bytes,
+                                 idle_timeout=config.idle_timeout,
+                                 header_timeout=config.request_headers_timeout)
         self._rand = random.Random()
         self.runtime = ProxyRuntime(runtime_settings(config, self.identity), self.state,
                                     self._on_change)

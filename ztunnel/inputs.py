@@ -48,7 +48,7 @@ class ProxyInputs:
             idle_timeout=config.pool_idle_timeout,
         )
         return cls(
-            config=config, state=state, telemetry=ConnectionTelemetry(metrics),
+            config=config, state=state, telemetry=ConnectionTelemetry(metrics, runtime.connections),
             certs=runtime.certs, tls_contexts=runtime.tls_contexts, pool=pool,
             connections=runtime.connections,
         )

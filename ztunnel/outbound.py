@@ -18,9 +18,7 @@ the source pod's namespace with the bypass mark so the pod's rules do not captur
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +52,11 @@ from ambient_dataplane.state import (
 from ambient_dataplane.tls import PeerIdentityError
 from ztunnel import socks5
 from ztunnel.capture import netns
+from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import OutboundRefused, ProxyError, UpstreamConnectError
 from ztunnel.inbound import LOOP_GUARD_PORTS
 from ztunnel.inputs import ProxyInputs
-from ztunnel.sockets import connect_upstream
+from ztunnel.sockets import connect_upstream, reset_on_close
 from ztunnel.telemetry import ConnectionRecord
 
 log = structlog.get_logger()
@@ -113,27 +112,78 @@ class OutboundPlan:
         return (self.destination.ip, default_port)
 
 
+@dataclass(frozen=True)
+class OwnEndpoints:
+    """Where the node's proxy itself listens, never a destination: through SOCKS5 a pod could
+    otherwise reach the admin server (``/quitquitquit`` answers callers on the proxy's own
+    host) or loop through the proxy's ports from the proxy's own address.
+
+    ``addresses`` are the node address the admin, metrics, readiness and SOCKS5 servers bind;
+    loopback and unspecified destinations count as the proxy's own too (as Istio's ztunnel
+    refuses loopback calls to its ports: a wildcard bind answers there). The HBONE, plaintext
+    inbound and capture ports (``LOOP_GUARD_PORTS``) are refused on every address.
+    """
+
+    addresses: frozenset[str] = frozenset()
+    ports: frozenset[int] = LOOP_GUARD_PORTS
+
+    @classmethod
+    def of(cls, config: ZtunnelConfig) -> OwnEndpoints:
+        ports = config.ports
+        return cls(
+            addresses=frozenset({canonical_ip(config.node_address) or config.node_address}),
+            ports=LOOP_GUARD_PORTS | {ports.admin, ports.metrics, ports.readiness, ports.socks5,
+                                      ports.hbone, ports.inbound_plaintext,
+                                      ports.outbound_capture},
+        )
+
+    def refusal(self, ip: str, port: int) -> OutboundRefused | None:
+        """Why ``ip:port`` (a canonical address, or a name) cannot be a target, None when it
+        can."""
+        if port in LOOP_GUARD_PORTS:
+            return OutboundRefused(f"port {port} is a proxy port and cannot be a target",
+                                   reply_code=socks5.CONNECTION_NOT_ALLOWED)
+        if port in self.ports and (ip in self.addresses or _is_local(ip)):
+            return OutboundRefused(
+                f"{format_authority(ip, port)} is the node proxy's own port and cannot be a "
+                "target", reply_code=socks5.CONNECTION_NOT_ALLOWED,
+            )
+        return None
+
+
+def _is_local(host: str) -> bool:
+    """Loopback, or unspecified (connecting to 0.0.0.0 or :: reaches this host); a name is
+    neither (it is only ever resolved as a mesh service)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
 def plan_outbound(
-    state: ProxyState, *, node: str, source_ip: str, host: str, port: int
+    state: ProxyState, *, node: str, source_ip: str, host: str, port: int,
+    own: OwnEndpoints = OwnEndpoints(),  # noqa: B008 - frozen, so sharing it is safe
 ) -> OutboundPlan:
     """Who is calling (by source address) and where the connection really goes;
     OutboundRefused otherwise."""
     return plan_outbound_from(state, state.workload_by_address(source_ip), node=node,
-                              caller=source_ip, host=host, port=port)
+                              caller=source_ip, host=host, port=port, own=own)
 
 
 def plan_outbound_from(
-    state: ProxyState, source: Workload | None, *, node: str, caller: str, host: str, port: int
+    state: ProxyState, source: Workload | None, *, node: str, caller: str, host: str, port: int,
+    own: OwnEndpoints = OwnEndpoints(),  # noqa: B008 - frozen, so sharing it is safe
 ) -> OutboundPlan:
     """Where a connection from ``source`` (None: unknown; ``caller`` names it in the refusal)
-    really goes; OutboundRefused when the source is not an enrolled workload of ``node``."""
+    really goes; OutboundRefused when the source is not an enrolled workload of ``node`` or
+    the target is one of ``own`` endpoints (before or after resolution)."""
     if source is None or source.node != node or not is_hbone(source):
         raise OutboundRefused(f"{caller} is not a mesh workload on node {node}",
                               reply_code=socks5.CONNECTION_NOT_ALLOWED)
-    if port in LOOP_GUARD_PORTS:
-        raise OutboundRefused(f"port {port} is a proxy port and cannot be a target",
-                              reply_code=socks5.CONNECTION_NOT_ALLOWED)
     ip = canonical_ip(host)
+    if (refused := own.refusal(ip or host, port)) is not None:
+        raise refused
     if ip is None:
         service = service_for_hostname(state, host)
         if service is None or not service.addresses:
@@ -149,6 +199,9 @@ def plan_outbound_from(
     except ResolveError as exc:
         raise OutboundRefused(exc.reason, reply_code=socks5.HOST_UNREACHABLE,
                               response_flags=ResponseFlag.NO_HEALTHY_UPSTREAM) from None
+    endpoint_ip, endpoint_port = destination.address
+    if (refused := own.refusal(canonical_ip(endpoint_ip) or endpoint_ip, endpoint_port)):
+        raise refused
     return OutboundPlan(source, destination)
 
 
@@ -230,18 +283,13 @@ class CapturedReply:
         reset_on_close(self._stream)
 
 
-def reset_on_close(stream: trio.SocketStream) -> None:
-    """Make closing ``stream`` send a RST (SO_LINGER 0) instead of a FIN."""
-    with contextlib.suppress(OSError):  # already gone: nothing to reset
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 class Outbound:
     def __init__(self, inputs: ProxyInputs) -> None:
         config = inputs.config
         self._node = config.node
         self._connect_timeout = config.connect_timeout
         self._hbone_port = config.ports.hbone
+        self._own = OwnEndpoints.of(config)
         self._state = inputs.state
         self._certs = inputs.certs
         self._pool = inputs.pool
@@ -375,7 +423,7 @@ class Outbound:
         )
         try:
             plan = plan_outbound_from(self._state, source, node=self._node, caller=peer_ip,
-                                      host=host, port=port)
+                                      host=host, port=port, own=self._own)
             record.source_identity = identity_of(plan.source)
             # Through a waypoint we report the service the client addressed but the waypoint
             # as the destination workload and principal: that is the peer we connected to

@@ -1,5 +1,6 @@
 """How ztunnel dials out: plain TCP (to the local app inbound, to a destination outside the
-mesh outbound) and the HBONE connections of its pool.
+mesh outbound) and the HBONE connections of its pool; and how it ends a TCP connection
+abortively (``reset_on_close``), so that its peer sees an error rather than a clean end.
 
 Without capture (the embedded mode) connections leave from the node's namespace. Under in-pod
 capture they leave from inside the pod's own network namespace, marked with ``BYPASS_MARK``
@@ -8,7 +9,10 @@ so the pod's rules let ztunnel's own connection pass instead of capturing it aga
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import socket
+import struct
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +25,12 @@ from ztunnel import socks5
 from ztunnel.capture import netns
 from ztunnel.capture.rules import BYPASS_MARK
 from ztunnel.errors import UpstreamConnectError
+
+
+def reset_on_close(stream: trio.SocketStream) -> None:
+    """Make closing ``stream`` send a RST (SO_LINGER 0) instead of a FIN."""
+    with contextlib.suppress(OSError):  # already gone: nothing to reset
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def connect_tcp(ip: str, port: int) -> trio.SocketStream:

@@ -21,14 +21,18 @@ import trio
 
 from ambient_api.identity import SpiffeId
 from ambient_api.model import Service, Workload
+from ambient_dataplane.drain import ActiveConnections
 from ambient_dataplane.hbone import SpliceError, splice
 from ambient_dataplane.hbone.splice import SpliceProgress
 from ambient_dataplane.labels import ConnectionLabels, connection_labels
 from ztunnel.metrics import ZtunnelMetrics
+from ztunnel.sockets import reset_on_close
 
 Direction = Literal["inbound", "outbound"]
 
 DEFAULT_FLUSH_INTERVAL = 1.0  # seconds between two reports of open connections' bytes
+# The access line's error for a connection still open when the drain timed out.
+ABORTED = "aborted: the drain timeout expired"
 
 
 @dataclass
@@ -78,9 +82,14 @@ class ConnectionTelemetry:
     connection."""
 
     def __init__(
-        self, metrics: ZtunnelMetrics, *, flush_interval: float = DEFAULT_FLUSH_INTERVAL
+        self,
+        metrics: ZtunnelMetrics,
+        connections: ActiveConnections,
+        *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self._metrics = metrics
+        self._connections = connections
         self._flush_interval = flush_interval
         self._live: set[_LiveBytes] = set()
         self._log = structlog.get_logger("ztunnel.access")
@@ -121,17 +130,28 @@ class ConnectionTelemetry:
         """Splice an accepted connection (``downstream``: the side that opened it) until both
         sides are done, and report it: opened now, its bytes while they flow, closed with the
         access line at the end. ``already_sent``: bytes forwarded upstream before (early
-        data); "sent" is always towards the destination."""
+        data); "sent" is always towards the destination.
+
+        A connection that broke on one side, or that the drain timeout aborted, must not look
+        complete on the other: its TCP sides are then reset when their owners close them
+        (an HBONE side resets its stream itself when closed before both ends finished)."""
         live = _LiveBytes(self._labels(record), already_sent)
         self._metrics.connection_opened(live.labels)
         self._live.add(live)
         error: str | None = None
         try:
-            await splice(downstream, upstream, live.progress)
+            with self._connections.abortable() as abort:
+                await splice(downstream, upstream, live.progress)
+            if abort.cancelled_caught:
+                error = ABORTED
         except SpliceError as exc:
             error = exc.reason
         finally:
             self._live.discard(live)
+        if error is not None:
+            for side in (downstream, upstream):
+                if isinstance(side, trio.SocketStream):
+                    reset_on_close(side)
         sent, received = live.unreported()
         self._metrics.connection_closed(live.labels, sent=sent, received=received)
         if not self._log.is_enabled_for(logging.INFO):

@@ -78,7 +78,8 @@ async def test_admin_endpoints(nursery: trio.Nursery, loopback: LoopbackAllocato
             assert (await client.get("/quitquitquit")).status_code == 405
             assert not quit_requested.is_set()
             assert (await client.post("/quitquitquit")).status_code == 200
-            assert quit_requested.is_set()
+            with trio.fail_after(5):  # requested once the answer is out, so just after it
+                await quit_requested.wait()
 
             assert (await client.get("/stats")).status_code == 404
             too_big = await client.post("/logging", content=b"x" * 100_000)
@@ -162,6 +163,11 @@ async def test_mutating_admin_actions_answer_only_local_callers() -> None:
     assert (await handle(routes, remote_level)).status == 403
     dump = AdminRequest("GET", "/config_dump", {}, client_ip="10.244.1.7")
     assert (await handle(routes, dump)).status == 200
+    assert quits == []
     local = AdminRequest("POST", "/quitquitquit", {}, client_ip="127.0.0.1")
-    assert (await handle(routes, local)).status == 200
+    answer = await handle(routes, local)
+    assert answer.status == 200
+    assert quits == []  # the shutdown waits for the answer to be written
+    assert answer.after_sent is not None
+    answer.after_sent()
     assert quits == [True]

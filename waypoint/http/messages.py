@@ -37,12 +37,17 @@ CLOSE_TIMEOUT = 1.0
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """Bounds per connection: request head size, buffered body size, and how long we wait."""
+    """Bounds per connection: request head size, buffered body size, and how long we wait.
+
+    ``header_timeout`` is Envoy's request_headers_timeout, which Envoy (and Istio's waypoint)
+    leave disabled: a server holding partial heads forever is a slowloris target, so ours is
+    10 s. ``idle_timeout`` (Envoy's idle_timeout, 1 h there) is 5 min here.
+    """
 
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 10 * 1024 * 1024
     idle_timeout: float = 300.0  # no request in progress (and per read/write once one is)
-    header_timeout: float = 30.0  # from a request's first byte to the end of its head
+    header_timeout: float = 10.0  # from a request's first byte to the end of its head
 
 
 @dataclass(frozen=True)

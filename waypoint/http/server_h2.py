@@ -3,13 +3,15 @@ session, composed, so it inherits the windows, frame sizes and flow-controlled s
 request is an HboneStream served by a task of its own.
 
 A request's header block is checked by the data-plane library's one RFC 9113 validation
-(``validate_request_headers``); a malformed one is answered 400 on its own stream.
+(``validate_request_headers``); a malformed one is answered 400 on its own stream. A header
+block that does not complete within the header timeout (``HeaderBlockWatch``) closes the
+connection: no other frame can pass it, and its stream is not open yet to be answered.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import h2.events
 import h2.exceptions
@@ -34,6 +36,7 @@ from waypoint.http.messages import (
     handler_headers,
     response_wire_form,
 )
+from waypoint.http.sniff import H2_PREFACE
 
 log = structlog.get_logger()
 
@@ -157,13 +160,121 @@ class _Http2Connection:
             log.info("http.write_timeout", stream=stream.stream_id)
 
 
+_FRAME_HEADER_SIZE = 9
+_HEADERS, _CONTINUATION = 0x1, 0x9
+_END_HEADERS = 0x4
+
+
+class HeaderBlockWatch:
+    """Since when a header block has been arriving on a connection (sans-IO, fed the bytes
+    received after the client preface).
+
+    h2 reports a request only once its header block is complete (HEADERS and CONTINUATION
+    frames up to END_HEADERS); until then a peer can hold it open, and the whole connection
+    with it (no other frame may come in between). Frame boundaries are read off the bytes:
+    ``started_at`` is when the first byte of a HEADERS frame arrived, None once the frame
+    ending the block (END_HEADERS) arrived whole.
+    """
+
+    def __init__(self, on_start: Callable[[], None]) -> None:
+        self.started_at: float | None = None
+        self._on_start = on_start
+        self._header = bytearray()  # a frame header still arriving
+        self._payload_left = 0  # payload bytes of the current frame still to come
+        self._frame_ends_block = False
+
+    def feed(self, data: bytes) -> None:
+        position, size = 0, len(data)
+        while position < size:
+            if self._payload_left:
+                taken = min(self._payload_left, size - position)
+                self._payload_left -= taken
+                position += taken
+                if not self._payload_left and self._frame_ends_block:
+                    self.started_at = None
+                continue
+            needed = _FRAME_HEADER_SIZE - len(self._header)
+            self._header += data[position:position + needed]
+            position += min(needed, size - position)
+            if len(self._header) > 3 and self._header[3] in (_HEADERS, _CONTINUATION):
+                self._start()
+            if len(self._header) == _FRAME_HEADER_SIZE:
+                self._frame_started()
+
+    def _frame_started(self) -> None:
+        length = int.from_bytes(self._header[:3], "big")
+        is_header_frame = self._header[3] in (_HEADERS, _CONTINUATION)
+        self._frame_ends_block = is_header_frame and bool(self._header[4] & _END_HEADERS)
+        self._header.clear()
+        self._payload_left = length
+        if not length and self._frame_ends_block:
+            self.started_at = None
+
+    def _start(self) -> None:
+        if self.started_at is None:
+            self.started_at = trio.current_time()
+            self._on_start()
+
+
+class _WatchedTransport(trio.abc.HalfCloseableStream):
+    """The connection's transport, its received bytes shown to a ``HeaderBlockWatch``."""
+
+    def __init__(self, transport: trio.abc.HalfCloseableStream, watch: HeaderBlockWatch) -> None:
+        self._transport = transport
+        self._watch = watch
+        self._preface_left = len(H2_PREFACE)  # the client preface comes before the frames
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = bytes(await self._transport.receive_some(max_bytes))
+        frames = data
+        if self._preface_left:
+            frames = data[self._preface_left:]
+            self._preface_left = max(0, self._preface_left - len(data))
+        if frames:
+            self._watch.feed(frames)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._transport.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._transport.send_eof()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+class _Wakeup:
+    """One event, re-armed: the watchdog sleeps until a deadline or until something moves
+    one (a header block began, the session ended)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait_until(self, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await self._event.wait()
+        self._event = trio.Event()
+
+
 async def serve_h2(
     transport: trio.abc.HalfCloseableStream, handler: HttpHandler, limits: HttpLimits
 ) -> None:
-    """Run the session until the peer leaves or the connection idles out; on our way out
-    (idle, cancellation) the still-running writer sends GOAWAY first."""
+    """Run the session until the peer leaves, the connection idles out or a request head
+    takes too long; on our way out (also on cancellation) the still-running writer sends
+    GOAWAY first."""
+    wakeup = _Wakeup()
+    heads = HeaderBlockWatch(wakeup.set)
     async with trio.open_nursery() as nursery:
-        session = _Http2Connection(transport, handler, limits, nursery).session
+        session = _Http2Connection(
+            _WatchedTransport(transport, heads), handler, limits, nursery
+        ).session
         # Shielded so that a cancellation cannot kill the writer before the GOAWAY is out;
         # it is cancelled explicitly once close() has run.
         run_scope = trio.CancelScope(shield=True)
@@ -172,9 +283,14 @@ async def serve_h2(
             with run_scope:
                 await session.run()
 
+        async def wake_when_closed() -> None:
+            await session.closed_event.wait()
+            wakeup.set()
+
         nursery.start_soon(run_session)
+        nursery.start_soon(wake_when_closed)
         try:
-            await _wait_until_idle(session, limits.idle_timeout)
+            await _watch(session, heads, limits, wakeup)
         finally:
             with trio.CancelScope(shield=True):
                 await session.close(half_close=True)  # a clean end for the HBONE tunnel
@@ -182,13 +298,23 @@ async def serve_h2(
             nursery.cancel_scope.cancel()
 
 
-async def _wait_until_idle(session: H2Session, idle_timeout: float) -> None:
+async def _watch(
+    session: H2Session, heads: HeaderBlockWatch, limits: HttpLimits, wakeup: _Wakeup
+) -> None:
+    """Return when the connection should close: a header block arriving for longer than the
+    header timeout, or no stream for the idle timeout (or the session ended)."""
     while not session.is_closed:
-        deadline = session.last_used + idle_timeout
-        if trio.current_time() >= deadline:
-            if not session.streams:
-                log.debug("http.h2_idle_close")
+        now = trio.current_time()
+        if heads.started_at is not None:
+            deadline = heads.started_at + limits.header_timeout
+            if now >= deadline:
+                log.info("http.request_head_timeout", timeout=limits.header_timeout)
                 return
-            deadline = trio.current_time() + idle_timeout  # busy: look again later
-        with trio.move_on_at(deadline):
-            await session.closed_event.wait()
+        else:
+            deadline = session.last_used + limits.idle_timeout
+            if now >= deadline:
+                if not session.streams:
+                    log.debug("http.h2_idle_close")
+                    return
+                deadline = now + limits.idle_timeout  # busy: look again later
+        await wakeup.wait_until(deadline)

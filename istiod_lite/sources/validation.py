@@ -50,6 +50,21 @@ class ParsedDocuments:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def yaml_error_reason(exc: yaml.YAMLError) -> str:
+    """One line naming where the YAML broke. A scanner error points at the token it was
+    scanning when it gave up: ``b 2`` (a missing ``:``) is only noticed on the next line, so
+    the start of the token (the context mark) is where the typo is."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f"YAML error: {' '.join(str(exc).split())}"
+    scanner = isinstance(exc, yaml.scanner.ScannerError) and exc.context_mark is not None
+    mark = exc.context_mark if scanner else exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = exc.problem or exc.context or "invalid YAML"
+    if scanner and exc.context:
+        problem = f"{problem} ({exc.context})"
+    return f"YAML syntax error at {where}{problem}"
+
+
 def parse_documents(text: str, path: str) -> ParsedDocuments:
     """Parse a (multi-document) YAML file into validated objects.
 
@@ -59,13 +74,8 @@ def parse_documents(text: str, path: str) -> ParsedDocuments:
     """
     try:
         documents = list(yaml.load_all(text, Loader=_SAFE_LOADER))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise InvalidObject(path, f"YAML syntax error at {where}{problem}") from None
     except yaml.YAMLError as exc:
-        raise InvalidObject(path, f"YAML error: {exc}") from None
+        raise InvalidObject(path, yaml_error_reason(exc)) from None
 
     objects: list[dict[str, Any]] = []
     warnings: list[SourceError] = []

@@ -10,6 +10,7 @@ test never meets a running demo.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -182,6 +183,7 @@ def test_readme_tour(installed: Installed, loopback: LoopbackAllocator, tmp_path
             assert done.returncode == 0, (line, done.stdout, done.stderr)
             assert done.stdout.strip(), line
 
+        the_mesh_reports_itself(installed, home)
         broken_config_is_reported(installed, home, config, stderr_path)
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
@@ -189,6 +191,30 @@ def test_readme_tour(installed: Installed, loopback: LoopbackAllocator, tmp_path
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def the_mesh_reports_itself(installed: Installed, home: Path) -> None:
+    """What the tour's commands print, in the cluster commands' and istioctl's shapes."""
+    status = installed.run("ambientctl status", cwd=home).stdout
+    assert [line for line in status.splitlines() if line.startswith("istiod")][0].split()[1] == (
+        "1/1"
+    )
+    for node in ("node-1", "node-2"):
+        (row,) = [line for line in status.splitlines() if line.startswith(node)]
+        assert row.split()[3] == "true" and "(in " in row, row  # ready, cert expiry ahead
+    assert "demo waypoint True" in " ".join(status.split())
+    check = installed.run("ambientctl check -o json", cwd=home)
+    assert check.returncode == 0
+    assert {r["check"]: r["status"] for r in json.loads(check.stdout)} == {
+        "embedded-mesh": "OK", "istiod": "OK", "config": "OK", "ztunnels": "OK",
+        "certificates": "OK", "waypoints": "OK",
+    }  # fmt: skip
+    dump = installed.run("ambientctl ztunnel-config workload --node node-1 -o json", cwd=home)
+    workloads = json.loads(dump.stdout)
+    assert {w["name"] for w in workloads} >= {"sleep", "httpbin-v1"}
+    assert all("workloadIps" in w and "serviceAccount" in w for w in workloads)
+    listing = installed.run("ambientctl waypoint list -A", cwd=home)
+    assert listing.returncode == 0 and "waypoint" in listing.stdout.splitlines()[1]
 
 
 def broken_config_is_reported(

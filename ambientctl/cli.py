@@ -148,8 +148,9 @@ def build_parser(prog: str = "ambientctl") -> argparse.ArgumentParser:
 
     zc = sub.add_parser(
         "ztunnel-config",
+        aliases=["zc"],  # istioctl's
         parents=[kube_parent],
-        help="show a ztunnel's view of the mesh (as istioctl ztunnel-config)",
+        help="show a ztunnel's view of the mesh (as istioctl ztunnel-config; alias zc)",
         description="Fetch a ztunnel's /config_dump and show one kind of its contents; on a "
         "cluster through the API server's pod proxy to the ztunnel pod's admin port. "
         + mode_help("--state-dir or --address", "--kubeconfig, --context or --pod"),
@@ -320,6 +321,7 @@ COMMANDS = {
     "up": cmd_up,
     "demo": cmd_demo,
     "ztunnel-config": cmd_ztunnel_config,
+    "zc": cmd_ztunnel_config,
     "waypoint": cmd_waypoint,
     "version": cmd_version,
     "completion": cmd_completion,

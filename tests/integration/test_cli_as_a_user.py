@@ -71,6 +71,11 @@ def test_istioctls_ztunnel_config_kinds(
     assert done.returncode == 1 and "cannot reach ztunnel admin" in done.stderr, done.stderr
 
 
+def test_istioctls_zc_alias(tmp_path: Path, loopback: LoopbackAllocator) -> None:
+    done = ambientctl("zc", "all", "--address", loopback.new(), cwd=tmp_path)
+    assert done.returncode == 1 and "ambientctl zc: cannot reach ztunnel admin" in done.stderr
+
+
 def test_a_misspelled_kind_is_a_usage_error(tmp_path: Path) -> None:
     done = ambientctl("ztunnel-config", "policie", cwd=tmp_path)
     assert done.returncode == 2 and "invalid choice: 'policie'" in done.stderr

@@ -70,9 +70,11 @@ def _not_shipped(directory: str, names: list[str]) -> set[str]:
             or n.endswith((".egg-info", "_cache"))}  # fmt: skip
 
 
-def _run_ok(argv: list[str]) -> None:
+def _run_ok(argv: list[str]) -> str:
+    """Run ``argv``; its output."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +83,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     source, wheels, target, home = (work / n for n in ("source", "wheels", "site", "home"))
     shutil.copytree(REPO, source, symlinks=True, ignore=_not_shipped)
     home.mkdir()
-    pip = [sys.executable, "-m", "pip", "--quiet"]
-    build = [*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)]
-    _run_ok(build)
-    _run_ok([*pip, "install", "--no-deps", "--target", str(target), *map(str, wheels.iterdir())])
+    pip = [sys.executable, "-m", "pip"]
+    log = _run_ok([*pip, "wheel", "--verbose", "--no-deps", "-w", str(wheels), str(source)])
+    # The license is an SPDX string (no deprecation warning) and the scratch dir is not
+    # ./build (setup.cfg), which `python -m build` would take for its own package.
+    assert "deprecat" not in log.lower() and "license" in log.lower()
+    assert not (source / "build").exists()
+    _run_ok([*pip, "install", "--quiet", "--no-deps", "--target", str(target),
+             *map(str, wheels.iterdir())])  # fmt: skip
     return Installed(target, home)
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from ambient_api import codec, model
 from ambientctl import cli
-from ambientctl.bundled import DEMO_CONFIG_DIR
+from ambientctl.bundled import DEFAULT_KUSTOMIZATION, DEMO_CONFIG_DIR
 from ambientctl.embedded.errors import EmbeddedError
 from ambientctl.ztunnelconfig import (
     KIND_ALIASES,
@@ -170,6 +170,15 @@ def test_parser_defaults() -> None:
     assert (KIND_ALIASES["workload"], KIND_ALIASES["policy"]) == ("workloads", "policies")
     args = cli.build_parser().parse_args(["ztunnel-config", "certificates", "-o", "short"])
     assert args.output == "table"
+
+
+def test_demo_and_install_default_to_the_shipped_files() -> None:
+    """Not paths relative to the current directory: they work from any directory."""
+    assert cli.build_parser().parse_args(["demo"]).config_dir == DEMO_CONFIG_DIR
+    install = cli.build_parser().parse_args(["install"])
+    assert install.kustomize == DEFAULT_KUSTOMIZATION and install.kustomize.is_absolute()
+    assert (DEFAULT_KUSTOMIZATION / "kustomization.yaml").is_file()
+    assert (DEMO_CONFIG_DIR / "01-nodes.yaml").is_file()
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

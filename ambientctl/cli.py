@@ -77,7 +77,6 @@ log = structlog.get_logger()
 PROGRAMS = ("ambientctl", "kubectl-ambient")
 
 
-
 def build_parser(prog: str = "ambientctl") -> argparse.ArgumentParser:
     kube_parent = kube_flags_parser()
     parser = argparse.ArgumentParser(

@@ -1,7 +1,7 @@
 """The cluster commands' flags and handlers (``kubectl ambient ...``), used by ``ambientctl.cli``.
 
-Embedded or cluster: ``ztunnel-config`` and ``waypoint`` work on both. The rule, the same for
-every such command and shown in their ``--help``:
+Embedded or cluster: ``ztunnel-config``, ``waypoint``, ``status`` and ``check`` work on both.
+The rule, the same for every such command and shown in their ``--help`` (``mode_help``):
 
 - ``-f/--file/--config-dir``, ``--state-dir`` or ``--address`` select the embedded mesh;
 - ``--kubeconfig``, ``--context`` (and the cluster-only ``--pod``, ``--wait``) select the cluster;
@@ -9,8 +9,10 @@ every such command and shown in their ``--help``:
   plugin) means the cluster of the current kubeconfig context, ``ambientctl`` the embedded
   mesh, so the embedded commands documented so far behave as before.
 
-``enroll``, ``unenroll``, ``status``, ``check``, ``install`` and ``uninstall`` exist only for a
-cluster.
+``enroll``, ``unenroll``, ``install`` and ``uninstall`` exist only for a cluster; with the
+embedded mesh selected they say so (``NEEDS_A_CLUSTER``), except ``install --dry-run``, which
+contacts no cluster. Without ``-f``, the embedded ``waypoint apply|list|delete`` work on the
+config directory of the mesh ``ambientctl up`` runs (``mesh.json``).
 """
 
 from __future__ import annotations
@@ -74,15 +76,16 @@ EMBEDDED, CLUSTER = "embedded", "cluster"
 DEFAULT_WAIT_TIMEOUT = 120.0
 
 
-
-def mode_help(embedded: str = "-f/--file, --state-dir or --address",
-              cluster: str = "--kubeconfig or --context (or a cluster-only flag)") -> str:
+def mode_help(
+    embedded: str = "-f/--file, --state-dir or --address",
+    cluster: str = "--kubeconfig or --context (or a cluster-only flag)",
+) -> str:
     """The embedded-or-cluster rule in a command's ``--help``, naming that command's flags."""
     return (
         f"Embedded mesh or cluster: {embedded} select the embedded mesh; {cluster} the "
         "Kubernetes cluster; with neither, `kubectl ambient` uses the cluster of the current "
         "kubeconfig context and `ambientctl` the embedded mesh."
-    )  # fmt: skip
+    )
 
 
 MODE_HELP = mode_help()
@@ -446,7 +449,7 @@ def running_config_dir(state_dir: Path) -> Path:
     except ZtunnelConfigError as exc:
         raise WaypointUsageError(
             "the following arguments are required: -f/--file (the embedded mesh's config "
-            f"directory; or --kubeconfig/--context for a cluster), as {exc}"
+            f"directory; or --kubeconfig/--context for a cluster); {exc}"
         ) from None
     if not mesh.get("config_dir"):
         raise WaypointUsageError(f"{state_dir / 'mesh.json'} names no config_dir; pass -f DIR")

@@ -279,7 +279,8 @@ def exposition_line(name: str, labels: dict[str, str], value: float) -> str:
     """A sample as the Prometheus text format writes it: ``name{key="value",...} value``."""
     pairs = ",".join(f'{key}="{escape_label(labels[key])}"' for key in EXCERPT_LABELS
                      if key in labels)  # fmt: skip
-    return f"{name}{{{pairs}}} {value:g}"
+    number = f"{value:.0f}" if float(value).is_integer() else repr(float(value))
+    return f"{name}{{{pairs}}} {number}"
 
 
 def escape_label(value: str) -> str:

@@ -24,6 +24,8 @@ def test_the_excerpt_is_prometheus_text_not_python_repr() -> None:
         'istio_tcp_sent_bytes_total{reporter="destination",source_workload="sleep",'
         'destination_service="odd\\"name"} 1024'
     )
+    assert exposition_line("x", {}, 1048576.0) == "x{} 1048576"
+    assert exposition_line("x", {}, 0.25) == "x{} 0.25"
 
 
 def _log(path: Path, *entries: dict[str, str]) -> None:

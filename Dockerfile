@@ -19,7 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 # Metadata first so the dependency layer is reused while only the code changes.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY ambient_common ./ambient_common
 COPY ambient_api ./ambient_api
 COPY ambient_dataplane ./ambient_dataplane

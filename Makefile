@@ -9,7 +9,7 @@ SYSTEM_STAMP := $(VENV)/.system-deps-stamp
 SYSTEM_PACKAGES := iproute2 iptables util-linux tcpdump netcat-openbsd curl
 PACKAGES := istiod_lite ztunnel waypoint ambientctl ambient_common ambient_api ambient_dataplane fuzz
 
-.PHONY: venv system-deps kubectl demo test lint bench chaos fuzz clean distclean
+.PHONY: venv system-deps kubectl demo test lint bench chaos fuzz dist clean distclean
 
 venv: $(VENV_STAMP)
 
@@ -94,8 +94,12 @@ $(FUZZ_STAMP): pyproject.toml $(VENV_STAMP)
 fuzz: $(FUZZ_STAMP)
 	$(PY) -m fuzz --seconds $(or $(FUZZ_SECONDS),60)
 
+# The wheel (examples and manifests inside, see ambientctl/bundled) in dist/.
+dist: venv
+	$(PY) -m pip wheel --quiet --no-deps -w dist .
+
 clean:
-	rm -rf run .mypy_cache .ruff_cache .pytest_cache build
+	rm -rf run .mypy_cache .ruff_cache .pytest_cache build .build dist
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

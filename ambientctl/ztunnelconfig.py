@@ -6,7 +6,8 @@ whose workloads/services/policies are ``ambient_api.codec.to_jsonable`` of the w
 contract and whose certificates are ``{"identity", "state", "certChain": [{"serialNumber",
 "validFrom", "expirationTime"}]}`` (Istio's spelling; snake_case is accepted too). Each
 kind's field access lives in one small ``*_rows`` function so a change of the dump format is
-a change in one place.
+a change in one place; ``-o json|yaml`` is istioctl's JSON (``ambientctl.ztunnel_json``).
+The kinds are istioctl's, with its aliases, plus ``all``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import httpx
 
-from ambientctl.output import OutputFormat, render
+from ambientctl.output import OutputFormat, parse_output_format, render, render_json, render_yaml
+from ambientctl.ztunnel_json import kind_json
 
 DEFAULT_ADMIN_PORT = 15000
 CONFIG_DUMP_PATH = "/config_dump"
@@ -45,8 +47,8 @@ def load_mesh_state(state_dir: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ZtunnelConfigError(
-            f"no running embedded mesh: {path} does not exist "
-            "(start one with `ambientctl up -f DIR`, or pass --address)"
+            f"no running embedded mesh: {path} does not exist (start one with `ambientctl up`, "
+            "or name its state directory with --state-dir; a cluster: --kubeconfig)"
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ZtunnelConfigError(f"cannot read {path}: {exc}") from None
@@ -282,6 +284,24 @@ VIEWS: dict[str, View] = {
 }
 
 
+ALL = "all"
+# istioctl's section titles of ``ztunnel-config all``.
+ALL_SECTIONS = {
+    "workloads": "WORKLOAD INFO",
+    "services": "SERVICE INFO",
+    "policies": "POLICY INFO",
+    "certificates": "SECRET INFO",
+}
+# Every spelling istioctl accepts for a kind (its name and aliases), and ours (the plural).
+KIND_ALIASES: dict[str, str] = {
+    **{name: "workloads" for name in ("workload", "workloads", "w")},
+    **{name: "services" for name in ("service", "services", "s", "svc")},
+    **{name: "policies" for name in ("policy", "policies", "p", "pol")},
+    **{name: "certificates" for name in ("certificate", "certificates", "certs", "cert")},
+    ALL: ALL,
+}
+
+
 def render_view(
     dump: Mapping[str, Any],
     kind: str,
@@ -289,15 +309,39 @@ def render_view(
     *,
     namespace: str | None = None,
 ) -> str:
-    """Render one kind of the dump: a table of its rows, or its raw entries as JSON/YAML."""
+    """Render one kind of the dump (any of ``KIND_ALIASES``): a table of its rows, or its
+    entries in istioctl's JSON/YAML. ``all``: every kind, as ``istioctl ztunnel-config all``."""
     try:
-        view = VIEWS[kind]
+        kind = KIND_ALIASES[kind]
     except KeyError:
-        known = ", ".join(VIEWS)
+        known = ", ".join(KIND_ALIASES)
         raise ZtunnelConfigError(f"unknown kind {kind!r}; expected one of {known}") from None
+    fmt = fmt if isinstance(fmt, OutputFormat) else parse_output_format(fmt)
+    if kind != ALL:
+        rows, structured = _view_of(dump, kind, namespace)
+        view = VIEWS[kind]
+        return render(rows, view.columns, fmt, wide_columns=view.wide_columns,
+                      structured=structured)  # fmt: skip
+    if fmt in (OutputFormat.JSON, OutputFormat.YAML):
+        everything = {k: _view_of(dump, k, namespace)[1] for k in ALL_SECTIONS}
+        return render_json(everything) if fmt is OutputFormat.JSON else render_yaml(everything)
+    sections = []
+    for key, title in ALL_SECTIONS.items():
+        view = VIEWS[key]
+        rows, _structured = _view_of(dump, key, namespace)
+        table = render(rows, view.columns, fmt, wide_columns=view.wide_columns)
+        sections.append(f"\n------ {title} ------\n\n{table}")
+    return "".join(sections)
+
+
+def _view_of(
+    dump: Mapping[str, Any], kind: str, namespace: str | None
+) -> tuple[list[Row], list[Any]]:
+    """One kind's table rows and its istioctl JSON entries, of ``namespace`` if given."""
+    view = VIEWS[kind]
     rows = view.rows(dump)
     raw: Sequence[Mapping[str, Any]] = _entries(dump, view.dump_key)
     if namespace is not None:
         rows = [r for r in rows if r.get("namespace", namespace) == namespace]
         raw = [e for e in raw if e.get("namespace", namespace) == namespace]
-    return render(rows, view.columns, fmt, wide_columns=view.wide_columns, structured=list(raw))
+    return rows, kind_json(view.dump_key, raw, dump)

@@ -11,6 +11,8 @@ above it:
   config directory; sans-IO apart from reading the files.
 - ``state_dir``: the state directory (``StatePaths``: certificates, tokens, logs,
   ``mesh.json``, ``children.json``) and the bootstrap tokens written into it.
+- ``istiod_log``: istiod's config problems read from its log, echoed by ``up``, listed by
+  ``check``.
 - ``commands``: the command line of each child (istiod, ztunnel, waypoint, sample app).
 - ``supervisor``: ``Supervisor``, which starts named child processes and stops them without
   leaving orphans, also under ``ambientctl lab``.

@@ -21,6 +21,7 @@ import yaml
 from ambientctl.embedded.errors import EmbeddedConfigError
 from istiod_lite.auth import service_account_principal
 from istiod_lite.labels import SERVICE_ACCOUNT_ANNOTATION
+from istiod_lite.sources.validation import yaml_error_reason
 
 log = structlog.get_logger()
 
@@ -238,9 +239,12 @@ def config_files(config_dir: Path) -> list[Path]:
 def load_documents(path: Path) -> list[Any]:
     """The YAML documents of one file (empty ones dropped); errors name the file."""
     try:
-        documents = list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError) as exc:
-        raise EmbeddedConfigError(f"{path}: {exc}") from None
+        text = path.read_text()
+        documents = list(yaml.safe_load_all(text))
+    except OSError as exc:
+        raise EmbeddedConfigError(f"{path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise EmbeddedConfigError(f"{path}: {yaml_error_reason(exc, text)}") from None
     return [d for d in documents if d is not None]
 
 

@@ -24,6 +24,7 @@ from ambient_common.files import write_atomically
 from ambientctl.apps import http_get
 from ambientctl.embedded.commands import app_argv, istiod_argv, waypoint_argv, ztunnel_argv
 from ambientctl.embedded.errors import EmbeddedError
+from ambientctl.embedded.istiod_log import follow_config_problems, log_size
 from ambientctl.embedded.layout import (
     MeshLayout,
     WaypointSpec,
@@ -276,6 +277,7 @@ class EmbeddedMesh:
             "pods": self.pods,
             "waypoints": self.waypoints,
             "logs": str(self.paths.logs_dir),
+            "config_dir": str(self.config_dir),
         }
 
     def write_mesh_state(self) -> None:
@@ -304,6 +306,7 @@ async def run_embedded(
     await reap_stale_children(paths.children_file)
     paths.mesh_file.unlink(missing_ok=True)
     write_bootstrap_tokens(paths, layout.nodes, layout.waypoints)
+    said_offset = log_size(paths.istiod_log)  # config problems from this istiod on are echoed
     async with open_supervisor(
         paths.logs_dir, drain_timeout=drain_timeout, pid_file=paths.children_file
     ) as supervisor:
@@ -329,6 +332,10 @@ async def run_embedded(
                 waypoints=mesh.waypoints,
             )
             task_status.started(mesh)
-            await mesh.watch_waypoints()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    follow_config_problems, supervisor.log_path("istiod"), said_offset
+                )
+                await mesh.watch_waypoints()
         finally:
             paths.mesh_file.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ way.
 from __future__ import annotations
 
 import secrets
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ambient_common.files import write_atomically
+from ambientctl.bundled import DEMO_CONFIG_DIR
 from ambientctl.embedded.errors import EmbeddedError
 from ambientctl.embedded.layout import NodeSpec, WaypointSpec
 
@@ -45,6 +47,16 @@ class StatePaths:
         return self.root / "logs"
 
     @property
+    def demo_config(self) -> Path:
+        """``ambientctl up``'s config directory when given none: the user's copy to edit."""
+        return self.root / "config"
+
+    @property
+    def istiod_log(self) -> Path:
+        """istiod's log, as the supervisor names it (``<logs>/<process>.log``)."""
+        return self.logs_dir / "istiod.log"
+
+    @property
     def mesh_file(self) -> Path:
         return self.root / "mesh.json"
 
@@ -66,6 +78,20 @@ class StatePaths:
             raise EmbeddedError(
                 f"cannot create the state directory {self.root}: {exc.strerror or exc}"
             ) from None
+
+
+def demo_config_copy(paths: StatePaths) -> Path:
+    """The demo's config copied to ``paths.demo_config`` on first use, then kept as the user
+    edited it (delete it to start over)."""
+    if not paths.demo_config.is_dir():
+        try:
+            paths.root.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(DEMO_CONFIG_DIR, paths.demo_config)
+        except OSError as exc:
+            raise EmbeddedError(
+                f"cannot copy the demo config to {paths.demo_config}: {exc}"
+            ) from None
+    return paths.demo_config
 
 
 def write_bootstrap_tokens(

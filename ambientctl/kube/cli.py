@@ -1,7 +1,7 @@
 """The cluster commands' flags and handlers (``kubectl ambient ...``), used by ``ambientctl.cli``.
 
-Embedded or cluster: ``ztunnel-config`` and ``waypoint`` work on both. The rule, the same for
-every such command and shown in their ``--help``:
+Embedded or cluster: ``ztunnel-config``, ``waypoint``, ``status`` and ``check`` work on both.
+The rule, the same for every such command and shown in their ``--help`` (``mode_help``):
 
 - ``-f/--file/--config-dir``, ``--state-dir`` or ``--address`` select the embedded mesh;
 - ``--kubeconfig``, ``--context`` (and the cluster-only ``--pod``, ``--wait``) select the cluster;
@@ -9,8 +9,10 @@ every such command and shown in their ``--help``:
   plugin) means the cluster of the current kubeconfig context, ``ambientctl`` the embedded
   mesh, so the embedded commands documented so far behave as before.
 
-``enroll``, ``unenroll``, ``status``, ``check``, ``install`` and ``uninstall`` exist only for a
-cluster.
+``enroll``, ``unenroll``, ``install`` and ``uninstall`` exist only for a cluster; with the
+embedded mesh selected they say so (``NEEDS_A_CLUSTER``), except ``install --dry-run``, which
+contacts no cluster. Without ``-f``, the embedded ``waypoint apply|list|delete`` work on the
+config directory of the mesh ``ambientctl up`` runs (``mesh.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ambient_common.flags import duration_seconds, port_number
+from ambientctl.bundled import DEFAULT_KUSTOMIZATION
 from ambientctl.kube.api import (
     DEFAULT_NAMESPACE,
     Kube,
@@ -31,7 +34,6 @@ from ambientctl.kube.api import (
 )
 from ambientctl.kube.install import (
     CRD_KIND,
-    DEFAULT_MANIFESTS,
     Outcome,
     dry_run,
     install,
@@ -60,7 +62,12 @@ from ambientctl.waypointcmd import (
     run_waypoint_command,
     waypoint_name,
 )
-from ambientctl.ztunnelconfig import DEFAULT_ADMIN_PORT, render_view
+from ambientctl.ztunnelconfig import (
+    DEFAULT_ADMIN_PORT,
+    ZtunnelConfigError,
+    load_mesh_state,
+    render_view,
+)
 from istiod_lite.labels import USE_WAYPOINT_LABEL
 from waypoint.config import dns_label, dns_subdomain, ip_address
 
@@ -68,11 +75,24 @@ CLUSTER_PROGRAMS = ("kubectl-ambient", "kubectl ambient")
 EMBEDDED, CLUSTER = "embedded", "cluster"
 DEFAULT_WAIT_TIMEOUT = 120.0
 
-MODE_HELP = (
-    "Embedded mesh or cluster: -f/--file, --state-dir or --address select the embedded mesh; "
-    "--kubeconfig or --context (or a cluster-only flag) the Kubernetes cluster; with neither, "
-    "`kubectl ambient` uses the cluster of the current kubeconfig context and `ambientctl` "
-    "the embedded mesh."
+
+def mode_help(
+    embedded: str = "-f/--file, --state-dir or --address",
+    cluster: str = "--kubeconfig or --context (or a cluster-only flag)",
+) -> str:
+    """The embedded-or-cluster rule in a command's ``--help``, naming that command's flags."""
+    return (
+        f"Embedded mesh or cluster: {embedded} select the embedded mesh; {cluster} the "
+        "Kubernetes cluster; with neither, `kubectl ambient` uses the cluster of the current "
+        "kubeconfig context and `ambientctl` the embedded mesh."
+    )
+
+
+MODE_HELP = mode_help()
+# The commands that mean something only on a cluster, and how to point them at one.
+CLUSTER_ONLY = ("enroll", "unenroll", "install", "uninstall")
+NEEDS_A_CLUSTER = (
+    "this needs a cluster (--kubeconfig or --context, or run it as `kubectl ambient`)"
 )
 
 
@@ -200,6 +220,17 @@ def _namespace_arg(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _state_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        action=ExplicitStore,  # typing it selects the embedded mesh
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"embedded: the running mesh's state directory (default ./{DEFAULT_STATE_DIR})",
+    )
+
+
 def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
     """``enroll``, ``unenroll``, ``status``, ``check``, ``install``, ``uninstall``."""
     for name, verb in (("enroll", "add"), ("unenroll", "remove")):
@@ -211,13 +242,17 @@ def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
         )
         parser.add_argument("target_namespace", type=dns_label, metavar="NAMESPACE")
 
+    both_modes = mode_help("--state-dir", "--kubeconfig or --context")
     status = sub.add_parser(
         "status",
         parents=[kube_parent],
         help="control plane, ztunnels per node, certificate expiry, waypoints",
+        description="The control plane, each node's ztunnel and its soonest certificate "
+        "expiry, and the waypoints. " + both_modes,
     )
     status.add_argument("--admin-port", type=port_number, default=DEFAULT_ADMIN_PORT,
-                        help="the ztunnels' admin port (default 15000)")  # fmt: skip
+                        help="cluster: the ztunnels' admin port (default 15000)")  # fmt: skip
+    _state_dir_arg(status)
     add_output_arg(status)
 
     check = sub.add_parser(
@@ -225,8 +260,10 @@ def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
         parents=[kube_parent],
         help="pre-install and health checks (OK/WARN/FAIL), incl. NetworkPolicies blocking "
         "port 15008",
-        description="Exit code 1 when any check FAILs.",
+        description="Exit code 1 when any check FAILs. Embedded: the running mesh's "
+        "processes, certificates and config directory. " + both_modes,
     )
+    _state_dir_arg(check)
     add_output_arg(check)
 
     for name, text in (("install", "apply"), ("uninstall", "delete")):
@@ -242,9 +279,10 @@ def add_cluster_parsers(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
             "-k",
             "--kustomize",
             type=Path,
-            default=DEFAULT_MANIFESTS,
+            default=DEFAULT_KUSTOMIZATION,
             metavar="DIR",
-            help=f"the kustomization to render (default {DEFAULT_MANIFESTS})",
+            help="the kustomization to render (default: manifests/base as shipped with "
+            "ambientctl)",
         )
         if name == "install":
             parser.add_argument(
@@ -311,8 +349,10 @@ def add_waypoint_parser(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
             action=ExplicitStore,
             default=None,
             metavar="DIR",
-            help="embedded: the mesh's config directory (as `ambientctl up -f`)",
+            help="embedded: the mesh's config directory (as `ambientctl up -f`; default: "
+            "the one the running `ambientctl up` serves)",
         )
+        _state_dir_arg(parser)
 
     def action(name: str, help_text: str, *, cluster: bool = True) -> argparse.ArgumentParser:
         return actions.add_parser(  # type: ignore[no-any-return]
@@ -366,14 +406,7 @@ def add_waypoint_parser(sub: Any, kube_parent: argparse.ArgumentParser) -> None:
     status.add_argument("-A", "--all-namespaces", action="store_true")
     status.add_argument("--address", type=ip_address, action=ExplicitStore,
                         help="embedded: ask the waypoint at this IP")  # fmt: skip
-    status.add_argument(
-        "--state-dir",
-        type=Path,
-        action=ExplicitStore,
-        default=DEFAULT_STATE_DIR,
-        metavar="DIR",
-        help=f"embedded: the running mesh's state directory (default ./{DEFAULT_STATE_DIR})",
-    )
+    _state_dir_arg(status)
     add_output_arg(status)
 
     delete = action("delete", "delete waypoint Gateways")
@@ -403,13 +436,24 @@ def run_waypoint(
     mode = choose_mode(embedded_flags, cluster_flags, cluster_default=cluster_default)
     if mode == EMBEDDED:
         if action in ("apply", "list", "delete") and args.config_dir is None:
-            raise WaypointUsageError(
-                "the following arguments are required: -f/--file (the embedded mesh's config "
-                "directory; or --kubeconfig/--context for a cluster)"
-            )
+            args.config_dir = running_config_dir(args.state_dir)
         return run_waypoint_command(args, out)
     with connect(args) as kube:
         return run_cluster_waypoint(kube, args, out, err)
+
+
+def running_config_dir(state_dir: Path) -> Path:
+    """The config directory of the mesh ``ambientctl up`` runs, for commands given no -f."""
+    try:
+        mesh = load_mesh_state(state_dir)
+    except ZtunnelConfigError as exc:
+        raise WaypointUsageError(
+            "the following arguments are required: -f/--file (the embedded mesh's config "
+            f"directory; or --kubeconfig/--context for a cluster); {exc}"
+        ) from None
+    if not mesh.get("config_dir"):
+        raise WaypointUsageError(f"{state_dir / 'mesh.json'} names no config_dir; pass -f DIR")
+    return Path(str(mesh["config_dir"]))
 
 
 def run_cluster_waypoint(kube: Kube, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -455,6 +499,13 @@ def run_cluster_waypoint(kube: Kube, args: argparse.Namespace, out: TextIO, err:
                 out.write(f"note: still labeled {USE_WAYPOINT_LABEL}={name}: {', '.join(users)}\n")
         return 0
     raise ClusterUsageError(f"unknown waypoint action {action!r}")
+
+
+def command_mode(args: argparse.Namespace, *, cluster_default: bool) -> str:
+    """``status`` / ``check`` (and the cluster-only commands): --state-dir or the cluster
+    flags, else the program's default."""
+    embedded_flags = given(args, {"state_dir": "--state-dir"})
+    return choose_mode(embedded_flags, given(args, KUBE_FLAGS), cluster_default=cluster_default)
 
 
 def ztunnel_config_mode(args: argparse.Namespace, *, cluster_default: bool) -> str:

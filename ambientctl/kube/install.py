@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
+from ambientctl.bundled import DEFAULT_KUSTOMIZATION
 from ambientctl.kube.api import AlreadyExists, Conflict, Kube, KubeApiError, KubeError, api_path
 
-DEFAULT_MANIFESTS = Path("manifests/base")
 KUSTOMIZE_TIMEOUT = 60.0
 CRD_KIND = "CustomResourceDefinition"
 
@@ -87,7 +87,7 @@ def render_kustomization(
     ):
         raise InstallError(
             f"{directory} has no kustomization.yaml; pass the manifests with -k DIR "
-            f"(default {DEFAULT_MANIFESTS}, relative to the current directory)"
+            f"(default: the manifests shipped with ambientctl, {DEFAULT_KUSTOMIZATION})"
         )
     if shutil.which("kubectl"):
         argv = ["kubectl", "kustomize", str(directory)]

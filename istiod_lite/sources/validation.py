@@ -50,6 +50,47 @@ class ParsedDocuments:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def yaml_error_reason(exc: yaml.YAMLError, text: str = "") -> str:
+    """One line naming where the YAML broke: the line of the typo, not where the parser
+    noticed it. A scanner error points at the token it was scanning when it gave up (``b 2``,
+    a missing ``:``, is only noticed on the next line, so the token's start, the context mark,
+    is the typo); "mapping values are not allowed" after a key that lost its ``:`` is noticed
+    on the line that plain scalar runs into, so ``text`` is searched for where it began."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f"YAML error: {' '.join(str(exc).split())}"
+    scanner = isinstance(exc, yaml.scanner.ScannerError) and exc.context_mark is not None
+    mark = exc.context_mark if scanner else exc.problem_mark or exc.context_mark
+    problem = exc.problem or exc.context or "invalid YAML"
+    if scanner and exc.context:
+        problem = f"{problem} ({exc.context})"
+    if mark is not None and problem.startswith("mapping values are not allowed"):
+        started = _plain_scalar_start(text.splitlines(), mark.line)
+        if started is not None:
+            line, column = started
+            return (
+                f"YAML syntax error at line {line + 1}, column {column + 1}: no ':' after this "
+                f"key, so line {mark.line + 1} reads as its continuation ({problem})"
+            )
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"YAML syntax error at {where}{problem}"
+
+
+def _plain_scalar_start(lines: list[str], line: int) -> tuple[int, int] | None:
+    """The (line, column) where a plain scalar that runs into ``line`` began: the lines just
+    above it, indented at least as deep, with no ``:`` (else None: the error is on ``line``)."""
+    if line >= len(lines):
+        return None
+    indent = len(lines[line]) - len(lines[line].lstrip())
+    start = None
+    for above in range(line - 1, -1, -1):
+        content = lines[above].lstrip()
+        depth = len(lines[above]) - len(content)
+        if not content or ":" in content or content.startswith(("-", "#")) or depth < indent:
+            break
+        start = (above, depth)
+    return start
+
+
 def parse_documents(text: str, path: str) -> ParsedDocuments:
     """Parse a (multi-document) YAML file into validated objects.
 
@@ -59,13 +100,8 @@ def parse_documents(text: str, path: str) -> ParsedDocuments:
     """
     try:
         documents = list(yaml.load_all(text, Loader=_SAFE_LOADER))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise InvalidObject(path, f"YAML syntax error at {where}{problem}") from None
     except yaml.YAMLError as exc:
-        raise InvalidObject(path, f"YAML error: {exc}") from None
+        raise InvalidObject(path, yaml_error_reason(exc, text)) from None
 
     objects: list[dict[str, Any]] = []
     warnings: list[SourceError] = []

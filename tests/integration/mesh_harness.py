@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -59,6 +59,20 @@ BOOKINFO_APPS = (  # pod address, pod name, fail every N-th request (0: never)
 WAYPOINT_PRINCIPAL = "serviceaccount:demo/waypoint"
 
 
+def moved_demo_addresses(config_dir: Path, new: Callable[[], str]) -> dict[str, str]:
+    """A fresh address (``new()``) for every demo address the config directory's YAML uses."""
+    addresses: dict[str, str] = {}
+    for source in sorted(config_dir.glob("*.yaml")):
+        for found in _DEMO_ADDRESS.findall(source.read_text()):
+            addresses.setdefault(found, new())
+    return addresses
+
+
+def rewrite_demo_addresses(text: str, addresses: Mapping[str, str]) -> str:
+    """``text`` with each demo address replaced by its moved one."""
+    return _DEMO_ADDRESS.sub(lambda m: addresses[m.group(0)], text)
+
+
 @dataclass
 class Mesh:
     root: Path
@@ -80,7 +94,7 @@ class Mesh:
         return self.addresses[demo_address]
 
     def rewrite(self, text: str) -> str:
-        return _DEMO_ADDRESS.sub(lambda m: self.addresses[m.group(0)], text)
+        return rewrite_demo_addresses(text, self.addresses)
 
     def write_config_file(self, name: str, text: str) -> Path:
         """Write a YAML file into the watched config directory (demo addresses rewritten)."""
@@ -197,13 +211,9 @@ async def start_mesh(
 ) -> Mesh:
     """Start istiod, both ztunnels and the httpbin apps (HTTP on 8000, TCP echo on 9000)."""
     new = loopback.new  # type: ignore[attr-defined]
-    addresses: dict[str, str] = {}
     config_dir = root / "config"
     config_dir.mkdir(parents=True)
-    for source in sorted(EXAMPLES.glob("*.yaml")):
-        text = source.read_text()
-        for found in _DEMO_ADDRESS.findall(text):
-            addresses.setdefault(found, new())
+    addresses = moved_demo_addresses(EXAMPLES, new)
     tokens = {
         principal: secrets.token_urlsafe(16)
         for principal in ("node-1", "node-2", WAYPOINT_PRINCIPAL)

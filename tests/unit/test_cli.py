@@ -15,7 +15,10 @@ import yaml
 
 from ambient_api import codec, model
 from ambientctl import cli
+from ambientctl.bundled import DEFAULT_KUSTOMIZATION, DEMO_CONFIG_DIR
+from ambientctl.embedded.errors import EmbeddedError
 from ambientctl.ztunnelconfig import (
+    KIND_ALIASES,
     ZtunnelConfigError,
     certificate_rows,
     render_view,
@@ -119,9 +122,27 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--admin-port" in capsys.readouterr().out
 
 
-def test_up_requires_the_config_dir(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["up"]) == 2
-    assert "-f/--file" in capsys.readouterr().err
+def test_up_without_a_config_dir_runs_a_copy_of_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No -f: the shipped demo config, copied once into the state dir for the user to edit."""
+    seen: list[Path] = []
+
+    async def run_embedded(config_dir: Path, *_args: Any, **_kwargs: Any) -> None:
+        seen.append(config_dir)
+        raise EmbeddedError("stop here")
+
+    monkeypatch.setattr(cli, "run_embedded", run_embedded)
+    state = tmp_path / "state"
+    assert cli.main(["up", "--state-dir", str(state)]) == 1
+    assert seen == [state / "config"]
+    assert sorted(p.name for p in (state / "config").glob("*.yaml")) == sorted(
+        p.name for p in DEMO_CONFIG_DIR.glob("*.yaml")
+    )
+    assert f"config: {state / 'config'}" in capsys.readouterr().out
+    (state / "config" / "99-mine.yaml").write_text("# kept\n")
+    assert cli.main(["up", "--state-dir", str(state)]) == 1
+    assert (state / "config" / "99-mine.yaml").exists()  # an existing copy is the user's
 
 
 @pytest.mark.parametrize(
@@ -146,9 +167,18 @@ def test_parser_defaults() -> None:
         "table",
         Path("run"),
     )
-    assert cli.ZTUNNEL_CONFIG_KINDS["workload"] == "workloads"
+    assert (KIND_ALIASES["workload"], KIND_ALIASES["policy"]) == ("workloads", "policies")
     args = cli.build_parser().parse_args(["ztunnel-config", "certificates", "-o", "short"])
     assert args.output == "table"
+
+
+def test_demo_and_install_default_to_the_shipped_files() -> None:
+    """Not paths relative to the current directory: they work from any directory."""
+    assert cli.build_parser().parse_args(["demo"]).config_dir == DEMO_CONFIG_DIR
+    install = cli.build_parser().parse_args(["install"])
+    assert install.kustomize == DEFAULT_KUSTOMIZATION and install.kustomize.is_absolute()
+    assert (DEFAULT_KUSTOMIZATION / "kustomization.yaml").is_file()
+    assert (DEMO_CONFIG_DIR / "01-nodes.yaml").is_file()
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -283,10 +313,79 @@ def test_certificates_header() -> None:
     )
 
 
-def test_json_and_yaml_dump_the_raw_entries() -> None:
+def test_json_and_yaml_use_istioctl_field_names_and_values() -> None:
+    """Scripts written against `istioctl ztunnel-config ... -o json` read ours unchanged."""
     dump = canned_dump()
-    assert json.loads(render_view(dump, "services", "json")) == dump["services"]
-    assert yaml.safe_load(render_view(dump, "policies", "yaml")) == dump["policies"]
+    productpage, sleeper, sick = json.loads(render_view(dump, "workload", "json"))
+    assert productpage["workloadIps"] == ["127.0.20.2"]
+    assert productpage["serviceAccount"] == "bookinfo-productpage"
+    assert productpage["uid"] == "Kubernetes//Pod/bookinfo/productpage-v1"
+    assert (productpage["protocol"], sleeper["protocol"]) == ("HBONE", "TCP")
+    assert (productpage["status"], sick["status"]) == ("Healthy", "Unhealthy")
+    assert productpage["waypoint"]["destination"] == "waypoint.bookinfo.svc.cluster.local"
+    assert "waypoint" not in sleeper
+    assert [key for w in (productpage, sleeper, sick) for key in w if "_" in key] == []
+    (service,) = yaml.safe_load(render_view(dump, "services", "yaml"))
+    assert (service["vips"], service["ports"]) == (["/127.0.30.1"], {"9080": 9080})
+    assert sorted(service["endpoints"]) == [
+        "Kubernetes//Pod/bookinfo/productpage-v1",
+        "Kubernetes//Pod/bookinfo/productpage-v2",
+    ]
+    (policy,) = json.loads(render_view(dump, "policy", "json"))
+    assert (policy["action"], policy["scope"], policy["rules"]) == (
+        "Allow",
+        "WorkloadSelector",
+        [[]],
+    )
+    (certificate,) = json.loads(render_view(dump, "certificates", "json"))
+    assert certificate["certChain"][0]["serialNumber"] == "1a2b"
+
+
+def test_policy_rules_json_as_istio_nests_them() -> None:
+    policy = model.Authorization(
+        name="p",
+        namespace="demo",
+        scope=model.AuthorizationScope.NAMESPACE,
+        action=model.AuthorizationAction.DENY,
+        rules=(
+            model.Rule(
+                clauses=(
+                    model.Clause(
+                        matches=(
+                            model.Match(principals=("cluster.local/ns/demo/sa/sleep", "*")),
+                            model.Match(namespaces=("dev-*",), destination_ports=(8000,)),
+                        )
+                    ),
+                )
+            ),
+        ),
+    )
+    (out,) = json.loads(render_view({"policies": [codec.to_jsonable(policy)]}, "p", "json"))
+    assert (out["action"], out["scope"]) == ("Deny", "Namespace")
+    assert out["rules"] == [
+        [
+            [
+                {"principals": [{"Exact": "cluster.local/ns/demo/sa/sleep"}, {"Presence": {}}]},
+                {"namespaces": [{"Prefix": "dev-"}], "destinationPorts": [8000]},
+            ]
+        ]
+    ]
+
+
+def test_all_shows_every_kind_as_istioctl() -> None:
+    dump = canned_dump()
+    text = render_view(dump, "all", "table")
+    titles = [line for line in text.splitlines() if line.startswith("------")]
+    assert titles == [
+        "------ WORKLOAD INFO ------",
+        "------ SERVICE INFO ------",
+        "------ POLICY INFO ------",
+        "------ SECRET INFO ------",
+    ]
+    assert "productpage-v1" in text and "allow-sleep" in text and "1a2b" in text
+    everything = json.loads(render_view(dump, "all", "json"))
+    assert sorted(everything) == ["certificates", "policies", "services", "workloads"]
+    assert everything["workloads"][0]["workloadIps"] == ["127.0.20.2"]
 
 
 def test_namespace_filter() -> None:

@@ -27,12 +27,13 @@ from hyperframe.frame import (
 )
 
 from ambient_dataplane.hbone import (
+    ConnectHandler,
     ConnectRequest,
     HboneResponder,
     open_hbone_client,
     serve_hbone_tls,
 )
-from ambient_dataplane.hbone.limits import ConnectionLimits
+from ambient_dataplane.hbone.limits import DEFAULT_LIMITS, ConnectionLimits
 from tests.integration.hbone_helpers import HBONE_PORT, TestMesh, echo_handler
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,8 +48,8 @@ def mesh() -> TestMesh:
 
 
 async def _start_server(
-    nursery: trio.Nursery, host: str, mesh: TestMesh, handler=echo_handler,
-    limits: ConnectionLimits = ConnectionLimits(),
+    nursery: trio.Nursery, host: str, mesh: TestMesh, handler: ConnectHandler = echo_handler,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> None:
     await nursery.start(partial(
         trio.serve_tcp,
@@ -245,7 +246,8 @@ async def test_client_without_preface_is_closed_with_goaway(
         frames = await _frames_until_closed(tls)
     assert isinstance(frames[0], SettingsFrame)  # the session had started: our preface
     assert _goaway_codes(frames) == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
-    assert [entry["timeout"] for entry in logs if entry["event"] == "hbone.preface_timeout"] == [0.3]
+    timeouts = [entry["timeout"] for entry in logs if entry["event"] == "hbone.preface_timeout"]
+    assert timeouts == [0.3]
     await _normal_client_is_answered(host, mesh)
 
 

@@ -39,6 +39,7 @@ import h2.settings
 import structlog
 import trio
 
+from ambient_dataplane import memory
 from ambient_dataplane.hbone import framebuffer
 from ambient_dataplane.hbone.goaway import GoawayFilter, GoawayNotice, encode_goaway
 from ambient_dataplane.hbone.limits import (
@@ -215,6 +216,7 @@ class H2Session:
                 self.mark_closed("session cancelled")
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await self.transport.aclose()
+            memory.RELEASER.closed()
 
     def request_write(self) -> None:
         """Hand everything h2 has queued to the transport now (never waits); the writer task
@@ -404,6 +406,12 @@ class H2Session:
             self.last_used = trio.current_time()
             if not self._locally_initiated(stream.stream_id):
                 self._resets.stream_ended()
+            if not self.streams:
+                # h2 drops its closed streams only when it next counts the open ones (a new
+                # stream does): count now, or an idle pooled connection keeps every h2
+                # stream object of its last burst (and the allocator arenas under them).
+                _ = self.conn.open_inbound_streams
+            memory.RELEASER.closed()
             self._signal_streams_changed()
 
     def _signal_streams_changed(self) -> None:

@@ -25,7 +25,7 @@ Being the one place that sees every received frame before h2 does, the buffer al
 two inbound bounds (``limits``): it hands h2 at most ``frames_per_step`` frames per
 ``receive_data`` call (``step_ended`` then says frames may wait: the session yields to other
 tasks and calls ``receive_data(b"")`` for the next step), and it ends the connection
-(DenialOfServiceError, which h2 answers with GOAWAY(ENHANCE_YOUR_CALM)) after more than
+(``InboundFlood``, which h2 answers with GOAWAY(ENHANCE_YOUR_CALM)) after more than
 ``max_empty_frames_in_a_row`` DATA, HEADERS or CONTINUATION frames in a row without payload
 or END_STREAM.
 """
@@ -40,7 +40,7 @@ import h2.frame_buffer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame
 
-from ambient_dataplane.hbone.limits import DEFAULT_LIMITS, ConnectionLimits
+from ambient_dataplane.hbone.limits import DEFAULT_LIMITS, ConnectionLimits, InboundFlood
 
 if TYPE_CHECKING:
     from h2._typing import Buffer  # what h2's add_data takes
@@ -119,7 +119,7 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
             else:
                 self._empty_in_a_row += 1
                 if self._empty_in_a_row > self._max_empty_in_a_row:
-                    raise h2.exceptions.DenialOfServiceError(
+                    raise InboundFlood(
                         f"{self._empty_in_a_row} frames in a row without payload "
                         f"(limit {self._max_empty_in_a_row})"
                     )

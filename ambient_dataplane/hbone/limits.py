@@ -21,6 +21,7 @@ import collections
 from dataclasses import dataclass
 
 import h2.connection
+import h2.exceptions
 from hyperframe.frame import Frame, PingFrame, RstStreamFrame, SettingsFrame
 
 _MIB = 1024 * 1024
@@ -65,6 +66,11 @@ class ConnectionLimits:
 
 
 DEFAULT_LIMITS = ConnectionLimits()
+
+
+class InboundFlood(h2.exceptions.DenialOfServiceError):
+    """The peer sent frames past an inbound bound: h2 answers it with
+    GOAWAY(ENHANCE_YOUR_CALM), as it does its own DenialOfServiceError."""
 
 _CONTROL_FRAMES = (PingFrame, SettingsFrame, RstStreamFrame)
 

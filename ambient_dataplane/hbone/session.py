@@ -47,6 +47,7 @@ from ambient_dataplane.hbone.limits import (
     UNSENT_LIMIT,
     ConnectionLimits,
     CountingConnection,
+    InboundFlood,
     OutboundBacklog,
     PrematureResets,
 )
@@ -489,14 +490,16 @@ class H2Session:
         while True:
             try:
                 events = self.conn.receive_data(data)
-            except h2.exceptions.DenialOfServiceError as exc:
-                self.log.warning("hbone.enhance_your_calm", reason=str(exc),
-                                 streams=len(self.streams))
-                await self._end_on_protocol_error(f"enhance your calm: {exc}")
-                return False
             except h2.exceptions.ProtocolError as exc:
-                self.log.warning("hbone.protocol_error", error=str(exc) or type(exc).__name__)
-                await self._end_on_protocol_error(f"protocol error: {exc or type(exc).__name__}")
+                if isinstance(exc, InboundFlood):
+                    self.log.warning("hbone.enhance_your_calm", reason=str(exc),
+                                     streams=len(self.streams))
+                    reason = f"enhance your calm: {exc}"
+                else:
+                    self.log.warning("hbone.protocol_error", error=str(exc) or type(exc).__name__)
+                    reason = f"protocol error: {exc or type(exc).__name__}"
+                await self.flush_quietly()  # h2 queued a GOAWAY naming the error
+                self.mark_closed(reason)
                 return False
             if not await self._handle_events(events, None):
                 return False
@@ -507,10 +510,6 @@ class H2Session:
             if self.is_closed:
                 return False
             data = b""
-
-    async def _end_on_protocol_error(self, reason: str) -> None:
-        await self.flush_quietly()  # h2 queued a GOAWAY naming the error
-        self.mark_closed(reason)
 
     async def _handle_events(
         self, events: list[h2.events.Event], goaway: GoawayNotice | None

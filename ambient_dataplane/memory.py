@@ -5,9 +5,11 @@ reference cycles (its trio tasks and coroutines, cancelled frames and their trac
 session and its streams) that only the cyclic collector frees. The collector runs when
 allocations pass its thresholds, so a proxy that goes quiet after a burst keeps that garbage,
 and the pymalloc arenas under it, for as long as it stays quiet: measured with 5000 idle
-tunnels through two ztunnels, RSS went 58 -> 140 MiB and stayed there; one full collection
-gave 30-60 MiB back and glibc's ``malloc_trim(0)`` another 10 (docs/architecture.md,
-"Hostile peers"). ``malloc_trim`` alone frees almost nothing: the memory sits in arenas.
+tunnels through two ztunnels, RSS went 58 -> 140 MiB and stayed there once their connections
+had closed too; one full collection and glibc's ``malloc_trim(0)`` brought it to 105-120
+MiB, and to 62-65 MiB under ``PYTHONMALLOC=malloc``, where the trim reaches pages instead of
+pymalloc's arenas (docs/architecture.md, "Hostile peers"). ``malloc_trim`` alone frees
+almost nothing: the garbage is still there.
 
 So every stream and connection that ends tells ``RELEASER``; after ``closes_before_release``
 of them, once none ended for ``quiet_period`` (the burst is over, the collection cannot slow

@@ -87,6 +87,7 @@ class TlsStream(trio.abc.Stream):
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self._unsent = bytearray()  # ciphertext the socket has not taken yet
+        self._bytes_sent = 0  # ciphertext the socket took, ever
         self._broken: BaseException | None = None
         self._closed = False
         self._socket_drained = False  # the last read took all the socket had
@@ -108,6 +109,11 @@ class TlsStream(trio.abc.Stream):
     def pending(self) -> int:
         """Ciphertext bytes written but not yet taken by the socket."""
         return len(self._unsent)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Ciphertext bytes the socket took since the stream was made."""
+        return self._bytes_sent
 
     # -- handshake ---------------------------------------------------------------------------
     async def do_handshake(self) -> None:
@@ -252,9 +258,11 @@ class TlsStream(trio.abc.Stream):
         """What the socket takes of ``data`` now, without waiting."""
         self._check_usable()
         try:
-            return write_nowait(self._fd, data)
+            written = write_nowait(self._fd, data)
         except OSError as exc:
             self._fail(exc)
+        self._bytes_sent += written
+        return written
 
     # -- closing -----------------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -2,10 +2,10 @@
 
 Sans-IO rules: ``protocol`` (CONNECT requests), ``request_headers`` (RFC 9113 header blocks,
 also the waypoint's HTTP/2), ``goaway`` (graceful drain around h2), ``errors`` (one hierarchy
-with status hints). Trio drivers: ``session`` (one h2 connection, composed by its owners),
-``stream`` (one HTTP/2 stream as a trio stream), ``client``/``server`` (the two HBONE ends),
-``splice`` (a tunnel piped to a socket), ``pool`` (client connections by peer). Everything
-public but the pool is re-exported here.
+with status hints), ``limits`` (what one peer may cost us). Trio drivers: ``session`` (one h2
+connection, composed by its owners), ``stream`` (one HTTP/2 stream as a trio stream),
+``client``/``server`` (the two HBONE ends), ``splice`` (a tunnel piped to a socket), ``pool``
+(client connections by peer). Everything public but the pool is re-exported here.
 """
 
 from ambient_dataplane.hbone.client import (
@@ -21,6 +21,7 @@ from ambient_dataplane.hbone.errors import (
     HboneRejection,
     MalformedHeaders,
 )
+from ambient_dataplane.hbone.limits import DEFAULT_LIMITS, ConnectionLimits
 from ambient_dataplane.hbone.protocol import (
     CONNECTION_WINDOW,
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -49,6 +50,7 @@ from ambient_dataplane.hbone.stream import HboneStream
 
 __all__ = [
     "CONNECTION_WINDOW",
+    "DEFAULT_LIMITS",
     "DEFAULT_MAX_CONCURRENT_STREAMS",
     "MAX_FRAME_SIZE",
     "REASON_HEADER",
@@ -56,6 +58,7 @@ __all__ = [
     "ConnectHandler",
     "ConnectRequest",
     "ConnectionInfo",
+    "ConnectionLimits",
     "HboneClient",
     "HboneConnectError",
     "HboneError",

@@ -20,6 +20,14 @@ hex-encodes all of it (up to 1 MiB a frame) to keep 20 characters. Profiling put
 of a receiving ztunnel's CPU under bulk load (docs/benchmarks.md). So, once this module is
 imported (the session imports it), a DATA frame describes itself by its length; the repr is
 only ever for debugging.
+
+Being the one place that sees every received frame before h2 does, the buffer also enforces
+two inbound bounds (``limits``): it hands h2 at most ``frames_per_step`` frames per
+``receive_data`` call (``step_ended`` then says frames may wait: the session yields to other
+tasks and calls ``receive_data(b"")`` for the next step), and it ends the connection
+(``InboundFlood``, which h2 answers with GOAWAY(ENHANCE_YOUR_CALM)) after more than
+``max_empty_frames_in_a_row`` DATA, HEADERS or CONTINUATION frames in a row without payload
+or END_STREAM.
 """
 
 from __future__ import annotations
@@ -30,13 +38,16 @@ import h2.connection
 import h2.exceptions
 import h2.frame_buffer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, HeadersFrame
+
+from ambient_dataplane.hbone.limits import DEFAULT_LIMITS, ConnectionLimits, InboundFlood
 
 if TYPE_CHECKING:
     from h2._typing import Buffer  # what h2's add_data takes
 
 _HEADER_SIZE = 9
 _EMPTY = memoryview(b"")
+_PAYLOAD_FRAMES = frozenset({DataFrame, HeadersFrame, ContinuationFrame})
 
 
 class FrameBuffer(h2.frame_buffer.FrameBuffer):
@@ -46,14 +57,24 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
     it stay valid); ``_pending`` holds the start of a frame that continues in a later chunk.
     """
 
-    def __init__(self, server: bool = False) -> None:
+    def __init__(self, server: bool = False, limits: ConnectionLimits = DEFAULT_LIMITS) -> None:
         super().__init__(server=server)
         self._view = _EMPTY
         self._pending: list[memoryview] = []
         self._pending_size = 0
         self._pending_frame_size = 0  # once its header is in
+        self._frames_per_step = limits.frames_per_step
+        self._frames_left = limits.frames_per_step
+        self.step_ended = False  # the last step used its whole budget: frames may wait
+        self._max_empty_in_a_row = limits.max_empty_frames_in_a_row
+        self._empty_in_a_row = 0
 
     def add_data(self, data: Buffer) -> None:
+        """Buffer ``data`` and start a new step (b"": only the step, for what is buffered)."""
+        self._frames_left = self._frames_per_step
+        self.step_ended = False
+        if not data:
+            return
         if self._preamble_len:
             # h2's check of the client preface; what follows it lands in h2's bytearray.
             super().add_data(data)
@@ -68,6 +89,10 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
 
     def __next__(self) -> Frame:
         while True:
+            if not self._frames_left:
+                self.step_ended = True
+                raise StopIteration
+            self._frames_left -= 1
             frame = self._update_header_buffer(self._next_frame())
             if frame is not None:
                 return frame
@@ -88,6 +113,16 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
             raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
         except InvalidFrameError as err:
             raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+        if frame.__class__ in _PAYLOAD_FRAMES:
+            if frame.data or "END_STREAM" in frame.flags:  # type: ignore[attr-defined]
+                self._empty_in_a_row = 0
+            else:
+                self._empty_in_a_row += 1
+                if self._empty_in_a_row > self._max_empty_in_a_row:
+                    raise InboundFlood(
+                        f"{self._empty_in_a_row} frames in a row without payload "
+                        f"(limit {self._max_empty_in_a_row})"
+                    )
         return frame
 
     def _frame_size(self, header: memoryview) -> int:
@@ -126,9 +161,13 @@ class FrameBuffer(h2.frame_buffer.FrameBuffer):
         return raw
 
 
-def install(conn: h2.connection.H2Connection) -> None:
+def install(
+    conn: h2.connection.H2Connection, limits: ConnectionLimits = DEFAULT_LIMITS
+) -> FrameBuffer:
     """Use FrameBuffer for ``conn``'s received bytes (call before any are received)."""
-    conn.incoming_buffer = FrameBuffer(server=not conn.config.client_side)
+    buffer = FrameBuffer(server=not conn.config.client_side, limits=limits)
+    conn.incoming_buffer = buffer
+    return buffer
 
 
 def _data_frame_repr(frame: DataFrame) -> str:

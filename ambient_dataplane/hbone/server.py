@@ -5,6 +5,12 @@ ActiveConnections that tracks the serving task), a connection answers its start 
 GOAWAY(NO_ERROR): the tunnels already open run to completion, CONNECTs the client sent after it
 are refused with REFUSED_STREAM (the client's pool retries them on a new connection), and the
 connection closes as soon as it has no tunnel left, so an idle pooled connection ends at once.
+
+Hostile clients (``ConnectionLimits``, besides the session's own bounds): the client's preface
+must arrive within ``preface_timeout`` of the handshake (else GOAWAY(PROTOCOL_ERROR)), and a
+connection without tunnels for ``idle_timeout`` is drained like above. A CONNECT the client
+resets before the handler answered costs little: its handler does not start if the reset came
+in the same read, and is cancelled at once otherwise (no upstream connect left running).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import trio
 from ambient_api.identity import SpiffeId
 from ambient_dataplane.drain import Drain, current_drain
 from ambient_dataplane.hbone.errors import HboneRejection
+from ambient_dataplane.hbone.limits import DEFAULT_LIMITS, ConnectionLimits
 from ambient_dataplane.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
@@ -90,6 +97,8 @@ class HboneResponder:
         if self._stream.broken_reason is not None:
             raise trio.BrokenResourceError(self._stream.broken_reason)
         self.status = status
+        self._stream.answered = True
+        self._stream.cancel_when_broken(None)  # the tunnel's own code handles breaks now
         self._session.conn.send_headers(
             self._stream.stream_id,
             [(name.encode(), value.encode()) for name, value in headers],
@@ -111,10 +120,11 @@ class _ServerConnection:
         nursery: trio.Nursery,
         connection: ConnectionInfo,
         max_concurrent_streams: int,
+        limits: ConnectionLimits,
     ) -> None:
         self.session = H2Session(
             transport, client_side=False, max_concurrent_streams=max_concurrent_streams,
-            on_request=self._on_request,
+            on_request=self._on_request, limits=limits,
         )
         self._connection = connection
         self._handler = handler
@@ -157,9 +167,17 @@ class _ServerConnection:
 
     async def _run_handler(self, request: ConnectRequest, stream: HboneStream) -> None:
         session = self.session
+        if stream.broken_reason is not None:
+            # Reset in the read that opened it (a rapid reset): no handler, no upstream.
+            await stream.aclose()
+            return
         responder = HboneResponder(session, stream, self._connection)
         try:
-            await self._handler(request, responder)
+            with trio.CancelScope() as unanswered:
+                stream.cancel_when_broken(unanswered)  # until the answer (see _respond)
+                await self._handler(request, responder)
+            if unanswered.cancelled_caught:
+                session.log.debug("hbone.stream_reset_before_answer", stream=stream.stream_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.log.debug("hbone.stream_broken", stream=stream.stream_id, error=str(exc))
         except Exception:
@@ -180,9 +198,11 @@ async def serve_hbone(
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     connection: ConnectionInfo | None = None,
     drain: Drain | None = None,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> None:
     """Serve HBONE on an established (TLS) stream until the peer goes away, or until a drain
-    finished it (GOAWAY, then closed once the last tunnel ended).
+    finished it (GOAWAY, then closed once the last tunnel ended); ``limits`` bound what the
+    client may cost (the defaults are Envoy's where it has one).
 
     ``drain`` defaults to ``current_drain()``: the drain of the ActiveConnections that tracks
     this connection, so listeners need not pass it through. Peer faults (garbage, protocol
@@ -193,7 +213,10 @@ async def serve_hbone(
         drain = current_drain()
     info = connection or ConnectionInfo()
     async with trio.open_nursery() as nursery:
-        session = _ServerConnection(stream, handler, nursery, info, max_concurrent_streams).session
+        session = _ServerConnection(
+            stream, handler, nursery, info, max_concurrent_streams, limits
+        ).session
+        nursery.start_soon(_close_when_silent, session, limits)
         if drain is not None and drain.started:
             # Before the first read: a CONNECT already on the wire is then refused, never run.
             session.begin_drain()
@@ -214,6 +237,34 @@ async def serve_hbone(
 async def _drain_when_told(session: H2Session, drain: Drain) -> None:
     await drain.wait()
     session.begin_drain()
+
+
+async def _close_when_silent(session: H2Session, limits: ConnectionLimits) -> None:
+    """Close a connection whose client never sent its preface; drain one left idle.
+
+    An mTLS handshake proves who the client is, not that it will use what it opened: without
+    these, each connection a client opens and forgets holds a socket and its buffers until
+    the client leaves. PINGs do not count as use (as in Envoy)."""
+    with trio.move_on_after(limits.preface_timeout):
+        await session.preface_received.wait()
+    if not session.preface_received.is_set():
+        if not session.is_closed:
+            session.log.info("hbone.preface_timeout", timeout=limits.preface_timeout)
+            await session.close(
+                h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                debug=f"no HTTP/2 preface within {limits.preface_timeout}s",
+            )
+        return
+    while not session.is_closed and not session.draining:
+        deadline = session.last_used + limits.idle_timeout
+        if trio.current_time() >= deadline:
+            if not session.streams:
+                session.log.info("hbone.idle_timeout", timeout=limits.idle_timeout)
+                session.begin_drain()
+                return
+            deadline = trio.current_time() + limits.idle_timeout  # busy: look again later
+        with trio.move_on_at(deadline):
+            await session.closed_event.wait()
 
 
 async def accept_tls(
@@ -248,9 +299,10 @@ async def serve_hbone_tls(
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
     handshake_timeout: float = _HANDSHAKE_TIMEOUT,
     drain: Drain | None = None,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> None:
     """A trio.serve_tcp handler: mTLS handshake, identity checks, then serve_hbone (``drain``
-    as there).
+    and ``limits`` as there).
 
     Never raises for anything the peer does; refused handshakes are logged with the reason.
     """
@@ -269,6 +321,7 @@ async def serve_hbone_tls(
         await serve_hbone(
             tls, handler, max_concurrent_streams=max_concurrent_streams,
             connection=ConnectionInfo(identity, peer_address, local_address), drain=drain,
+            limits=limits,
         )
     except Exception:
         # Only a bug can get here; it must not take the listener (and every peer) down.

@@ -10,13 +10,19 @@ callback: the response head to its CONNECT lands on the stream it opened.
 All h2 state changes are synchronous. What h2 queues is handed to the transport at once,
 without awaiting (``TlsStream.send_nowait`` encrypts and writes what the socket takes, so a
 1 KB request costs no task switch); only what the socket does not take yet waits for the
-writer task, and a sender waits for it (backpressure) once more than ``_UNSENT_LIMIT`` bytes
+writer task, and a sender waits for it (backpressure) once more than ``UNSENT_LIMIT`` bytes
 are unsent. The reader never waits for writes itself: if both peers' readers could block on
 full TCP buffers, neither would drain the other and the connection would deadlock under bulk
 transfer both ways.
 
 Graceful drain goes around h2 (``goaway``); either side closes the connection once it is
 draining and its last stream has ended.
+
+A hostile peer is held to ``limits`` (``ConnectionLimits``): the reader hands h2 a bounded
+number of frames per step and yields between steps, what we queued for a peer that does not
+read is bounded (``OutboundBacklog``), and so are the streams it resets before an answer
+(``PrematureResets``); a peer past a bound gets GOAWAY(ENHANCE_YOUR_CALM) and loses the
+connection (log event ``hbone.enhance_your_calm``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -34,8 +39,18 @@ import h2.settings
 import structlog
 import trio
 
+from ambient_dataplane import memory
 from ambient_dataplane.hbone import framebuffer
 from ambient_dataplane.hbone.goaway import GoawayFilter, GoawayNotice, encode_goaway
+from ambient_dataplane.hbone.limits import (
+    DEFAULT_LIMITS,
+    UNSENT_LIMIT,
+    ConnectionLimits,
+    CountingConnection,
+    InboundFlood,
+    OutboundBacklog,
+    PrematureResets,
+)
 from ambient_dataplane.hbone.protocol import CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW
 from ambient_dataplane.hbone.stream import HboneStream
 from ambient_dataplane.tls import TlsStream, describe_tls_error
@@ -43,10 +58,8 @@ from ambient_dataplane.tls import TlsStream, describe_tls_error
 log = structlog.get_logger()
 
 _READ_SIZE = 256 * 1024
-# A sender returns once its bytes are handed to the transport while at most this much of the
-# connection's output is still unsent; beyond it, it waits for the socket (backpressure).
-_UNSENT_LIMIT = 256 * 1024
 _CLOSE_TIMEOUT = 1.0
+_GOAWAY_DEBUG_SIZE = 256
 _DEFAULT_WINDOW = 65535
 # A drained server waits this long for the client to close first (ours does as soon as it has
 # read the GOAWAY and its last stream ended): closing with the peer's frames still unread
@@ -63,6 +76,9 @@ class _Sender(Protocol):
     @property
     def pending(self) -> int: ...
 
+    @property
+    def bytes_sent(self) -> int: ...
+
     def send_nowait(self, data: bytes) -> None: ...
 
     async def flush(self) -> None: ...
@@ -76,10 +92,15 @@ class _QueuedSender:
         self._stream = stream
         self._queue = bytearray()
         self._in_flight = 0
+        self._bytes_sent = 0
 
     @property
     def pending(self) -> int:
         return len(self._queue) + self._in_flight
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
 
     def send_nowait(self, data: bytes) -> None:
         self._queue += data
@@ -91,6 +112,7 @@ class _QueuedSender:
             self._in_flight = len(data)
             try:
                 await self._stream.send_all(data)
+                self._bytes_sent += len(data)
             finally:
                 self._in_flight = 0
 
@@ -114,6 +136,7 @@ class H2Session:
         client_side: bool,
         max_concurrent_streams: int,
         on_request: RequestReceiver | None = None,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
     ) -> None:
         config = h2.config.H2Configuration(
             client_side=client_side,
@@ -122,7 +145,7 @@ class H2Session:
             # costs one stream, not the whole connection.
             validate_inbound_headers=client_side,
         )
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = CountingConnection(config=config)
         self.conn.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -133,7 +156,12 @@ class H2Session:
             },
         )
         self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
-        framebuffer.install(self.conn)  # one copy of each received frame, not three
+        # One copy of each received frame, not three; and the inbound limits.
+        self._incoming = framebuffer.install(self.conn, limits)
+        self._backlog = OutboundBacklog(limits)
+        self._control_frames_handed = 0  # of conn.control_frames_queued
+        self._resets = PrematureResets(limits)
+        self.preface_received = trio.Event()  # the peer's first SETTINGS arrived
         self.client_side = client_side
         self.transport = transport
         self._on_request = on_request
@@ -189,6 +217,7 @@ class H2Session:
                 self.mark_closed("session cancelled")
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await self.transport.aclose()
+            memory.RELEASER.closed()
 
     def request_write(self) -> None:
         """Hand everything h2 has queued to the transport now (never waits); the writer task
@@ -198,16 +227,51 @@ class H2Session:
     def _send_now(self, data: bytes) -> None:
         if self.is_closed:
             return
+        sender = self._sender
         if data:
             try:
-                self._sender.send_nowait(data)
+                sender.send_nowait(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.mark_closed(f"transport failed while sending: {describe_tls_error(exc)}")
                 return
-        if self._sender.pending:
+        unsent = sender.pending
+        if unsent:
             self._write_wanted.set()
+        queued = self.conn.control_frames_queued
+        overflow = self._backlog.record(
+            sent=sender.bytes_sent, unsent=unsent,
+            control_frames=queued - self._control_frames_handed,
+        )
+        self._control_frames_handed = queued
+        if overflow is not None:
+            self._enhance_your_calm(overflow)
 
-    async def flush(self, limit: int = _UNSENT_LIMIT) -> None:
+    @property
+    def unsent(self) -> int:
+        """Bytes handed to the transport that the socket has not taken yet."""
+        return self._sender.pending
+
+    def _enhance_your_calm(self, reason: str) -> None:
+        """The peer crossed a limit: GOAWAY(ENHANCE_YOUR_CALM), handed to the transport
+        without waiting (a peer that does not read must not hold us), and the connection
+        ends now."""
+        if self.is_closed:
+            return
+        self.log.warning("hbone.enhance_your_calm", reason=reason,
+                         streams=len(self.streams))
+        self.mark_closed(f"enhance your calm: {reason}")
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.close_connection(
+                error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                additional_data=reason.encode()[:_GOAWAY_DEBUG_SIZE],
+                last_stream_id=self.goaway_sent_last_stream_id,
+            )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self._sender.send_nowait(self.conn.data_to_send())
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    async def flush(self, limit: int = UNSENT_LIMIT) -> None:
         """Hand h2's bytes to the transport and wait while more than ``limit`` bytes of the
         connection's output are unsent (backpressure); raises BrokenResourceError once the
         connection is gone."""
@@ -333,14 +397,22 @@ class H2Session:
     def new_stream(self, stream_id: int) -> HboneStream:
         """The stream for ``stream_id``, registered: a request the server received (from
         ``on_request``), or a request the client has just sent the headers of."""
-        stream = HboneStream(self, stream_id)
-        self.streams[stream_id] = stream
         self.last_used = trio.current_time()
+        stream = HboneStream(self, stream_id, opened_at=self.last_used)
+        self.streams[stream_id] = stream
         return stream
 
     def release(self, stream: HboneStream) -> None:
         if self.streams.pop(stream.stream_id, None) is not None:
             self.last_used = trio.current_time()
+            if not self._locally_initiated(stream.stream_id):
+                self._resets.stream_ended()
+            if not self.streams:
+                # h2 drops its closed streams only when it next counts the open ones (a new
+                # stream does): count now, or an idle pooled connection keeps every h2
+                # stream object of its last burst (and the allocator arenas under them).
+                _ = self.conn.open_inbound_streams
+            memory.RELEASER.closed()
             self._signal_streams_changed()
 
     def _signal_streams_changed(self) -> None:
@@ -352,8 +424,10 @@ class H2Session:
         error_code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR,
         *,
         half_close: bool = False,
+        debug: str = "",
     ) -> None:
-        """Send GOAWAY (if still possible) and close the transport.
+        """Send GOAWAY (if still possible; ``debug`` is its debug data, and the close reason)
+        and close the transport.
 
         ``half_close``: end our direction of the transport (send_eof) after the GOAWAY, for a
         transport that is itself a tunnel (a waypoint's HTTP/2 inside HBONE): its clean end.
@@ -362,7 +436,8 @@ class H2Session:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 # After a drain GOAWAY the last stream id must not grow (RFC 9113 6.8).
                 self.conn.close_connection(
-                    error_code=error_code, last_stream_id=self.goaway_sent_last_stream_id
+                    error_code=error_code, additional_data=debug.encode() or None,
+                    last_stream_id=self.goaway_sent_last_stream_id,
                 )
             await self.flush_quietly()
             if half_close and isinstance(self.transport, trio.abc.HalfCloseableStream):
@@ -374,7 +449,7 @@ class H2Session:
                     ),
                 ):
                     await self.transport.send_eof()
-            self.mark_closed("closed locally")
+            self.mark_closed(f"closed locally: {debug}" if debug else "closed locally")
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
             await self.transport.aclose()
 
@@ -404,19 +479,49 @@ class H2Session:
             self.request_write()
 
     async def _receive(self, piece: bytes | bytearray | GoawayNotice) -> bool:
-        """Give h2 bytes (or act on a GOAWAY kept from it); False if that ended the session."""
+        """Give h2 bytes (or act on a GOAWAY kept from it); False if that ended the session.
+
+        h2 gets the frames in steps of ``frames_per_step``; between steps the reader hands
+        the answers so far to the transport and yields, so one peer's flood of small frames
+        cannot hold every other connection's task."""
+        if isinstance(piece, GoawayNotice):
+            return await self._handle_events([], piece)
+        data: bytes | bytearray = piece
+        while True:
+            try:
+                events = self.conn.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                if isinstance(exc, InboundFlood):
+                    self.log.warning("hbone.enhance_your_calm", reason=str(exc),
+                                     streams=len(self.streams))
+                    reason = f"enhance your calm: {exc}"
+                else:
+                    self.log.warning("hbone.protocol_error", error=str(exc) or type(exc).__name__)
+                    reason = f"protocol error: {exc or type(exc).__name__}"
+                await self.flush_quietly()  # h2 queued a GOAWAY naming the error
+                self.mark_closed(reason)
+                return False
+            if not await self._handle_events(events, None):
+                return False
+            if not self._incoming.step_ended:
+                return True
+            self.request_write()
+            await trio.lowlevel.checkpoint()
+            if self.is_closed:
+                return False
+            data = b""
+
+    async def _handle_events(
+        self, events: list[h2.events.Event], goaway: GoawayNotice | None
+    ) -> bool:
+        """Act on one step's events; False if that ended the session."""
         try:
-            events = [] if isinstance(piece, GoawayNotice) else self.conn.receive_data(piece)
-        except h2.exceptions.ProtocolError as exc:
-            self.log.warning("hbone.protocol_error", error=str(exc) or type(exc).__name__)
-            await self.flush_quietly()  # h2 queued a GOAWAY naming the error
-            self.mark_closed(f"protocol error: {exc or type(exc).__name__}")
-            return False
-        try:
-            if isinstance(piece, GoawayNotice):
-                self._on_goaway(piece)
+            if goaway is not None:
+                self._on_goaway(goaway)
             for event in events:
                 self._handle_event(event)
+                if self.is_closed:
+                    return False
         except Exception as exc:
             # A bug of ours must cost this connection only, never the listener.
             self.log.exception("hbone.internal_error")
@@ -440,7 +545,10 @@ class H2Session:
                 if padding:
                     self.acknowledge(event.stream_id, padding)
                 stream._on_data(event.data or b"")
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._wake_window_waiters()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self.preface_received.set()
             self._wake_window_waiters()
         elif isinstance(event, h2.events.RequestReceived):
             if self._on_request is not None:
@@ -461,6 +569,12 @@ class H2Session:
                     stream.refused = True
                 stream._on_broken(f"stream reset by peer ({_code_name(event.error_code)})")
                 self._wake_window_waiters()
+                if (not stream.answered and not self._locally_initiated(stream.stream_id)
+                        and trio.current_time() - stream.opened_at
+                        <= self._resets.min_lifetime):
+                    too_many = self._resets.reset_early()
+                    if too_many is not None:
+                        self._enhance_your_calm(too_many)
         elif isinstance(event, h2.events.ConnectionTerminated):
             # A GOAWAY that reached h2 (an error one, or any on the server side): h2 cannot
             # keep using a connection after it, so in-flight streams end too.

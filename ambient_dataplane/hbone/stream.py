@@ -16,6 +16,8 @@ import h2.errors
 import h2.exceptions
 import trio
 
+from ambient_dataplane.hbone.limits import MAX_DATA_FRAME, UNSENT_LIMIT
+
 if TYPE_CHECKING:
     from ambient_dataplane.hbone.session import H2Session
 
@@ -27,9 +29,13 @@ class HboneStream(trio.abc.HalfCloseableStream):
     """One HTTP/2 stream, mostly a CONNECT tunnel: DATA frames both ways, END_STREAM as
     half-close."""
 
-    def __init__(self, session: H2Session, stream_id: int) -> None:
+    def __init__(self, session: H2Session, stream_id: int, *, opened_at: float) -> None:
         self._session = session
         self.stream_id = stream_id
+        self.opened_at = opened_at  # trio.current_time()
+        # Our response head went out (a server's stream): a reset after it is no rapid reset.
+        self.answered = False
+        self._break_scope: trio.CancelScope | None = None
         self.response_headers: Sequence[tuple[bytes, bytes]] = ()
         self._inbound: collections.deque[bytes] = collections.deque()
         self._inbound_changed = trio.Event()
@@ -90,8 +96,17 @@ class HboneStream(trio.abc.HalfCloseableStream):
     def _on_broken(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason
+        if self._break_scope is not None:
+            self._break_scope.cancel()
         self._session.release(self)
         self._signal()
+
+    def cancel_when_broken(self, scope: trio.CancelScope | None) -> None:
+        """Cancel ``scope`` as soon as the stream breaks (at once if it has), until called
+        with None: a server stops working on a request the peer reset before the answer."""
+        self._break_scope = scope
+        if scope is not None and self._broken is not None:
+            scope.cancel()
 
     # -- a client's request ------------------------------------------------------------------
     async def receive_response_headers(self) -> Sequence[tuple[bytes, bytes]]:
@@ -109,8 +124,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             self._check_sendable()
+            session = self._session
+            if session.unsent > UNSENT_LIMIT:
+                await session.flush()  # others filled the transport: wait before adding
             view = memoryview(data).cast("B")
-            conn = self._session.conn
+            conn = session.conn
+            queued = 0  # since the last flush
             while view:
                 self._check_sendable()
                 try:
@@ -118,15 +137,20 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 except h2.exceptions.StreamClosedError:
                     self._on_broken("stream closed by peer")
                     raise trio.BrokenResourceError(self._broken) from None
-                size = min(window, conn.max_outbound_frame_size, len(view))
+                size = min(window, conn.max_outbound_frame_size, MAX_DATA_FRAME, len(view))
                 if size <= 0:
-                    opened = self._session.window_event()
-                    await self._session.flush()
+                    opened = session.window_event()
+                    await session.flush()
+                    queued = 0
                     await opened.wait()
                     continue
                 conn.send_data(self.stream_id, bytes(view[:size]))
                 view = view[size:]
-            await self._session.flush()
+                queued += size
+                if queued >= UNSENT_LIMIT and view:
+                    await session.flush()  # a large write waits for the socket as it goes
+                    queued = 0
+            await session.flush()
         finally:
             self._sending = False
 

@@ -365,3 +365,30 @@ async def test_stream_reset_by_client_is_seen_by_handler(
             await done.wait()
         assert outcome and "CANCEL" in outcome[0]
         assert client.active_streams == 0
+
+
+async def test_idle_connection_keeps_no_h2_stream_state(
+    mesh: TestMesh, loopback, nursery: trio.Nursery
+) -> None:
+    """h2 forgets closed streams only when it next counts open ones: the session makes it
+    do so when its last stream ends, so an idle pooled connection holds no stream objects."""
+    host = loopback.new()
+    sessions = []
+
+    async def handler(request: ConnectRequest, responder: HboneResponder) -> None:
+        sessions.append(responder._session)
+        await echo_handler(request, responder)
+
+    await start_hbone_server(nursery, host, mesh.server_ctx, handler)
+    async with open_hbone_client(host, HBONE_PORT, mesh.client_ctx, mesh.server_id) as client:
+        for _ in range(5):
+            tunnel = await client.open_stream("127.0.0.1:80")
+            await tunnel.send_all(b"x")
+            await tunnel.send_eof()
+            assert await receive_all(tunnel) == b"x"
+            await tunnel.aclose()
+        with trio.fail_after(2):
+            while sessions[-1].streams:
+                await trio.sleep(0.01)
+        assert client._session.conn.streams == {}
+        assert sessions[-1].conn.streams == {}

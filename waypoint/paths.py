@@ -82,6 +82,9 @@ def policy_path(target: str) -> str:
 def _normalized_path(path: str, mode: PathNormalization) -> str:
     if not _RAW_PATH_CHARACTER.fullmatch(path):
         raise PathRejected("the path contains a character that must be percent-encoded")
+    if (path.startswith("/") and "%" not in path and "\\" not in path and "/." not in path
+            and (mode is PathNormalization.BASE or "//" not in path)):
+        return path  # nothing to decode, no dot segment, no slash to merge: already normal
     path = _decode_escapes(path, decode_slashes=mode is PathNormalization.DECODE_AND_MERGE_SLASHES)
     path = _remove_dot_segments("/" + path.replace("\\", "/").removeprefix("/"))
     if mode is not PathNormalization.BASE:

@@ -10,6 +10,7 @@ from functools import partial
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h11
 import pytest
@@ -485,3 +486,82 @@ async def test_h2_idle_close_sends_goaway(loopback, nursery: trio.Nursery) -> No
     await client.pump_until(lambda: client.terminated is not None)
     assert client.terminated is not None
     assert client.terminated.error_code == 0
+
+
+async def test_h2_reset_before_the_answer_cancels_the_handler(
+    loopback, nursery: trio.Nursery
+) -> None:
+    """A client's RST_STREAM ends the work for that request at once; other streams go on."""
+    host = loopback.new()
+    started, cancelled = trio.Event(), trio.Event()
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        if request.path == "/ok":
+            return HttpResponse(200, (), b"fine")
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await serve_http(stream, handler)
+
+    await nursery.start(partial(trio.serve_tcp, on_connection, PORT, host=host))
+    client = H2Client(await trio.open_tcp_stream(host, PORT))
+    await client.start()
+    slow = await client.request("GET", "/slow")
+    with trio.fail_after(5):
+        await started.wait()
+    client.conn.reset_stream(slow)
+    await client.flush()
+    with trio.fail_after(5):
+        await cancelled.wait()
+    fine = await client.request("GET", "/ok")
+    await client.pump_until(client.all_done([fine]))
+    assert client.responses[fine]["body"] == b"fine"
+    assert client.terminated is None
+
+
+async def test_h2_rapid_reset_gets_enhance_your_calm(loopback, nursery: trio.Nursery) -> None:
+    """CVE-2023-44487 against the waypoint: requests reset before their answer count as
+    premature, and past the session's bound the connection is told ENHANCE_YOUR_CALM."""
+    host = loopback.new()
+    handled: list[str] = []
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        handled.append(request.path)
+        await trio.sleep(10)
+        return HttpResponse(200)
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await serve_http(stream, handler)
+
+    await nursery.start(partial(trio.serve_tcp, on_connection, PORT, host=host))
+    client = H2Client(await trio.open_tcp_stream(host, PORT))
+    await client.start()
+    for _ in range(1500):  # bounded: far past Envoy's 500-stream rule
+        if client.terminated is not None or client.conn.state_machine.state.name == "CLOSED":
+            break
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [(":method", "GET"), (":scheme", "http"),
+                                             (":authority", "svc:80"), (":path", "/x")],
+                                 end_stream=True)
+        client.conn.reset_stream(stream_id)
+        try:
+            await client.flush()
+        except trio.BrokenResourceError:
+            break
+    with trio.fail_after(10):
+        try:
+            while client.terminated is None:
+                data = await client.stream.receive_some(65536)
+                if not data:
+                    break
+                for event in client.conn.receive_data(data):
+                    client._on(event)
+        except trio.BrokenResourceError:
+            pass
+    assert client.terminated is not None
+    assert client.terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from waypoint import paths
 from waypoint.paths import PathNormalization, PathRejected, normalize_target, policy_path
 
 NONE = PathNormalization.NONE
@@ -143,3 +146,23 @@ def test_policy_path(target: str, expected: str) -> None:
 )
 def test_the_path_policy_sees_by_default(target: str, expected: str) -> None:
     assert policy_path(normalize_target(target)) == expected
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(st.text(alphabet="/.\\%2fFeE5cCa-_~", max_size=24),
+       st.sampled_from([m for m in PathNormalization if m is not PathNormalization.NONE]))
+def test_the_already_normal_shortcut_agrees_with_the_full_normalization(
+    path: str, mode: PathNormalization
+) -> None:
+    """The fast path taken for ordinary paths returns what the full steps would."""
+    try:
+        full = paths._remove_dot_segments("/" + paths._decode_escapes(
+            path, decode_slashes=mode is PathNormalization.DECODE_AND_MERGE_SLASHES,
+        ).replace("\\", "/").removeprefix("/"))
+    except PathRejected:
+        with pytest.raises(PathRejected):
+            normalize_target(path, mode)
+        return
+    if mode is not PathNormalization.BASE:
+        full = paths._SLASH_RUN.sub("/", full)
+    assert normalize_target(path, mode) == full

@@ -102,28 +102,38 @@ class _Http2Connection:
         self._nursery.start_soon(self._serve_stream, stream, headers)
 
     async def _serve_stream(self, stream: HboneStream, headers: list[tuple[bytes, bytes]]) -> None:
-        method = "GET"
         try:
-            try:
-                if sum(len(k) + len(v) + 4 for k, v in headers) > self._limits.max_header_bytes:
-                    raise HttpRequestError(431, "request header block exceeds "
-                                           f"{self._limits.max_header_bytes} bytes")
-                request, declared = request_from_h2_headers(headers)
-                method = request.method
-                if declared is not None and declared > self._limits.max_body_bytes:
-                    raise HttpRequestError(413, f"request body of {declared} bytes exceeds "
-                                           f"{self._limits.max_body_bytes}")
-                request = dataclasses.replace(request, body=await self._read_body(stream))
-                response = await call_handler(self._handler, request)
-            except HttpRequestError as refusal:
-                log.info("http.request_refused", status=refusal.status, reason=refusal.reason,
-                         stream=stream.stream_id)
-                response = error_response(refusal.status, refusal.reason)
-            await self._send_response(stream, method, response)
+            with trio.CancelScope() as unanswered:
+                # A reset before the answer ends the work at once (and counts as premature
+                # towards the session's rapid-reset bound until the answer sets ``answered``).
+                stream.cancel_when_broken(unanswered)
+                await self._answer(stream, headers)
+            if unanswered.cancelled_caught:
+                log.debug("http.h2_stream_reset_before_answer", stream=stream.stream_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("http.h2_stream_broken", stream=stream.stream_id, error=str(exc))
         finally:
             await stream.aclose()  # RST_STREAM(NO_ERROR) if the request was not read to its end
+
+    async def _answer(self, stream: HboneStream, headers: list[tuple[bytes, bytes]]) -> None:
+        """Read the request, run the handler, send its response (or the refusal)."""
+        method = "GET"
+        try:
+            if sum(len(k) + len(v) + 4 for k, v in headers) > self._limits.max_header_bytes:
+                raise HttpRequestError(431, "request header block exceeds "
+                                       f"{self._limits.max_header_bytes} bytes")
+            request, declared = request_from_h2_headers(headers)
+            method = request.method
+            if declared is not None and declared > self._limits.max_body_bytes:
+                raise HttpRequestError(413, f"request body of {declared} bytes exceeds "
+                                       f"{self._limits.max_body_bytes}")
+            request = dataclasses.replace(request, body=await self._read_body(stream))
+            response = await call_handler(self._handler, request)
+        except HttpRequestError as refusal:
+            log.info("http.request_refused", status=refusal.status, reason=refusal.reason,
+                     stream=stream.stream_id)
+            response = error_response(refusal.status, refusal.reason)
+        await self._send_response(stream, method, response)
 
     async def _read_body(self, stream: HboneStream) -> bytes:
         chunks: list[bytes] = []
@@ -148,6 +158,8 @@ class _Http2Connection:
         headers, body = response_wire_form(response, method)
         block = [(b":status", str(response.status).encode())]
         block += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers]
+        stream.answered = True
+        stream.cancel_when_broken(None)  # answered: a reset now is the client's to make
         try:
             self.session.conn.send_headers(stream.stream_id, block)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:

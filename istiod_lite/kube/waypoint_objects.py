@@ -192,6 +192,8 @@ def desired_objects(
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+            # glibc's allocator: memory after a burst goes back (see the ztunnel DaemonSet).
+            {"name": "PYTHONMALLOC", "value": "malloc"},
         ],
         "ports": [
             {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},

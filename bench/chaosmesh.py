@@ -193,6 +193,11 @@ class Mesh:
                      extra_args=extra_args)
 
 
+# As manifests/base/ztunnel/daemonset.yaml runs ztunnel: glibc's allocator gives a burst's
+# memory back (docs/architecture.md, "Hostile peers").
+PRODUCTION_ENV = {"PYTHONMALLOC": "malloc"}
+
+
 def addresses_for(index: int) -> Addresses:
     """127.76.<index>.0/24 for scenario ``index``: away from the bench's, the tests' and
     the demo's addresses, and from the previous scenario's sockets in TIME-WAIT."""
@@ -211,7 +216,7 @@ def running_mesh(root: Path, index: int, *, istiod_args: Sequence[str] = (),
     try:
         addresses = addresses_for(index)
         pids = start_ambient(procs, root, addresses, istiod_args=istiod_args,
-                             ztunnel_args=ztunnel_args)
+                             ztunnel_args=ztunnel_args, ztunnel_env=PRODUCTION_ENV)
         start_backend(procs, addresses)
         yield Mesh(procs, root, addresses, pids)
     finally:

@@ -11,7 +11,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,12 +204,15 @@ def service_account_principal(service_account: str) -> str:
 def start_ambient(procs: Processes, root: Path, addresses: Addresses, *,
                   extra_docs: Sequence[dict[str, Any]] = (),
                   waypoint_accounts: Sequence[str] = (), istiod_args: Sequence[str] = (),
-                  ztunnel_args: Sequence[str] = ()) -> dict[str, int]:
+                  ztunnel_args: Sequence[str] = (),
+                  ztunnel_env: Mapping[str, str] | None = None) -> dict[str, int]:
     """istiod_lite + ztunnel on node-1 (client pod) and node-2 (server pod); returns the
     ztunnels' pids once both are ready. ``extra_docs`` join the mesh's objects; each of
     ``waypoint_accounts`` gets a bootstrap token in ``root/token-<account>`` for a
     waypoint process running as that service account. ``istiod_args`` and ``ztunnel_args``
-    are more flags for those processes (the chaos harness's TTLs and drain timeouts)."""
+    are more flags for those processes (the chaos harness's TTLs and drain timeouts), and
+    ``ztunnel_env`` more environment for the ztunnels (the chaos harness runs them as the
+    DaemonSet does, with ``PYTHONMALLOC=malloc``)."""
     config = root / "istiod-config"
     config.mkdir(parents=True)
     write_yaml(config / "mesh.yaml", [
@@ -235,7 +238,7 @@ def start_ambient(procs: Processes, root: Path, addresses: Addresses, *,
             "--root-cert", str(state / "root-cert.pem"), "--token-file",
             str(root / f"token-{node}"), "--log-format", "json", "--log-level", "warning",
             *ztunnel_args,
-        ])
+        ], env={**os.environ, **ztunnel_env} if ztunnel_env else None)
         pids[f"ztunnel-{node}"] = process.pid
     for address in (addresses.node_1, addresses.node_2):
         wait_http_ok(f"http://{address}:15021/healthz/ready", procs, 30)

@@ -5,6 +5,11 @@ connection is only ever reused for the same pair of identities and the same addr
 IP reused by another workload (another identity) never inherits a stale connection, and a
 connection that died is dropped instead of being handed out again.
 
+Idle connections close after ``idle_timeout`` (Istio: 5 min), except that only a key's
+oldest connection waits that long: the others a burst opened close after
+``surplus_idle_timeout``, so the memory of a burst (thousands of tunnels over tens of
+connections) goes back soon while one warm connection per peer stays.
+
 A connection whose server drains (GOAWAY) takes no new streams: the pool dials a new one for
 the next request, lets the streams on the old one finish, and forgets it when it closes (it
 closes itself after its last stream). A CONNECT the server did not process (it raced the GOAWAY,
@@ -65,10 +70,12 @@ class HbonePool:
         *,
         max_streams_per_connection: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         idle_timeout: float = 300.0,
+        surplus_idle_timeout: float = 15.0,
     ) -> None:
         self._connect_fn = connect_fn
         self.max_streams_per_connection = max_streams_per_connection
         self.idle_timeout = idle_timeout
+        self.surplus_idle_timeout = min(surplus_idle_timeout, idle_timeout)
         self._clients: dict[PoolKey, list[HboneClient]] = {}
         self._pending: dict[PoolKey, _PendingConnect] = {}
         self._nursery: trio.Nursery | None = None
@@ -193,16 +200,25 @@ class HbonePool:
 
     async def _close_when_idle(self, key: PoolKey, client: HboneClient) -> None:
         while not client.is_closed:
-            deadline = client.last_used + self.idle_timeout
+            timeout = self._idle_timeout_of(key, client)
+            deadline = client.last_used + timeout
             if trio.current_time() < deadline:
                 await trio.sleep_until(deadline)
             elif client.active_streams:
-                await trio.sleep(self.idle_timeout)  # busy: last_used moves when streams end
+                await trio.sleep(timeout)  # busy: last_used moves when streams end
             else:
                 log.debug("hbone_pool.idle_close", key=_describe(key))
                 self._drop(key, client)
                 await client.aclose()
                 return
+
+    def _idle_timeout_of(self, key: PoolKey, client: HboneClient) -> float:
+        """The full idle timeout for the key's oldest connection, the surplus one for the
+        rest (re-read on every wake-up: when the oldest goes, the next one inherits it)."""
+        clients = self._clients.get(key)
+        return self.idle_timeout if not clients or clients[0] is client else (
+            self.surplus_idle_timeout
+        )
 
     def _drop(self, key: PoolKey, client: HboneClient) -> None:
         clients = self._clients.get(key)

@@ -137,6 +137,32 @@ async def test_idle_connections_are_closed(
     assert len(dialer.calls) == 2
 
 
+async def test_a_burst_s_surplus_connections_close_before_the_oldest(
+    mesh: TestMesh, loopback, nursery: trio.Nursery
+) -> None:
+    """After a burst, only the key's oldest connection waits the full idle timeout."""
+    host = loopback.new()
+    await start_hbone_server(nursery, host, mesh.server_ctx, echo_handler)
+    dialer = Dialer(mesh)
+    pool = await _start_pool(nursery, dialer, idle_timeout=60.0, surplus_idle_timeout=0.2)
+    key = PoolKey(mesh.client_id, mesh.server_id, None, (host, HBONE_PORT))
+    streams = [await pool.open_stream(key, "127.0.0.1:80") for _ in range(150)]
+    oldest, surplus = pool.connections(key)
+    assert (oldest.active_streams, surplus.active_streams) == (100, 50)
+    await trio.sleep(0.4)
+    assert pool.connections(key) == [oldest, surplus]  # busy connections are never idle
+    for stream in streams:
+        await stream.aclose()
+    with trio.fail_after(5):
+        while not surplus.is_closed:
+            await trio.sleep(0.02)
+    assert pool.connections(key) == [oldest]
+    assert not oldest.is_closed
+    stream = await pool.open_stream(key, "127.0.0.1:80")  # the warm one serves the next
+    await stream.aclose()
+    assert len(dialer.calls) == 2
+
+
 @pytest.mark.parametrize("wait_for_detection", [False, True])
 async def test_dead_connection_is_replaced(
     wait_for_detection: bool, mesh: TestMesh, loopback, nursery: trio.Nursery

@@ -22,7 +22,9 @@ A hostile peer is held to ``limits`` (``ConnectionLimits``): the reader hands h2
 number of frames per step and yields between steps, what we queued for a peer that does not
 read is bounded (``OutboundBacklog``), and so are the streams it resets before an answer
 (``PrematureResets``); a peer past a bound gets GOAWAY(ENHANCE_YOUR_CALM) and loses the
-connection (log event ``hbone.enhance_your_calm``).
+connection (log event ``hbone.enhance_your_calm``), after one bounded try to deliver that
+GOAWAY. The module is one concept, the driver of one HTTP/2 connection, which is why it is
+as long as it is; its parts (streams, GOAWAY, bounds) are modules of their own.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class H2Session:
         self._drain_reason = ""
         self._streams_changed = trio.Event()
         self._run_scope: trio.CancelScope | None = None
+        self._calm_goaway_queued = False
         self.running = trio.Event()  # set once the preface is queued
 
     @property
@@ -215,8 +218,7 @@ class H2Session:
         finally:
             if not self.is_closed:
                 self.mark_closed("session cancelled")
-            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-                await self.transport.aclose()
+            await self._close_transport()
             memory.RELEASER.closed()
 
     def request_write(self) -> None:
@@ -260,6 +262,7 @@ class H2Session:
         self.log.warning("hbone.enhance_your_calm", reason=reason,
                          streams=len(self.streams))
         self.mark_closed(f"enhance your calm: {reason}")
+        self._calm_goaway_queued = True
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.conn.close_connection(
                 error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
@@ -450,7 +453,17 @@ class H2Session:
                 ):
                     await self.transport.send_eof()
             self.mark_closed(f"closed locally: {debug}" if debug else "closed locally")
+        await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        """Close the transport, bounded; after ENHANCE_YOUR_CALM a queueing transport still
+        holds that GOAWAY, so it gets one bounded try to send it first."""
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            if self._calm_goaway_queued:
+                self._calm_goaway_queued = False
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                         trio.BusyResourceError), trio.move_on_after(0.5):
+                    await self._sender.flush()
             await self.transport.aclose()
 
     async def _read_loop(self) -> None:

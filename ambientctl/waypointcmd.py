@@ -32,7 +32,6 @@ import yaml
 from ambient_common.files import write_atomically
 from ambientctl.embedded.errors import EmbeddedConfigError
 from ambientctl.embedded.layout import (
-    WAYPOINT_CLASS,
     config_files,
     load_documents,
     objects_of,
@@ -52,7 +51,13 @@ from ambientctl.ztunnelconfig import (
     fetch_config_dump,
     load_mesh_state,
 )
-from istiod_lite.labels import USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL
+from istiod_lite.labels import (
+    USE_WAYPOINT_LABEL,
+    USE_WAYPOINT_NAMESPACE_LABEL,
+    WAYPOINT_FOR_LABEL,
+    WAYPOINT_GATEWAY_CLASS,
+)
+from istiod_lite.translate.waypoints import is_waypoint
 
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
@@ -85,7 +90,7 @@ def gateway_manifest(
 ) -> dict[str, Any]:
     """The waypoint Gateway istioctl generates, plus ``spec.addresses`` for the embedded mode."""
     spec: dict[str, Any] = {
-        "gatewayClassName": WAYPOINT_CLASS,
+        "gatewayClassName": WAYPOINT_GATEWAY_CLASS,
         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
     }
     if address is not None:
@@ -111,13 +116,9 @@ def applied_file(config_dir: Path, namespace: str, name: str) -> Path:
     return config_dir / f"waypoint-{namespace}.{name}.yaml"
 
 
-def is_waypoint(obj: Mapping[str, Any]) -> bool:
-    spec = obj.get("spec")
-    return (
-        obj.get("kind") == "Gateway"
-        and isinstance(spec, Mapping)
-        and spec.get("gatewayClassName") == WAYPOINT_CLASS
-    )
+def is_waypoint_gateway(obj: Mapping[str, Any]) -> bool:
+    """Any object of a config directory that is a waypoint Gateway."""
+    return obj.get("kind") == "Gateway" and is_waypoint(obj)
 
 
 def _namespace_of(obj: Mapping[str, Any]) -> str:
@@ -326,7 +327,7 @@ def delete_waypoints(
     targets = []
     for name in names:
         found = find_object(files, "Gateway", namespace, name)
-        if found is None or not is_waypoint(found[1]):
+        if found is None or not is_waypoint_gateway(found[1]):
             raise WaypointCommandError(f"no waypoint Gateway {namespace}/{name} in {config_dir}")
         config_file, _ = found
         target = applied_file(config_dir, namespace, name)
@@ -349,7 +350,7 @@ def waypoint_rows(
     rows = []
     for config_file in files:
         for obj in config_file.objects:
-            if not is_waypoint(obj):
+            if not is_waypoint_gateway(obj):
                 continue
             ns = _namespace_of(obj)
             if namespace is not None and ns != namespace:

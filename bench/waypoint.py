@@ -57,6 +57,7 @@ from bench.mesh import (
 )
 from bench.workers import Route, WorkerError, open_clients
 from istiod_lite.ca import CertificateAuthority
+from istiod_lite.labels import WAYPOINT_GATEWAY_CLASS
 
 SYSTEMS = ("no_waypoint", "waypoint", "envoy")
 ADDRESSES = Addresses(istiod="127.71.6.9", node_1="127.71.6.1", node_2="127.71.6.2",
@@ -87,7 +88,7 @@ def gateway_doc(name: str, address: str) -> dict[str, Any]:
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": name, "namespace": NAMESPACE,
                      "labels": {"istio.io/waypoint-for": "service"}},
-        "spec": {"gatewayClassName": "istio-waypoint",
+        "spec": {"gatewayClassName": WAYPOINT_GATEWAY_CLASS,
                  "addresses": [{"type": "IPAddress", "value": address}],
                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
     }

@@ -32,3 +32,6 @@ NETWORK_LABEL = "topology.istio.io/network"
 REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SUBZONE_LABEL = "topology.istio.io/subzone"
+
+# The GatewayClass that makes a Gateway a waypoint (Istio's).
+WAYPOINT_GATEWAY_CLASS = "istio-waypoint"

@@ -38,6 +38,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ambient_api.identity import SpiffeId
 
@@ -57,6 +58,7 @@ class TunnelPeer:
     certificate_sha256: str | None = None  # lower-case hex of the peer certificate's DER
 
 
+@lru_cache(maxsize=4096)  # the same few (waypoint, peer) pairs, request after request
 def client_cert_entry(waypoint: SpiffeId, peer: TunnelPeer) -> str | None:
     """The one XFCC entry that describes ``peer`` (Envoy's field order), or None when the
     peer has no verified identity."""

@@ -10,7 +10,7 @@ flags telemetry reports. The entries catch ``ProxyError`` and answer from its fi
 from __future__ import annotations
 
 from ambient_dataplane.hbone import HboneRejection
-from ambient_dataplane.labels import ResponseFlag
+from ambient_dataplane.labels import NO_RESPONSE_FLAGS, ResponseFlag
 from ztunnel import socks5
 
 
@@ -24,7 +24,7 @@ class ProxyError(Exception):
         *,
         status_hint: int = 503,
         reply_code: int = socks5.GENERAL_FAILURE,
-        response_flags: str = "-",
+        response_flags: str = NO_RESPONSE_FLAGS,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -40,7 +40,7 @@ class InboundRefused(ProxyError):
     @classmethod
     def from_rejection(cls, rejection: HboneRejection) -> InboundRefused:
         """``decide_inbound``'s answer, reported as UAEX when policy denied it (401)."""
-        flags = ResponseFlag.UNAUTHORIZED if rejection.status == 401 else "-"
+        flags = ResponseFlag.UNAUTHORIZED if rejection.status == 401 else NO_RESPONSE_FLAGS
         return cls(rejection.reason, status_hint=rejection.status, response_flags=flags)
 
 

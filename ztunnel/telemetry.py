@@ -24,7 +24,7 @@ from ambient_api.model import Service, Workload
 from ambient_dataplane.drain import ActiveConnections
 from ambient_dataplane.hbone import SpliceError, splice
 from ambient_dataplane.hbone.splice import SpliceProgress
-from ambient_dataplane.labels import ConnectionLabels, connection_labels
+from ambient_dataplane.labels import NO_RESPONSE_FLAGS, ConnectionLabels, connection_labels
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.sockets import reset_on_close
 
@@ -108,7 +108,9 @@ class ConnectionTelemetry:
             if sent or received:
                 self._metrics.bytes_transferred(live.labels, sent, received)
 
-    def _labels(self, record: ConnectionRecord, response_flags: str = "-") -> ConnectionLabels:
+    def _labels(
+        self, record: ConnectionRecord, response_flags: str = NO_RESPONSE_FLAGS
+    ) -> ConnectionLabels:
         return connection_labels(
             "destination" if record.direction == "inbound" else "source",
             record.source_workload,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from typing import Any
 
 import h2.exceptions
@@ -23,6 +22,7 @@ from ambient_dataplane.hbone.protocol import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     REASON_HEADER,
     UNIQUE_PER_CONNECTION_HEADERS,
+    reason_phrase,
 )
 from ambient_dataplane.hbone.session import H2Session
 from ambient_dataplane.hbone.stream import HboneStream
@@ -148,7 +148,7 @@ class HboneClient:
                 retryable=stream.refused,
             )
         reason = _header(response, REASON_HEADER.encode())
-        raise HboneConnectError(status, reason or _phrase(status))
+        raise HboneConnectError(status, reason or reason_phrase(status))
 
     async def aclose(self) -> None:
         """GOAWAY and close; streams still open on it break."""
@@ -186,13 +186,6 @@ def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return f"HTTP {status}"
 
 
 async def connect_tls(

@@ -13,6 +13,7 @@ import secrets
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from ambient_dataplane.hbone.errors import HboneRejection
 from ambient_dataplane.hbone.request_headers import (
@@ -187,3 +188,11 @@ def _parse_forwarded(text: str | None) -> tuple[str | None, str | None]:
                 value = value[1:-1]
             found.setdefault(key.strip().lower(), value)
     return found.get("for"), found.get("host")
+
+
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase of an HTTP status ("HTTP 599" for one without)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"

@@ -22,10 +22,10 @@ from ambientctl.embedded.errors import EmbeddedConfigError
 from istiod_lite.auth import service_account_principal
 from istiod_lite.labels import SERVICE_ACCOUNT_ANNOTATION
 from istiod_lite.sources.validation import yaml_error_reason
+from istiod_lite.translate.waypoints import is_waypoint
 
 log = structlog.get_logger()
 
-WAYPOINT_CLASS = "istio-waypoint"
 FAIL_EVERY_ANNOTATION = "ambient-lite.io/fail-every"
 
 
@@ -107,9 +107,9 @@ def waypoint_from_gateway(
     """The waypoint a Gateway asks for, None for a Gateway that is not an ``istio-waypoint``
     or has no ``spec.addresses`` entry of type IPAddress (added to ``warnings``: nothing could
     reach it)."""
-    spec = gateway.get("spec") or {}
-    if not isinstance(spec, Mapping) or spec.get("gatewayClassName") != WAYPOINT_CLASS:
+    if not is_waypoint(gateway):
         return None
+    spec = gateway["spec"]
     metadata = gateway.get("metadata") or {}
     name = metadata["name"]
     namespace = metadata.get("namespace") or "default"

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ambientctl.embedded.layout import WAYPOINT_CLASS
 from ambientctl.kube.api import (
     Kube,
     KubeError,
@@ -30,6 +29,7 @@ from ambientctl.kube.api import (
 )
 from ambientctl.waypointcmd import GATEWAY_API_VERSION, gateway_manifest
 from istiod_lite.labels import USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_FOR_LABEL
+from istiod_lite.translate.waypoints import is_waypoint
 
 GATEWAYS = "gateways"
 PROGRAMMED = "Programmed"
@@ -40,10 +40,6 @@ Row = dict[str, Any]
 
 def gateway_path(namespace: str | None, name: str | None = None) -> str:
     return api_path(GATEWAY_API_VERSION, GATEWAYS, namespace, name)
-
-
-def is_waypoint(gateway: Mapping[str, Any]) -> bool:
-    return (gateway.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS
 
 
 @dataclass(frozen=True)

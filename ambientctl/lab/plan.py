@@ -43,6 +43,7 @@ from ambientctl.lab.steps import (
     Step,
     step_from_json,
 )
+from istiod_lite.translate.waypoints import is_waypoint
 
 DEFAULT_LAB_NAME = "amblite"
 DEFAULT_SUBNET = "10.244.0.0/16"
@@ -277,12 +278,8 @@ def _read_topology(
             cluster_ip = (obj.get("spec") or {}).get("clusterIP")
             if cluster_ip and str(cluster_ip) != "None":
                 services.append(f"{namespace}/{name}")
-        elif kind == "Gateway":
-            spec = obj.get("spec") or {}
-            if isinstance(spec, Mapping) and spec.get("gatewayClassName") == "istio-waypoint":
-                warnings.append(
-                    f"{source}: waypoint Gateway {namespace}/{name} is not run in the lab"
-                )
+        elif kind == "Gateway" and is_waypoint(obj):
+            warnings.append(f"{source}: waypoint Gateway {namespace}/{name} is not run in the lab")
     for pod in pods:
         if pod.node not in nodes:
             raise LabPlanError(

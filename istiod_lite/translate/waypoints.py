@@ -45,6 +45,7 @@ from istiod_lite.labels import (
     SERVICE_ACCOUNT_ANNOTATION,
     SUBZONE_LABEL,
     WAYPOINT_FOR_LABEL,
+    WAYPOINT_GATEWAY_CLASS,
     ZONE_LABEL,
 )
 from istiod_lite.sources.objects import ClusterObjects
@@ -61,7 +62,6 @@ from istiod_lite.translate.mesh import MeshConfig
 
 logger = structlog.get_logger(__name__)
 
-WAYPOINT_CLASS = "istio-waypoint"
 # The node an embedded waypoint runs on (ambient-lite's own: it has no pod to say so).
 NODE_ANNOTATION = "ambient-lite.io/node"
 HBONE_PORT = 15008
@@ -70,7 +70,10 @@ WaypointFor = Literal["service", "workload", "all", "none"]
 
 
 def is_waypoint(gateway: Mapping[str, Any]) -> bool:
-    return (gateway.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS
+    """Whether a Gateway object is a waypoint (its class is ``istio-waypoint``); safe on
+    unvalidated YAML (a spec that is not a mapping is no waypoint). ambientctl uses it too."""
+    spec = gateway.get("spec")
+    return isinstance(spec, Mapping) and spec.get("gatewayClassName") == WAYPOINT_GATEWAY_CLASS
 
 
 def waypoint_gateway(

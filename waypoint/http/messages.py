@@ -12,11 +12,11 @@ import dataclasses
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Literal
 
 import structlog
 
+from ambient_dataplane.hbone.protocol import reason_phrase
 from waypoint.http.headers import (
     HeaderInput,
     Headers,
@@ -122,7 +122,7 @@ class HttpResponse:
 
 def error_response(status: int, message: str = "", flags: str = "-") -> HttpResponse:
     """A small text/plain answer the waypoint generates itself (no upstream involved)."""
-    text = message or _phrase(status)
+    text = message or reason_phrase(status)
     return HttpResponse(
         status=status,
         headers=(("content-type", "text/plain; charset=utf-8"),),
@@ -178,13 +178,6 @@ def handler_headers(raw: Iterable[tuple[str, str]]) -> Headers:
         if name not in ("host", "content-length")
         and not (name == "expect" and value.strip().lower() == "100-continue")
     )
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return f"HTTP {status}"
 
 
 def declared_content_length(values: Sequence[str]) -> int | None:
